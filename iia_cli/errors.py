@@ -1,0 +1,37 @@
+"""Typed errors. Library code raises these; only ``cli.py`` turns them into exit codes.
+
+``ConfigError`` -> exit 2 (usage or configuration: a bad key, value or option combination).
+``IIARuntimeError`` -> exit 1 (a missing or unreadable file, a failed run, NaN samples, ...).
+Messages are one line that names what is wrong and what would be right.
+"""
+
+from __future__ import annotations
+
+
+class IIAError(Exception):
+    """Base class of every error the CLI reports without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(IIAError):
+    """Bad configuration or usage: exit code 2."""
+
+    exit_code = 2
+
+
+class IIARuntimeError(IIAError):
+    """A runtime failure (missing file, unreadable checkpoint, NaN samples): exit code 1."""
+
+    exit_code = 1
+
+
+class MissingFileError(IIARuntimeError):
+    """A file the run needs does not exist or cannot be read."""
+
+    def __init__(self, what: str, path: object, hint: str = "") -> None:
+        msg = f"{what} not found or unreadable: {path}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+        self.path = path
