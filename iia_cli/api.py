@@ -1,0 +1,234 @@
+"""Library entry points behind the CLI: ``sample``, ``calibrate`` (and ``evaluate`` in evaluate.py).
+
+Usable from a notebook: ``from iia_cli import load_config, sample, calibrate``. These functions raise
+typed errors (``iia_cli.errors``) and never exit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .errors import ConfigError, IIARuntimeError, MissingFileError
+from .grids import list_grid, make_grid
+from .iia import CoefficientSet, coefficient_filename, greedy_pass
+from .images import quantize, save_grid_png, save_png
+from .methods import Method, make_method
+from .models import load_model, model_fingerprint
+from .progress import ImageProgress, log as default_log
+from .sampling import Coefficients, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
+
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, resolved from a config: model, method, grid, device."""
+
+    cfg: ExperimentConfig
+    model: Any
+    method: Method
+    sigmas: torch.Tensor
+    nfe: int
+    device: torch.device
+    state_dtype: torch.dtype
+    fingerprint: str
+    note: str = ""
+
+
+def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int) -> tuple[torch.Tensor, int]:
+    """The sigma grid for ``nfe`` denoiser calls, or an explicit list grid and the NFE it implies."""
+    if cfg.grid.kind == "list":
+        sigmas = list_grid(cfg.grid.sigmas or [])
+        return sigmas, method.solver.nfe_of_grid(sigmas)
+    plan = method.solver.plan(nfe)
+    sigmas = make_grid(cfg.grid, plan, model)
+    return sigmas, method.solver.nfe_of_grid(sigmas)
+
+
+def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, model: Any = None,
+            fingerprint: str | None = None) -> Prepared:
+    """Load the model (unless given) and build the method and grid of ``cfg`` (or the overrides)."""
+    s = cfg.sampler
+    device = resolve_device(s.device)
+    state_dtype = resolve_state_dtype(s.state_dtype, device)
+    meth = make_method(method or s.method, r=s.r, quantities=s.quantities)
+    if model is None:
+        model = load_model(cfg.model.kind, cfg.model.params, device)
+    if fingerprint is None:
+        fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
+    sigmas, real_nfe = build_grid(cfg, meth, model, int(nfe or s.nfe))
+    return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint,
+                    meth.solver.grid_note(sigmas))
+
+
+def _grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    g = cfg.grid
+    if g.kind == "karras":
+        return {"rho": g.rho, "sigma_min": g.sigma_min, "sigma_max": g.sigma_max}
+    if g.kind in ("logsnr", "time-uniform"):
+        return {"sigma_min": g.sigma_min, "sigma_max": g.sigma_max}
+    if g.kind == "discrete":
+        return {"spacing": g.spacing}
+    return {}
+
+
+def default_coefficient_path(p: Prepared) -> Path:
+    c = p.cfg.calibration
+    name = coefficient_filename(p.cfg.model.kind, p.fingerprint, p.method.name, p.method.params, p.cfg.grid.kind,
+                                p.nfe, c.substeps, p.sigmas)
+    return Path(c.out_dir) / name
+
+
+def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, out: str | Path | None = None,
+              prepared: Prepared | None = None, log: LogFn = default_log, verbose: bool = True) -> tuple[CoefficientSet, Path]:
+    """Fit IIA coefficients by one greedy pass (METHOD.md section 1), validate on held-out noises and
+    write the coefficient file. Returns the set and its path."""
+    p = prepared or prepare(cfg, method, nfe)
+    if not p.method.is_iia:
+        raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "
+                          f"(iia-edm, biia-edm, iia-ddim, iia-dpm-solver++-2m, iia-dpm-solver++-3m, iia-ipndm)")
+    c = cfg.calibration
+    seeds = list(range(c.seed_start, c.seed_start + c.samples))
+    chunk = int(c.batch or cfg.sampler.batch)
+    log(f"calibrating {p.method.name} {p.method.params or ''} at NFE {p.nfe} on {cfg.model.kind}: "
+        f"B={c.samples} noises, M={c.substeps} sub-steps, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
+        + (f"; {p.note}" if p.note else ""))
+    fit = greedy_pass(p.method, p.model, p.sigmas, seeds, c.substeps, chunk, p.device, p.state_dtype,
+                      ridge=c.ridge, class_label=cfg.sampler.class_label, log=log if verbose else None,
+                      warn=log)
+    log(f"calibration: {fit.calls * len(seeds)} denoiser calls ({fit.calls} per noise x {len(seeds)}), "
+        f"{fit.seconds:.1f} s")
+    val_seeds: list[int] = []
+    val = None
+    if c.val_samples > 0:
+        val_seeds = list(range(c.val_seed_start, c.val_seed_start + c.val_samples))
+        val = greedy_pass(p.method, p.model, p.sigmas, val_seeds, c.substeps, chunk, p.device, p.state_dtype,
+                          coeffs=fit.coeffs, class_label=cfg.sampler.class_label)
+        tb, ti = _nansum(val.residual_base), _nansum(val.residual_iia)
+        log(f"held-out residual (sum over steps of mean ||x - x_fine||^2, {len(val_seeds)} noises): "
+            f"base {tb:.4g} -> iia {ti:.4g} (x{ti / tb if tb else float('nan'):.3f}); "
+            f"calibration set: base {_nansum(fit.residual_base):.4g} -> iia {_nansum(fit.residual_iia):.4g}")
+    cs = CoefficientSet(
+        method=p.method.name, method_params=dict(p.method.params), model_kind=cfg.model.kind,
+        model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
+        sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
+        seeds=format_seeds(seeds), ridge=c.ridge, coefficients=fit.coeffs,
+        residual_base=fit.residual_base, residual_iia=fit.residual_iia,
+        val_seeds=format_seeds(val_seeds) if val_seeds else "",
+        val_residual_base=val.residual_base if val else [], val_residual_iia=val.residual_iia if val else [],
+        calibration_calls=fit.calls * len(seeds), calibration_seconds=round(fit.seconds, 3),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    path = Path(out) if out else default_coefficient_path(p)
+    cs.save(path)
+    log(f"wrote {path}")
+    return cs, path
+
+
+def _nansum(values: list[float | None]) -> float:
+    return float(sum(v for v in values if v is not None and v == v))
+
+
+def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, calibrate_missing: bool = False,
+                         log: LogFn = default_log) -> tuple[Coefficients | None, Path | None]:
+    """Find the coefficient file of an IIA run (explicit path or the default name) and check it fits."""
+    if not p.method.is_iia:
+        if coeffs_path:
+            raise ConfigError(f"--coeffs given but method {p.method.name} is a base solver without coefficients")
+        return None, None
+    path = Path(coeffs_path) if coeffs_path else default_coefficient_path(p)
+    if not path.is_file():
+        if coeffs_path:
+            raise MissingFileError("coefficient file", path)
+        if not calibrate_missing:
+            cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"
+            raise IIARuntimeError(f"no coefficients for {p.method.name} at NFE {p.nfe} on this model and grid "
+                                  f"(looked for {path}); create them with `{cmd}` or add --calibrate")
+        cs, path = calibrate(p.cfg, prepared=p, log=log, verbose=False)
+        return cs.coefficients, path
+    cs = CoefficientSet.load(path)
+    diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe)
+    if diff:
+        raise ConfigError(f"coefficient file {path} does not fit this run: {'; '.join(diff)}")
+    return cs.coefficients, path
+
+
+@dataclass
+class SampleResult:
+    seeds: list[int]
+    nfe: int
+    method: str
+    seconds: float
+    out: Path | None = None
+    coeffs_path: Path | None = None
+    images: np.ndarray | None = None  # uint8 [N, H, W, C] when kept in memory
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _atomic_npz(path: Path, **arrays: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, seeds: Any = None,
+           batch: int | None = None, out: str | Path | None = None, grid_png: str | Path | None = None,
+           coeffs: str | Path | None = None, calibrate_missing: bool = False, keep: bool = False,
+           prepared: Prepared | None = None, log: LogFn = default_log, progress: bool = True) -> SampleResult:
+    """Sample images; write PNGs (``out`` a directory) or an .npz (``out`` ending in .npz)."""
+    p = prepared or prepare(cfg, method, nfe)
+    seed_list = parse_seeds(seeds if seeds is not None else cfg.sampler.seeds)
+    batch = int(batch or cfg.sampler.batch)
+    out = out if out is not None else cfg.output.path
+    grid_png = grid_png if grid_png is not None else cfg.output.grid_png
+    coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
+    out_path = Path(out) if out else None
+    to_npz = out_path is not None and out_path.suffix == ".npz"
+    if out_path is not None and not to_npz:
+        out_path.mkdir(parents=True, exist_ok=True)
+    log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
+        f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
+        + (f", coefficients {coeff_path}" if coeff_path else ""))
+    xs, imgs = [], []
+    t0 = time.perf_counter()
+    with ImageProgress(len(seed_list), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
+        for chunk, x in sample_batches(p.model, p.method, p.sigmas, seed_list, batch, coeff_values, p.device,
+                                       p.state_dtype, cfg.sampler.class_label, bar):
+            u8 = quantize(x).numpy()
+            if out_path is not None and not to_npz:
+                for seed, im in zip(chunk, u8):
+                    d = out_path / f"{seed - seed % 1000:06d}" if cfg.output.subdirs else out_path
+                    d.mkdir(parents=True, exist_ok=True)
+                    save_png(im, d / f"{seed:06d}.png")
+            if to_npz:
+                xs.append(x.to(torch.float32).cpu().numpy())
+            if to_npz or keep or grid_png:
+                imgs.append(u8)
+    seconds = time.perf_counter() - t0
+    images = np.concatenate(imgs) if imgs else None
+    if to_npz:
+        assert out_path is not None and images is not None
+        _atomic_npz(out_path, x=np.concatenate(xs), images=images, seeds=np.asarray(seed_list, dtype=np.int64),
+                    method=np.asarray(p.method.name), nfe=np.asarray(p.nfe),
+                    sigmas=p.sigmas.numpy(), grid=np.asarray(cfg.grid.kind),
+                    model_sha256=np.asarray(p.fingerprint))
+    if grid_png and images is not None:
+        save_grid_png(images[:64], Path(grid_png))
+        log(f"wrote sample grid {grid_png}")
+    if out_path is not None:
+        log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(seed_list) / seconds:.1f} img/s)")
+    return SampleResult(seed_list, p.nfe, p.method.name, seconds, out_path, coeff_path,
+                        images if keep else None)

@@ -1,0 +1,112 @@
+"""The ``iia`` command line: a thin Typer layer over the library. The only module that exits.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli_common import handle_errors
+from .config import ExperimentConfig, load_config, parse_set
+from .methods import METHOD_NAMES
+
+app = typer.Typer(
+    name="iia",
+    help="Fast diffusion sampling with IIA (Improved Integration Approximation): calibrate, sample, evaluate.\n\n"
+    "Checkpoint loaders for EDM pickles (model.kind=edm-pkl) execute code stored in the pickle: only load "
+    "pickles you trust.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
+CONFIG_HELP = "YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate)."
+SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
+
+
+def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any]) -> ExperimentConfig:
+    overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
+    return load_config(config, overrides)
+
+
+@app.command()
+def sample(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0-999 or 0,5,10-19; one image per seed."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Images per batch."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="A directory for PNGs ({seed:06d}.png) or a .npz file."),
+    grid_png: Optional[Path] = typer.Option(None, "--grid-png", help="Save a grid of up to 64 samples for a quick look."),
+    coeffs: Optional[Path] = typer.Option(None, "--coeffs", help="IIA coefficient file (default: found by model, method, grid, NFE)."),
+    calibrate_missing: bool = typer.Option(False, "--calibrate", help="Calibrate IIA coefficients on the fly when none match."),
+    class_label: Optional[int] = typer.Option(None, "--class", help="Fixed class label for class-conditional models."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Sample images with a base solver or an IIA solver."""
+    from . import api
+
+    with handle_errors():
+        cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
+                                     "sampler.batch": batch, "sampler.class_label": class_label,
+                                     "sampler.device": device})
+        if out is None and cfg.output.path is None and grid_png is None and cfg.output.grid_png is None:
+            raise_usage("nothing to write: give --out DIR|FILE.npz and/or --grid-png PATH")
+        res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
+        typer.echo(f"{res.method} nfe={res.nfe}: {len(res.seeds)} images in {res.seconds:.2f} s"
+                   + (f" -> {res.out}" if res.out else ""))
+
+
+@app.command()
+def calibrate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image of the calibrated sampler."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-B", help="Calibration noises |B| (default 200)."),
+    substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help="Fine sub-steps M per step (default 10)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Fit IIA coefficients by least squares against a fine-grained reference (one greedy pass)."""
+    from . import api
+
+    with handle_errors():
+        cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
+                                     "calibration.substeps": substeps, "sampler.device": device})
+        _, path = api.calibrate(cfg, out=out)
+        typer.echo(str(path))
+
+
+def raise_usage(msg: str) -> None:
+    from .errors import ConfigError
+
+    raise ConfigError(msg)
+
+
+def _register_optional() -> None:
+    for mod_name in ("cli_fid", "cli_evaluate"):
+        try:
+            mod = __import__(f"iia_cli.{mod_name}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"iia_cli.{mod_name}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

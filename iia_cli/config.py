@@ -1,0 +1,285 @@
+"""Typed experiment config: YAML file + CLI options + ``--set a.b=c`` overrides, validated in one pass.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, MissingFileError
+from .grids import DISCRETE_SPACINGS, GRID_KINDS
+
+MODEL_KINDS: dict[str, dict[str, Any]] = {
+    # kind -> allowed keys and their defaults (None = required or optional without default)
+    "gaussian": {"shape": [1, 8, 8], "mean": None, "std": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
+    "gmm-mnist": {"components": 10, "rank": None, "tau2": None, "conditional": False},
+    "python": {"factory": None, "kwargs": {}},
+    "edm-pkl": {"path": None, "key": "ema", "dtype": "float32"},
+    "diffusers": {"path": None, "prediction_type": None, "dtype": "float32", "timestep_lookup": "interp"},
+}
+REQUIRED_MODEL_KEYS = {"python": ("factory",), "edm-pkl": ("path",), "diffusers": ("path",)}
+NETWORK_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gmm-mnist"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GridConfig:
+    kind: str = "karras"
+    rho: float = 7.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    spacing: str = "uniform"  # discrete grids: uniform | quad
+    sigmas: list[float] | None = None  # kind: list
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "dpm-solver++-2m"
+    nfe: int = 10
+    seeds: str = "0-63"
+    batch: int = 64
+    device: str = "auto"
+    state_dtype: str = "auto"  # auto = float64 on CPU, float32 on GPU
+    r: int | None = None  # iia-edm / biia-edm history length
+    quantities: int = 2  # iia-ddim / iia-ipndm: 1 = one-quantity ablation
+    class_label: int | None = None
+    coeffs: str | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    samples: int = 200  # |B|
+    seed_start: int = 1_000_000_000  # disjoint from every evaluation seed
+    substeps: int = 10  # M
+    ridge: float = 1e-8  # relative: lambda = ridge * trace(G) / K
+    val_samples: int = 100
+    val_seed_start: int = 2_000_000_000
+    batch: int | None = None  # chunk size for model calls (default: sampler.batch)
+    out_dir: str = "results/coefficients"
+
+
+@dataclass
+class OutputConfig:
+    path: str | None = None
+    grid_png: str | None = None
+    subdirs: bool = False  # PNGs in 1000-image subfolders, like EDM
+
+
+@dataclass
+class FIDConfig:
+    reference: str | None = None
+    inception_weights: str | None = None
+    batch: int = 64
+
+
+@dataclass
+class EvaluateConfig:
+    methods: list[str] = field(default_factory=lambda: ["edm", "iia-edm"])
+    nfe: list[int] = field(default_factory=lambda: [9])
+    samples: int = 1000
+    seed_ranges: list[str] | None = None  # default: one range 0..samples-1
+    error_samples: int = 32  # integration error vs a high-NFE reference on this many seeds
+    reference_method: str = "edm"
+    reference_nfe: int = 999
+    csv: str | None = None  # default results/<experiment>.csv
+
+
+@dataclass
+class ExperimentConfig:
+    experiment: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    source: str | None = None  # the YAML path, for records
+
+
+SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, str) and args and args[0] is not str:
+            items = [v for v in value.replace(" ", "").split(",") if v]
+        return [_coerce(v, args[0], key) for v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _section(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix!r} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]}; valid keys in {prefix}: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in data.items()})
+
+
+def _model_section(data: Any) -> ModelConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config section 'model' must be a mapping with a 'kind'")
+    data = dict(data)
+    kind = str(data.pop("kind", "gmm-mnist"))
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={kind!r} is not valid; choose one of {', '.join(MODEL_KINDS)}")
+    allowed = MODEL_KINDS[kind]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key model.{unknown[0]} for model.kind={kind}; valid keys: "
+                          f"kind, {', '.join(allowed)}")
+    for req in REQUIRED_MODEL_KEYS.get(kind, ()):
+        if data.get(req) in (None, ""):
+            raise ConfigError(f"model.{req} is required for model.kind={kind}")
+    if "dtype" in data and data["dtype"] not in NETWORK_DTYPES:
+        raise ConfigError(f"model.dtype={data['dtype']!r} is not valid; choose one of {', '.join(NETWORK_DTYPES)}")
+    params = {k: v for k, v in allowed.items() if v is not None}
+    params.update(data)
+    return ModelConfig(kind=kind, params=params)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if len(keys) < 2 and keys[0] != "experiment":
+        raise ConfigError(f"--set {dotted}: write section.key=value, e.g. --set sampler.nfe=9")
+    node = tree
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str] | None) -> list[tuple[str, Any]]:
+    """``a.b=c`` strings -> (key, YAML-parsed value) pairs."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MissingFileError("config file", p)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config {p} is not valid YAML{where}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {p} must be a mapping of sections ({', '.join(SECTIONS)})")
+    for key, value in overrides or []:
+        _set_dotted(tree, key, value)
+    unknown = sorted(set(tree) - set(SECTIONS) - {"experiment"})
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; valid: experiment, {', '.join(SECTIONS)}")
+    name = tree.get("experiment") or (Path(path).stem if path else "experiment")
+    cfg = ExperimentConfig(
+        experiment=str(name),
+        model=_model_section(tree.get("model")),
+        grid=_section(GridConfig, tree.get("grid"), "grid"),
+        sampler=_section(SamplerConfig, tree.get("sampler"), "sampler"),
+        calibration=_section(CalibrationConfig, tree.get("calibration"), "calibration"),
+        output=_section(OutputConfig, tree.get("output"), "output"),
+        fid=_section(FIDConfig, tree.get("fid"), "fid"),
+        evaluate=_section(EvaluateConfig, tree.get("evaluate"), "evaluate"),
+        source=str(path) if path else None,
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Value checks that do not need the model (the model-dependent ones happen when it loads)."""
+    from .methods import canonical_method
+
+    g = cfg.grid
+    if g.kind not in GRID_KINDS:
+        raise ConfigError(f"grid.kind={g.kind!r} is not valid; choose one of {', '.join(GRID_KINDS)}")
+    if g.spacing not in DISCRETE_SPACINGS:
+        raise ConfigError(f"grid.spacing={g.spacing!r} is not valid; choose one of {', '.join(DISCRETE_SPACINGS)}")
+    if g.kind == "list" and not g.sigmas:
+        raise ConfigError("grid.kind=list needs grid.sigmas: a descending list of sigmas")
+    if g.rho <= 0 or g.sigma_min <= 0 or g.sigma_max <= g.sigma_min:
+        raise ConfigError("grid needs rho > 0 and 0 < sigma_min < sigma_max")
+    s = cfg.sampler
+    s.method = canonical_method(s.method)
+    if s.nfe < 1:
+        raise ConfigError(f"sampler.nfe={s.nfe} must be at least 1")
+    if s.batch < 1:
+        raise ConfigError(f"sampler.batch={s.batch} must be at least 1")
+    if s.state_dtype not in ("auto", "float64", "float32"):
+        raise ConfigError(f"sampler.state_dtype={s.state_dtype!r} is not valid; choose auto, float64 or float32")
+    c = cfg.calibration
+    if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or c.ridge < 0:
+        raise ConfigError("calibration needs samples >= 1, substeps >= 1, val_samples >= 0 and ridge >= 0")
+    cfg.evaluate.methods = [canonical_method(m) for m in cfg.evaluate.methods]
+    cfg.evaluate.reference_method = canonical_method(cfg.evaluate.reference_method)

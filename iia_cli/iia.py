@@ -1,0 +1,237 @@
+"""IIA calibration (METHOD.md section 1): one greedy least-squares pass, and the coefficient files.
+
+At step i the quantities q_k are computed from the current states z_i, the base solver is run over M
+sub-steps of [sigma_i, sigma_{i+1}] from the same states (the fine reference), and the correction
+coefficients solve ``min_c sum_b || sum_k c_k q_k^b - (x_fine^b - x_base^b) ||^2`` through the normal
+equations ``G c = g`` accumulated in float64 over chunks of the batch. The coefficients are applied and
+the pass goes on: B x (NFE + fine NFE) denoiser calls in all, never a re-simulation from noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import ConfigError, IIARuntimeError, MissingFileError
+from .grids import subdivide
+from .methods import Method
+from .sampling import BoundDenoiser, Coefficients, apply_correction, make_noise, run_steps
+from .solvers import History, push
+
+FORMAT_VERSION = 1
+
+
+class IllConditionedWarning(UserWarning):
+    pass
+
+
+def accumulate_normal_equations(quantities: list[torch.Tensor], target: torch.Tensor,
+                                G: torch.Tensor, g: torch.Tensor) -> None:
+    """G += Q Q^T, g += Q r for one chunk, in float64. quantities: K tensors [b, ...]; target [b, ...]."""
+    Q = torch.stack([q.reshape(-1) for q in quantities]).to(torch.float64)  # [K, b*d]
+    G += (Q @ Q.T).cpu()
+    g += (Q @ target.reshape(-1).to(torch.float64)).cpu()
+
+
+def solve_least_squares(G: torch.Tensor, g: torch.Tensor, ridge: float = 1e-8, step: int | None = None,
+                        warn: Any = None) -> torch.Tensor:
+    """Solve (G + lambda I) c = g with lambda = ridge * trace(G) / K; warn when G is ill-conditioned."""
+    K = G.shape[0]
+    scale = float(torch.trace(G)) / K
+    if not math.isfinite(scale):
+        raise IIARuntimeError(f"IIA calibration: non-finite normal equations at step {step}")
+    if scale == 0:
+        return torch.zeros(K, dtype=torch.float64)
+    cond = float(torch.linalg.cond(G)) if K > 1 else 1.0
+    if not math.isfinite(cond) or cond > 1e12:
+        msg = (f"IIA step {step}: least-squares system is ill-conditioned (cond {cond:.2e}); "
+               f"the ridge {ridge:g} x trace(G)/K regularises it")
+        if warn is None:
+            warnings.warn(msg, IllConditionedWarning, stacklevel=2)
+        else:
+            warn(f"warning: {msg}")
+    A = G + ridge * scale * torch.eye(K, dtype=torch.float64)
+    return torch.linalg.solve(A, g)
+
+
+def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
+                   history: History, substeps: int, model: Any = None) -> torch.Tensor:
+    """The same base solver over M sub-steps of [sigma_i, sigma_{i+1}], uniform in its time variable
+    (the model's time for discrete-time models), from state x_i."""
+    variable = "t" if getattr(model, "discrete_sigmas", None) is not None else method.solver.time_variable
+    sub = subdivide(float(sigmas[i]), float(sigmas[i + 1]), substeps, variable, model)
+    hist = history if method.solver.reference_keeps_history else ()
+    return run_steps(method, denoise, x, sub, coeffs=None, history=hist)
+
+
+@dataclass
+class PassResult:
+    coeffs: Coefficients
+    residual_base: list[float]  # per step: mean over samples of ||x_base - x_fine||^2
+    residual_iia: list[float]  # per step: mean over samples of ||x_iia - x_fine||^2
+    calls: int  # denoiser calls per sample (coarse + fine)
+    seconds: float
+
+
+def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], substeps: int,
+                chunk: int, device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None = None,
+                ridge: float = 1e-8, class_label: int | None = None, log: Any = None,
+                warn: Any = None) -> PassResult:
+    """One greedy pass over the noises of ``seeds``: fits coefficients step by step (``coeffs`` None) or
+    applies given ones (validation), recording per-step residuals against the fine reference."""
+    if not method.is_iia:
+        raise ConfigError(f"method {method.name} has no IIA coefficients to calibrate")
+    t0 = time.perf_counter()
+    n_steps = len(sigmas) - 1
+    sig = sigmas.to(torch.float64)
+    # All states stay in memory (B x d); model calls go chunk by chunk.
+    chunks = [seeds[k : k + chunk] for k in range(0, len(seeds), chunk)]
+    states, denoisers, histories = [], [], []
+    from .models.base import label_dim
+
+    for c in chunks:
+        noise, labels = make_noise(c, model.shape, device, label_dim(model), class_label)
+        states.append(noise.to(state_dtype) * float(sig[0]))
+        denoisers.append(BoundDenoiser(model, labels))
+        histories.append(())
+    fitted: Coefficients = []
+    res_base, res_iia = [], []
+    n = len(seeds)
+    for i in range(n_steps):
+        G = g = None
+        stash = []
+        for k in range(len(chunks)):
+            x, den, hist = states[k], denoisers[k], histories[k]
+            res = method.solver.step(den, x, sig, i, hist)
+            q = method.quantities(x, res.record, hist, sig, i)
+            target = None
+            if q is not None:
+                target = fine_reference(method, den, x, sig, i, hist, substeps, model) - res.x_next
+                if coeffs is None:
+                    if G is None:
+                        G = torch.zeros(len(q), len(q), dtype=torch.float64)
+                        g = torch.zeros(len(q), dtype=torch.float64)
+                    accumulate_normal_equations(q, target, G, g)
+            stash.append((res, q, target))
+        corrected = stash[0][1] is not None
+        if coeffs is None:
+            c_i = solve_least_squares(G, g, ridge, step=i, warn=warn).tolist() if corrected else []
+        else:
+            c_i = list(coeffs[i])
+        fitted.append(c_i)
+        rb = ri = 0.0
+        for k, (res, q, target) in enumerate(stash):
+            states[k] = apply_correction(res.x_next, q, c_i) if corrected else res.x_next
+            histories[k] = push(histories[k], res.record)
+            if corrected:
+                rb += float(target.to(torch.float64).flatten(1).pow(2).sum(1).sum())
+                ri += float((states[k] - res.x_next - target).to(torch.float64).flatten(1).pow(2).sum(1).sum())
+        res_base.append(rb / n if corrected else float("nan"))
+        res_iia.append(ri / n if corrected else float("nan"))
+        if log is not None and corrected:
+            log(f"  step {i:2d}  sigma {float(sig[i]):9.4f} -> {float(sig[i + 1]):9.4f}  "
+                f"c = [{', '.join(f'{v:+.4f}' for v in c_i)}]  residual base {res_base[-1]:.4g} -> iia {res_iia[-1]:.4g}")
+    for s in states:
+        if not bool(torch.isfinite(s).all()):
+            raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")
+    calls = denoisers[0].calls
+    return PassResult(fitted, res_base, res_iia, calls, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Coefficient files
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoefficientSet:
+    """One human-readable JSON per (model, method, grid, NFE)."""
+
+    method: str
+    method_params: dict[str, Any]
+    model_kind: str
+    model_sha256: str
+    grid_kind: str
+    grid_params: dict[str, Any]
+    sigmas: list[float]
+    nfe: int
+    substeps: int
+    samples: int
+    seeds: str
+    ridge: float
+    coefficients: Coefficients
+    residual_base: list[float | None]
+    residual_iia: list[float | None]
+    val_seeds: str = ""
+    val_residual_base: list[float | None] = field(default_factory=list)
+    val_residual_iia: list[float | None] = field(default_factory=list)
+    calibration_calls: int = 0
+    calibration_seconds: float = 0.0
+    tool_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        for key in ("residual_base", "residual_iia", "val_residual_base", "val_residual_iia"):
+            data[key] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in data[key]]
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> CoefficientSet:
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError("coefficient file", path)
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise IIARuntimeError(f"coefficient file {path} is not a valid iia_cli coefficient file ({exc})") from None
+
+    def mismatches(self, method: str, method_params: dict[str, Any], model_sha256: str, grid_kind: str,
+                   sigmas: torch.Tensor, nfe: int) -> list[str]:
+        """What differs between this file and the run that wants to use it (empty = it fits)."""
+        out = []
+        if self.method != method:
+            out.append(f"method {self.method} != {method}")
+        if self.method_params != method_params:
+            out.append(f"method parameters {self.method_params} != {method_params}")
+        if self.model_sha256 != model_sha256:
+            out.append(f"model fingerprint {self.model_sha256[:12]} != {model_sha256[:12]} (another model)")
+        if self.nfe != nfe:
+            out.append(f"NFE {self.nfe} != {nfe}")
+        if self.grid_kind != grid_kind:
+            out.append(f"grid {self.grid_kind} != {grid_kind}")
+        theirs = torch.tensor(self.sigmas, dtype=torch.float64)
+        if theirs.shape != sigmas.shape or not torch.allclose(theirs, sigmas.to(torch.float64), rtol=1e-9, atol=0):
+            out.append("grid sigmas differ")
+        return out
+
+
+def coefficient_filename(model_kind: str, model_sha256: str, method: str, method_params: dict[str, Any],
+                         grid_kind: str, nfe: int, substeps: int, sigmas: torch.Tensor | None = None) -> str:
+    """``{model}-{sha8}_{method}[-r1]_{grid}-{gridsha6}_nfe{K}_M{M}.json``."""
+    extra = "".join(f"-{k[0]}{v}" for k, v in sorted(method_params.items()))
+    grid_tag = grid_kind
+    if sigmas is not None:
+        import hashlib
+
+        grid_tag += "-" + hashlib.sha256(sigmas.to(torch.float64).numpy().tobytes()).hexdigest()[:6]
+    return f"{model_kind}-{model_sha256[:8]}_{method}{extra}_{grid_tag}_nfe{nfe}_M{substeps}.json"

@@ -1,0 +1,175 @@
+"""The one sampling loop for every solver, per-seed noise, and batching.
+
+An image depends only on its seed: its noise comes from its own generator
+(``torch.Generator(device).manual_seed(seed)``; a class label, when needed, is drawn next from the same
+generator, as EDM does), and the solver treats each image independently. Solver state is float64 on the
+CPU (float32 allowed on GPUs); the model runs in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, IIARuntimeError
+from .methods import Method
+from .models.base import label_dim, model_dtype
+from .solvers import History, push
+
+Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
+
+
+def parse_seeds(spec: Any) -> list[int]:
+    """'0-999', '0,3,10-19', 7 or a list -> a list of distinct non-negative ints (order kept)."""
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [s for item in spec for s in parse_seeds(item)]
+    text = str(spec).strip()
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
+        if not m:
+            raise ConfigError(f"seeds {text!r} are not valid; write e.g. 0-999 or 0,5,10-19")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ConfigError(f"seed range {part!r} is descending; write {hi}-{lo}")
+        seeds.extend(range(lo, hi + 1))
+    if not seeds:
+        raise ConfigError("no seeds given; write e.g. --seeds 0-63")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {text!r} repeat a seed")
+    return seeds
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """Compact text form of a seed list: [0,1,2,5] -> '0-2,5'."""
+    parts, start = [], None
+    for k, s in enumerate(seeds):
+        if start is None:
+            start = s
+        if k + 1 == len(seeds) or seeds[k + 1] != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ",".join(parts)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --set sampler.device=cpu")
+    return dev
+
+
+def resolve_state_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+def make_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device, n_labels: int = 0,
+               class_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unit noise [B, C, H, W] (float32, like EDM) and one-hot labels [B, n_labels] (or None), per seed."""
+    noise, labels = [], []
+    for seed in seeds:
+        g = torch.Generator(device).manual_seed(int(seed))
+        noise.append(torch.randn(tuple(shape), generator=g, device=device))
+        if n_labels:
+            drawn = torch.randint(n_labels, (1,), generator=g, device=device)
+            labels.append(int(drawn) if class_label is None else int(class_label))
+    onehot = None
+    if n_labels:
+        if class_label is not None and not 0 <= class_label < n_labels:
+            raise ConfigError(f"class label {class_label} is out of range; choose 0..{n_labels - 1}")
+        onehot = torch.nn.functional.one_hot(torch.tensor(labels, device=device), n_labels).to(torch.float32)
+    return torch.stack(noise), onehot
+
+
+class BoundDenoiser:
+    """``denoise(x, sigma)`` for one batch: casts to the model's dtype and back, adds the class labels,
+    and counts calls (one call = one NFE for every image of the batch)."""
+
+    def __init__(self, model: Any, class_labels: torch.Tensor | None = None) -> None:
+        self.model, self.class_labels = model, class_labels
+        self.dtype = model_dtype(model)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        self.calls += 1
+        x_in = x.to(self.dtype)
+        sig_dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+        sig = torch.full((x.shape[0],), float(sigma), dtype=sig_dtype, device=x.device)
+        labels = self.class_labels
+        if labels is not None and labels.shape[0] != x.shape[0]:
+            raise IIARuntimeError("internal: class labels do not match the batch")
+        with torch.no_grad():
+            out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
+        return out.to(x.dtype)
+
+    def take(self, index: slice | torch.Tensor) -> BoundDenoiser:
+        """The same model bound to a sub-batch's labels (shares the call counter's owner semantics)."""
+        sub = BoundDenoiser(self.model, None if self.class_labels is None else self.class_labels[index])
+        return sub
+
+
+def apply_correction(x_next: torch.Tensor, quantities: list[torch.Tensor] | None, coeffs: Sequence[float]) -> torch.Tensor:
+    """base update + sum_k c_k q_k."""
+    if not quantities:
+        return x_next
+    if len(coeffs) != len(quantities):
+        raise IIARuntimeError(f"coefficient file has {len(coeffs)} coefficients for a step with "
+                              f"{len(quantities)} IIA quantities")
+    for c, q in zip(coeffs, quantities):
+        x_next = x_next + float(c) * q
+    return x_next
+
+
+def run_steps(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
+              coeffs: Coefficients | None = None, history: History = (), start: int = 0,
+              stop: int | None = None) -> torch.Tensor:
+    """The sampling loop: steps ``start .. stop - 1`` of ``sigmas`` from state x. IIA methods add their
+    correction when ``coeffs`` are given (None = zero coefficients = the base solver)."""
+    stop = len(sigmas) - 1 if stop is None else stop
+    for i in range(start, stop):
+        res = method.solver.step(denoise, x, sigmas, i, history)
+        x_next = res.x_next
+        if coeffs is not None and method.is_iia:
+            x_next = apply_correction(x_next, method.quantities(x, res.record, history, sigmas, i), coeffs[i])
+        history = push(history, res.record)
+        x = x_next
+    return x
+
+
+def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequence[int], batch: int,
+                   coeffs: Coefficients | None = None, device: torch.device | str = "cpu",
+                   state_dtype: torch.dtype = torch.float64, class_label: int | None = None,
+                   progress: Any = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (seeds, final states [b, C, H, W] in state_dtype) batch by batch, in seed order.
+
+    Raises IIARuntimeError (naming method, NFE and seeds) if a batch contains NaN or Inf."""
+    if batch < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch}")
+    device = torch.device(device)
+    sig = sigmas.to(torch.float64)
+    n_batches = math.ceil(len(seeds) / batch)
+    for b in range(n_batches):
+        chunk = list(seeds[b * batch : (b + 1) * batch])
+        noise, labels = make_noise(chunk, model.shape, device, label_dim(model), class_label)
+        x = noise.to(state_dtype) * float(sig[0])
+        x = run_steps(method, BoundDenoiser(model, labels), x, sig, coeffs)
+        if not bool(torch.isfinite(x).all()):
+            bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+            raise IIARuntimeError(f"{method.name}: non-finite samples (NaN/Inf) for seeds "
+                                  f"{bad[:10]}{'...' if len(bad) > 10 else ''}; the run stopped and wrote no FID")
+        if progress is not None:
+            progress.advance(len(chunk))
+        yield chunk, x

@@ -1,0 +1,73 @@
+"""What every base ODE solver shares: the step result, explicit history and NFE planning.
+
+A step is a pure function of (denoise, state x, grid sigmas, step index i, history). ``history`` is a
+tuple of the records of earlier steps (most recent last), so any step can be replayed from any state
+on any sub-grid: IIA calibration relies on this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..grids import GridPlan
+
+# denoise(x [B, C, H, W], sigma) -> D(x; sigma), same dtype and device as x.
+DenoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
+Record = dict[str, Any]
+History = tuple[Record, ...]
+
+HISTORY_KEEP = 4  # records kept: enough for 4th-order Adams-Bashforth and IIA with r <= 3
+
+
+@dataclass
+class StepResult:
+    x_next: torch.Tensor  # the base solver's update [B, C, H, W]
+    record: Record  # quantities of this step that later steps (and IIA) use
+
+
+def push(history: History, record: Record) -> History:
+    return (history + (record,))[-HISTORY_KEEP:]
+
+
+def steps_to_zero(sigmas: torch.Tensor, i: int) -> float:
+    """Steps left until the final denoise to sigma = 0 (inf on a grid that ends above 0)."""
+    return len(sigmas) - 1 - i if float(sigmas[-1]) == 0 else math.inf
+
+
+class Solver:
+    """A base ODE solver in EDM's sigma parameterisation.
+
+    ``time_variable``: the variable in which IIA's fine reference sub-steps are uniform.
+    ``reference_keeps_history``: whether the fine reference starts with the coarse history (true for
+    solvers whose multistep weights use the actual step sizes).
+    """
+
+    name: str = ""
+    order: int = 1
+    time_variable: str = "sigma"
+    reference_keeps_history: bool = True
+
+    def plan(self, nfe: int) -> GridPlan:
+        """K denoiser calls = K steps over K sigmas from sigma_max to sigma_min plus a final 0."""
+        if nfe < 1:
+            raise ConfigError(f"{self.name}: NFE must be at least 1, got {nfe}")
+        return GridPlan(n_points=nfe, append_zero=True)
+
+    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+        return len(sigmas) - 1
+
+    def grid_note(self, sigmas: torch.Tensor) -> str:
+        return ""
+
+    def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
+        raise NotImplementedError
+
+
+def sigma_pair(sigmas: torch.Tensor, i: int) -> tuple[float, float]:
+    return float(sigmas[i]), float(sigmas[i + 1])

@@ -1,0 +1,99 @@
+"""DPM-Solver family in EDM's x-space (alpha = 1, lambda = -log sigma).
+
+* ``dpm-solver-2``: single-step second-order DPM-Solver, noise prediction, midpoint in lambda
+  (Lu et al. 2022, Algorithm 1 with r1 = 1/2).
+* ``dpm-solver++-2m`` / ``dpm-solver++-3m``: multistep DPM-Solver++ with data prediction
+  (Lu et al. 2022b, Algorithm 2 and the third-order multistep update). Lower order at the first steps
+  (not enough history) and at the final steps before the denoise to sigma = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+from ..grids import GridPlan
+from .base import DenoiseFn, History, Solver, StepResult, sigma_pair, steps_to_zero
+
+
+class DPMSolver2(Solver):
+    name = "dpm-solver-2"
+    order = 2
+    time_variable = "lambda"
+
+    def plan(self, nfe: int) -> GridPlan:
+        if nfe < 2 or nfe % 2:
+            lo, hi = max(2, nfe - nfe % 2), nfe + 2 - nfe % 2
+            near = f"{lo} or {hi}" if nfe % 2 else f"{hi}"
+            raise ConfigError(f"{self.name} takes an even NFE (2 calls a step); got {nfe}, nearest valid: {near}")
+        return GridPlan(n_points=nfe // 2 + 1, append_zero=False)
+
+    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+        return sum(2 if float(s) > 0 else 1 for s in sigmas[1:])
+
+    def grid_note(self, sigmas: torch.Tensor) -> str:
+        return "steps end at sigma_min, no final denoise" if float(sigmas[-1]) > 0 else ""
+
+    def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
+        s, s_next = sigma_pair(sigmas, i)
+        denoised = denoise(x, s)
+        eps = (x - denoised) / s
+        record = {"denoised": denoised, "eps": eps}
+        if s_next == 0:  # lambda = inf: the step is a plain denoise (Euler).
+            return StepResult(denoised, record)
+        s_mid = math.sqrt(s * s_next)  # midpoint in lambda
+        u = x + (s_mid - s) * eps  # first-order step to the midpoint
+        eps_mid = (u - denoise(u, s_mid)) / s_mid
+        return StepResult(x + (s_next - s) * eps_mid, record)
+
+
+def multistep_data_update(x: torch.Tensor, s: float, s_next: float, past: list[tuple[float, torch.Tensor]],
+                          order: int) -> torch.Tensor:
+    """One DPM-Solver++ multistep update of the given order.
+
+    ``past`` holds (lambda_j, D_j) pairs, most recent (the current point) first. Exact integration of
+    the Newton polynomial of D in lambda times e^lambda:
+    ``x' = (s'/s) x - phi_1 D_0 + phi_2 D1 - phi_3 D2`` with phi_1 = expm1(-h), phi_2 = phi_1/h + 1,
+    phi_3 = phi_2/h - 1/2. Order 2 uses DPM-Solver++(2M)'s form ``-phi_1 (D_0 + D1_0 / 2)``.
+    """
+    lam_0, d_0 = past[0]
+    if s_next == 0:
+        return d_0
+    h = math.log(s / s_next)
+    phi_1 = math.expm1(-h)
+    x_next = (s_next / s) * x - phi_1 * d_0
+    if order == 1:
+        return x_next
+    lam_1, d_1 = past[1]
+    r0 = (lam_0 - lam_1) / h
+    d1_0 = (d_0 - d_1) / r0
+    if order == 2:
+        return x_next - phi_1 * 0.5 * d1_0
+    lam_2, d_2 = past[2]
+    r1 = (lam_1 - lam_2) / h
+    d1_1 = (d_1 - d_2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    return x_next + phi_2 * d1 - 2 * phi_3 * d2
+
+
+class DPMSolverPPMultistep(Solver):
+    time_variable = "lambda"
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.name = f"dpm-solver++-{order}m"
+
+    def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
+        s, s_next = sigma_pair(sigmas, i)
+        denoised = denoise(x, s)
+        lam = -math.log(s)
+        order = int(min(self.order, len(history) + 1, steps_to_zero(sigmas, i)))
+        past = [(lam, denoised)] + [(r["lambda"], r["denoised"]) for r in reversed(history[-(order - 1):])] \
+            if order > 1 else [(lam, denoised)]
+        x_next = multistep_data_update(x, s, s_next, past, order)
+        return StepResult(x_next, {"denoised": denoised, "eps": (x - denoised) / s, "lambda": lam})

@@ -1,0 +1,51 @@
+"""EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1) and its two NFE conventions."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..grids import GridPlan
+from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
+
+
+class Heun(Solver):
+    """Heun steps; a step to sigma = 0 is Euler only (one call).
+
+    Odd NFE K follows EDM: (K + 1) / 2 sigmas, (K - 1) / 2 Heun steps and a final Euler step to 0.
+    Even NFE K takes K / 2 Heun steps ending at sigma_min without a final denoise (diff-sampler).
+    """
+
+    name = "edm"
+    order = 2
+
+    def plan(self, nfe: int) -> GridPlan:
+        if nfe < 2:
+            raise ConfigError(f"{self.name}: NFE must be at least 2, got {nfe}")
+        if nfe % 2 == 1:
+            return GridPlan(n_points=(nfe + 1) // 2, append_zero=True)
+        return GridPlan(n_points=nfe // 2 + 1, append_zero=False)
+
+    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+        return sum(2 if float(s) > 0 else 1 for s in sigmas[1:])
+
+    def grid_note(self, sigmas: torch.Tensor) -> str:
+        if float(sigmas[-1]) == 0:
+            return "EDM convention: Heun steps, final Euler step to sigma=0"
+        return "even NFE: Heun steps ending at sigma_min, no final denoise (diff-sampler convention)"
+
+    def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
+        s, s_next = sigma_pair(sigmas, i)
+        h = s_next - s
+        denoised = denoise(x, s)
+        d = (x - denoised) / s
+        x_euler = x + h * d  # Euler step.
+        record = {"denoised": denoised, "u": x - denoised, "v": None, "slope": d}
+        if s_next == 0:
+            return StepResult(x_euler, record)
+        # Apply 2nd order correction.
+        denoised_next = denoise(x_euler, s_next)
+        d_next = (x_euler - denoised_next) / s_next
+        slope = 0.5 * (d + d_next)
+        record.update(v=denoised - denoised_next, slope=slope)
+        return StepResult(x + h * slope, record)

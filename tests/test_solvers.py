@@ -1,0 +1,136 @@
+"""Base solvers: convergence order against the Gaussian model's closed-form ODE solution, Lemma 1,
+NFE accounting and batch-size invariance."""
+
+import math
+
+import pytest
+import torch
+
+from iia_cli.config import GridConfig
+from iia_cli.errors import ConfigError
+from iia_cli.grids import make_grid, make_karras_grid, make_logsnr_grid
+from iia_cli.methods import make_method
+from iia_cli.models.gaussian import GaussianModel
+from iia_cli.sampling import BoundDenoiser, run_steps, sample_batches
+from iia_cli.solvers import push
+
+MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
+torch.manual_seed(0)
+X0 = torch.randn(8, 1, 4, 4, dtype=torch.float64) * 80
+
+
+def _exact(sig: float) -> torch.Tensor:
+    return MODEL.exact_solution(X0, 80.0, sig)
+
+
+def _error(name: str, sigmas: torch.Tensor, exact_start: int = 0) -> float:
+    """Final-state RMSE. ``exact_start`` > 0 starts a multistep method from exact values at the first
+    grid points (the classical way to measure the order of the multistep formula itself)."""
+    method = make_method(name)
+    den = BoundDenoiser(MODEL)
+    history = ()
+    for j in range(exact_start):
+        history = push(history, method.solver.step(den, _exact(float(sigmas[j])), sigmas, j, ()).record)
+    x = run_steps(method, den, _exact(float(sigmas[exact_start])), sigmas, history=history, start=exact_start)
+    return float((x - _exact(float(sigmas[-1]))).pow(2).mean().sqrt())
+
+
+def _slope(errors: list[float]) -> float:
+    """Least-squares slope of -log2(error) against log2(steps), steps doubling."""
+    n = len(errors)
+    xs = list(range(n))
+    ys = [-math.log2(e) for e in errors]
+    xm, ym = sum(xs) / n, sum(ys) / n
+    return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sum((x - xm) ** 2 for x in xs)
+
+
+@pytest.mark.parametrize(
+    "name, lo, hi, exact_start",
+    [
+        ("ddim", 0.9, 1.1, 0),
+        ("edm", 1.9, 2.2, 0),
+        ("dpm-solver-2", 1.9, 2.2, 0),
+        ("dpm-solver++-2m", 1.9, 2.3, 0),
+        ("dpm-solver++-3m", 2.8, 3.3, 2),
+    ],
+)
+def test_convergence_order_karras(name, lo, hi, exact_start):
+    # Karras grid 80 -> 0.5 (stopping above sigma = 0 keeps the final denoise out of the measurement).
+    errors = [_error(name, make_karras_grid(n + 1, 0.5, 80.0), exact_start) for n in (64, 128, 256)]
+    assert lo <= _slope(errors) <= hi, errors
+
+
+def test_ipndm_order_at_least_3_on_uniform_steps():
+    # iPNDM's fixed Adams-Bashforth weights assume equal steps: measure on a grid uniform in sigma.
+    errors = []
+    for n in (16, 32, 64, 128):
+        sig = torch.linspace(5.0, 0.5, n + 1, dtype=torch.float64)
+        x0 = MODEL.exact_solution(X0, 80.0, 5.0)
+        method, den, hist = make_method("ipndm"), BoundDenoiser(MODEL), ()
+        for j in range(3):
+            hist = push(hist, method.solver.step(den, MODEL.exact_solution(x0, 5.0, float(sig[j])), sig, j, ()).record)
+        x = run_steps(method, den, MODEL.exact_solution(x0, 5.0, float(sig[3])), sig, history=hist, start=3)
+        errors.append(float((x - MODEL.exact_solution(x0, 5.0, 0.5)).pow(2).mean().sqrt()))
+    assert _slope(errors) >= 3.0, errors
+
+
+def test_ipndm_is_second_order_on_karras_grids():
+    errors = [_error("ipndm", make_karras_grid(n + 1, 0.5, 80.0), 3) for n in (64, 128, 256)]
+    assert 1.8 <= _slope(errors) <= 2.3
+
+
+def test_heun_lemma1_rewrite():
+    """Lemma 1: x_{i+1} = x_i + (h/sigma_i) u_i + (h / (2 sigma_{i+1})) v_i equals the Heun step."""
+    sig = make_karras_grid(6, 0.002, 80.0)
+    method = make_method("edm")
+    den = BoundDenoiser(MODEL)
+    x = X0.clone()
+    for i in range(5):
+        res = method.solver.step(den, x, sig, i, ())
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        h = s_next - s
+        lemma = x + (h / s) * res.record["u"] + (h / (2 * s_next)) * res.record["v"]
+        torch.testing.assert_close(res.x_next, lemma, rtol=1e-12, atol=1e-10)
+        x = res.x_next
+
+
+@pytest.mark.parametrize("name, nfe, n_sigmas, ends_at_zero", [
+    ("edm", 9, 6, True), ("edm", 10, 6, False), ("ddim", 10, 11, True), ("dpm-solver-2", 10, 6, False),
+    ("dpm-solver++-2m", 7, 8, True), ("ipndm", 5, 6, True),
+])
+def test_nfe_accounting_counts_denoiser_calls(name, nfe, n_sigmas, ends_at_zero):
+    method = make_method(name)
+    sigmas = make_grid(GridConfig(), method.solver.plan(nfe), MODEL)
+    assert len(sigmas) == n_sigmas and (float(sigmas[-1]) == 0) == ends_at_zero
+    den = BoundDenoiser(MODEL)
+    run_steps(method, den, X0.clone(), sigmas)
+    assert den.calls == nfe == method.solver.nfe_of_grid(sigmas)
+
+
+def test_impossible_nfe_names_nearest_valid():
+    with pytest.raises(ConfigError, match="nearest valid: 8 or 10"):
+        make_method("dpm-solver-2").solver.plan(9)
+
+
+@pytest.mark.parametrize("name", ["edm", "dpm-solver++-3m", "ipndm", "iia-edm"])
+def test_batch_size_invariance(name):
+    """The same seeds with batch 1 and batch 7 give identical images."""
+    method = make_method(name)
+    sigmas = make_grid(GridConfig(), method.solver.plan(9), MODEL)
+    coeffs = [[0.01 * (k + 1) for k in range(4)] if 1 <= i < len(sigmas) - 2 else [] for i in range(len(sigmas) - 1)] \
+        if method.is_iia else None
+    seeds = list(range(11))
+    a = torch.cat([x for _, x in sample_batches(MODEL, method, sigmas, seeds, 1, coeffs)])
+    b = torch.cat([x for _, x in sample_batches(MODEL, method, sigmas, seeds, 7, coeffs)])
+    assert torch.equal(a, b)
+
+
+def test_grids_are_descending_and_clipped():
+    cfg = GridConfig(kind="karras", sigma_min=0.001, sigma_max=500)
+    sig = make_grid(cfg, make_method("ddim").solver.plan(10), MODEL)
+    assert float(sig[0]) == 80.0 and abs(float(sig[-2]) - 0.002) < 1e-12 and float(sig[-1]) == 0
+    for kind in ("logsnr", "time-uniform"):
+        s = make_grid(GridConfig(kind=kind), make_method("ddim").solver.plan(12), MODEL)
+        assert bool((s[:-1] > s[1:]).all()) and abs(float(s[0]) - 80) < 1e-9 and abs(float(s[-2]) - 0.002) < 1e-9
+    lam = -torch.log(make_logsnr_grid(5, 0.002, 80.0))
+    torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((4,), float(lam[1] - lam[0]), dtype=torch.float64))
