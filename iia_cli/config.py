@@ -80,7 +80,8 @@ class OutputConfig:
 
 @dataclass
 class FIDConfig:
-    reference: str | None = None
+    reference: str | None = None  # an .npz with mu/sigma, or builtin:mnist / builtin:fashion-mnist / a data spec
+    reference_samples: int | None = None  # images used when reference statistics are computed from data
     inception_weights: str | None = None
     batch: int = 64
 

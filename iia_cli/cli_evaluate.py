@@ -1,0 +1,63 @@
+"""CLI commands ``evaluate`` and ``report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import handle_errors
+
+NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config."),
+        nfe: Optional[str] = typer.Option(None, "--nfe", help=NFE_HELP),
+        methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (overrides evaluate.methods)."),
+        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Images per seed range."),
+        seed_ranges: Optional[str] = typer.Option(None, "--seed-ranges", help="e.g. '0-49999;50000-99999' (one row each)."),
+        csv: Optional[Path] = typer.Option(None, "--csv", help="Results CSV (default results/<experiment>.csv)."),
+        inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception weights file."),
+        no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID."),
+        sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key (repeatable)."),
+    ) -> None:
+        """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
+        integration error against a high-NFE reference; rows append to a tidy CSV."""
+        from .cli import _config
+        from .config import _coerce
+        from .evaluate import evaluate as run_evaluate, print_table
+
+        with handle_errors():
+            cfg = _config(config, sets, {})
+            nfes = _coerce(nfe, list[int], "--nfe") if nfe else None
+            meths = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+            if meths:
+                from .methods import canonical_method
+
+                meths = [canonical_method(m) for m in meths]
+            res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid)
+            print_table(res.csv, cfg.experiment, only_rows=res.rows)
+            typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
+
+    @app.command()
+    def report(
+        csv: Path = typer.Argument(..., help="A results CSV written by iia evaluate."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw FID-vs-NFE curves into this PNG."),
+        experiment: Optional[str] = typer.Option(None, "--experiment", help="Only rows of this experiment."),
+        metric: str = typer.Option("fid", "--metric", help="Metric to plot: fid or integration_rmse."),
+    ) -> None:
+        """Print the methods x NFE table of a results CSV again, and optionally plot it."""
+        from .evaluate import print_table
+        from .results import plot_results, read_results
+
+        with handle_errors():
+            print_table(csv, experiment)
+            if plot:
+                df = read_results(csv)
+                if experiment:
+                    df = df[df["experiment"] == experiment]
+                typer.echo(f"wrote {plot_results(df, plot, metric)}")
