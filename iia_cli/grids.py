@@ -131,7 +131,8 @@ def subdivide(s0: float, s1: float, m: int, variable: str, model: Any = None) ->
     if variable == "lambda" and s1 > 0:
         out = torch.exp(torch.linspace(math.log(s0), math.log(s1), m + 1, dtype=torch.float64))
     elif variable == "t" and model is not None and hasattr(model, "sigma_to_t") and s1 > 0:
-        t0, t1 = float(model.sigma_to_t(torch.tensor(s0))), float(model.sigma_to_t(torch.tensor(s1)))
+        t0 = float(model.sigma_to_t(torch.tensor(s0, dtype=torch.float64)))
+        t1 = float(model.sigma_to_t(torch.tensor(s1, dtype=torch.float64)))
         ts = torch.linspace(t0, t1, m + 1, dtype=torch.float64)
         out = torch.as_tensor(model.t_to_sigma(ts), dtype=torch.float64)
     else:

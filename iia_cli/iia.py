@@ -25,7 +25,7 @@ from . import __version__
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import Method
-from .sampling import BoundDenoiser, Coefficients, apply_correction, make_noise, run_steps
+from .sampling import BoundDenoiser, Coefficients, apply_correction, make_noise
 from .solvers import History, push
 
 FORMAT_VERSION = 1
@@ -67,11 +67,14 @@ def solve_least_squares(G: torch.Tensor, g: torch.Tensor, ridge: float = 1e-8, s
 def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
                    history: History, substeps: int, model: Any = None) -> torch.Tensor:
     """The same base solver over M sub-steps of [sigma_i, sigma_{i+1}], uniform in its time variable
-    (the model's time for discrete-time models), from state x_i."""
+    (the model's time for discrete-time models), from state x_i and the coarse history."""
     variable = "t" if getattr(model, "discrete_sigmas", None) is not None else method.solver.time_variable
     sub = subdivide(float(sigmas[i]), float(sigmas[i + 1]), substeps, variable, model)
-    hist = history if method.solver.reference_keeps_history else ()
-    return run_steps(method, denoise, x, sub, coeffs=None, history=hist)
+    solver = method.solver.reference_solver()
+    for j in range(substeps):
+        res = solver.step(denoise, x, sub, j, history)
+        history, x = push(history, res.record), res.x_next
+    return x
 
 
 @dataclass

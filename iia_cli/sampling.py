@@ -105,8 +105,11 @@ class BoundDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         self.calls += 1
-        x_in = x.to(self.dtype)
-        sig_dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+        # Half-precision networks get float32 input: their adapters cast inside (after EDM's c_in scaling),
+        # so the solver state is never rounded to 16 bits.
+        full = self.dtype in (torch.float32, torch.float64)
+        x_in = x.to(self.dtype if full else torch.float32)
+        sig_dtype = self.dtype if full else torch.float32
         sig = torch.full((x.shape[0],), float(sigma), dtype=sig_dtype, device=x.device)
         labels = self.class_labels
         if labels is not None and labels.shape[0] != x.shape[0]:

@@ -44,14 +44,13 @@ class Solver:
     """A base ODE solver in EDM's sigma parameterisation.
 
     ``time_variable``: the variable in which IIA's fine reference sub-steps are uniform.
-    ``reference_keeps_history``: whether the fine reference starts with the coarse history (true for
-    solvers whose multistep weights use the actual step sizes).
+    ``reference_solver()``: the solver IIA's fine reference runs on the sub-grid, continuing from the
+    coarse history (the solver itself, or its variable-step form for fixed-weight multistep methods).
     """
 
     name: str = ""
     order: int = 1
     time_variable: str = "sigma"
-    reference_keeps_history: bool = True
 
     def plan(self, nfe: int) -> GridPlan:
         """K denoiser calls = K steps over K sigmas from sigma_max to sigma_min plus a final 0."""
@@ -61,6 +60,9 @@ class Solver:
 
     def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
         return len(sigmas) - 1
+
+    def reference_solver(self) -> Solver:
+        return self
 
     def grid_note(self, sigmas: torch.Tensor) -> str:
         return ""

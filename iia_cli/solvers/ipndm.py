@@ -2,10 +2,15 @@
 
 Adams-Bashforth on eps = dx/dsigma up to order 4 with the fixed weights 1; (3, -1)/2;
 (23, -16, 5)/12; (55, -59, 37, -9)/24, lower orders while warming up, then the DDIM-form (Euler) update.
+
+IIA's fine reference runs the same multistep method with *variable-step* Adams-Bashforth weights
+(Lagrange interpolation of eps through the actual past sigmas), so that it can continue from the coarse
+history on its finer sub-grid; on equal steps those weights are exactly the fixed ones above.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
@@ -18,17 +23,45 @@ AB_WEIGHTS = {
 }
 
 
+def variable_ab_weights(past_sigmas: list[float], sigma_next: float) -> list[float]:
+    """Adams-Bashforth weights for arbitrary past points: w_j = (1/h) int_{s_0}^{s_next} L_j(s) ds, with
+    L_j the Lagrange basis over ``past_sigmas`` (current point first). Equal steps give AB_WEIGHTS."""
+    s0 = past_sigmas[0]
+    h = sigma_next - s0
+    nodes = [(s - s0) / h for s in past_sigmas]  # 0, -1, -2, ... on equal steps
+    weights = []
+    for j, nj in enumerate(nodes):
+        basis = np.poly1d([1.0])
+        for m, nm in enumerate(nodes):
+            if m != j:
+                basis = basis * np.poly1d([1.0, -nm]) / (nj - nm)
+        antiderivative = basis.integ()
+        weights.append(float(antiderivative(1.0) - antiderivative(0.0)))
+    return weights
+
+
 class IPNDM(Solver):
     name = "ipndm"
     order = 4
-    reference_keeps_history = False  # fixed AB weights assume equal steps: the fine run warms up afresh
+
+    def __init__(self, variable_steps: bool = False) -> None:
+        self.variable_steps = variable_steps
+
+    def reference_solver(self) -> Solver:
+        return IPNDM(variable_steps=True)
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
         denoised = denoise(x, s)
         eps = (x - denoised) / s
         order = min(self.order, len(history) + 1)
-        past = [eps] + [r["eps"] for r in reversed(history[-(order - 1):])] if order > 1 else [eps]
-        eps_comb = sum(w * e for w, e in zip(AB_WEIGHTS[order], past))
-        record = {"denoised": denoised, "eps": eps, "eps_comb": eps_comb, "denoised_comb": x - s * eps_comb}
+        recent = list(reversed(history[len(history) - (order - 1):])) if order > 1 else []
+        past = [eps] + [r["eps"] for r in recent]
+        if self.variable_steps:
+            weights = variable_ab_weights([s] + [r["sigma"] for r in recent], s_next)
+        else:
+            weights = AB_WEIGHTS[order]
+        eps_comb = sum(w * e for w, e in zip(weights, past))
+        record = {"denoised": denoised, "eps": eps, "sigma": s, "eps_comb": eps_comb,
+                  "denoised_comb": x - s * eps_comb}
         return StepResult(x + (s_next - s) * eps_comb, record)
