@@ -20,7 +20,7 @@ from .grids import DISCRETE_SPACINGS, GRID_KINDS
 MODEL_KINDS: dict[str, dict[str, Any]] = {
     # kind -> allowed keys and their defaults (None = required or optional without default)
     "gaussian": {"shape": [1, 8, 8], "mean": None, "std": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
-    "gmm-mnist": {"components": 10, "rank": None, "tau2": None, "conditional": False},
+    "gmm-mnist": {"components": 10, "rank": None, "tau2": None, "mle_noise": False, "conditional": False},
     "python": {"factory": None, "kwargs": {}},
     "edm-pkl": {"path": None, "key": "ema", "dtype": "float32"},
     "diffusers": {"path": None, "prediction_type": None, "dtype": "float32", "timestep_lookup": "interp"},

@@ -27,7 +27,8 @@ def load_model(kind: str, params: dict[str, Any], device: torch.device | str = "
         from .gmm import GMMDenoiser
 
         kw = {k: p[k] for k in ("rank", "tau2") if p.get(k) is not None}
-        model = GMMDenoiser.from_mnist(components=int(p["components"]), conditional=bool(p["conditional"]), **kw)
+        model = GMMDenoiser.from_mnist(components=int(p["components"]), conditional=bool(p["conditional"]),
+                                       mle_noise=bool(p["mle_noise"]), **kw)
     elif kind == "python":
         from .factory import load_factory_model
 
