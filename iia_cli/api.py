@@ -24,7 +24,7 @@ from .grids import list_grid, make_grid
 from .iia import CoefficientSet, coefficient_filename, greedy_pass
 from .images import quantize, save_grid_png, save_png
 from .methods import Method, make_method
-from .models import load_model, model_fingerprint
+from .models import label_dim, load_model, model_fingerprint
 from .progress import ImageProgress, log as default_log
 from .sampling import Coefficients, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
 
@@ -65,6 +65,13 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     meth = make_method(method or s.method, r=s.r, quantities=s.quantities)
     if model is None:
         model = load_model(cfg.model.kind, cfg.model.params, device)
+    cl = s.class_label
+    if cl is not None:
+        n_labels = label_dim(model)
+        if n_labels == 0:
+            raise ConfigError(f"--class / sampler.class_label={cl} given but the model is unconditional (label_dim 0)")
+        if not 0 <= cl < n_labels:
+            raise ConfigError(f"class label {cl} is out of range; choose 0..{n_labels - 1}")
     if fingerprint is None:
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
     sigmas, real_nfe = build_grid(cfg, meth, model, int(nfe or s.nfe))

@@ -2,7 +2,8 @@
 
 An image depends only on its seed: its noise comes from its own generator
 (``torch.Generator(device).manual_seed(seed)``; a class label, when needed, is drawn next from the same
-generator, as EDM does), and the solver treats each image independently. Solver state is float64 on the
+generator, as EDM does), and the solver treats each image independently (bit for bit for the built-in
+models; up to float32 rounding in networks whose summation order depends on the batch size). Solver state is float64 on the
 CPU (float32 allowed on GPUs); the model runs in its own dtype.
 """
 

@@ -1,19 +1,17 @@
 """Checkpoint adapters: EDM pickles (clean-room unpickler) and diffusers UNet2DModel directories.
 
-Every checkpoint is built here: a tiny EDM-style network written below and pickled in EDM's persistence
-format by a writer of our own, and tiny randomly initialised diffusers UNets saved with ``save_pretrained``.
+Every checkpoint is built inside the tests (builders in ``ckpt_builders.py``): a tiny EDM-style network
+pickled in EDM's persistence format by a writer of our own, and tiny randomly initialised diffusers UNets
+saved with ``save_pretrained``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import math
 import os
 import pickle
 import shutil
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +20,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from ckpt_builders import HAS_DIFFUSERS, SOURCES
+from ckpt_builders import tiny_unet as _tiny_unet
+from ckpt_builders import writer_modules as _writer_modules
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.edm_pkl import _EDMUnpickler, _Unavailable, load_edm_pickle
 
@@ -37,144 +38,6 @@ def _one_thread() -> Iterator[None]:
 
 # ==================================================================================================
 # EDM pickles.
-
-# A stand-in EDM-style network (EDM paper, Table 1 preconditioning), stored in the pickle as source.
-NET_SRC = '''
-import numpy as np
-import torch
-from torch_utils import persistence
-from torch.nn.functional import silu
-
-
-@persistence.persistent_class
-class TinyUNet(torch.nn.Module):
-    def __init__(self, channels, label_dim, hidden=8):
-        super().__init__()
-        self.conv_in = torch.nn.Conv2d(channels, hidden, 3, padding=1)
-        self.noise_emb = torch.nn.Linear(1, hidden)
-        self.label_emb = torch.nn.Linear(label_dim, hidden, bias=False) if label_dim else None
-        self.conv_out = torch.nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, x, noise_labels, class_labels):
-        emb = self.noise_emb(noise_labels.reshape(-1, 1))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(class_labels)
-        return self.conv_out(silu(self.conv_in(x) + emb[:, :, None, None]))
-
-
-@persistence.persistent_class
-class TinyPrecond(torch.nn.Module):
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_data=0.5):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_min = 0
-        self.sigma_max = float(np.inf)
-        self.sigma_data = sigma_data
-        self.model = TinyUNet(img_channels, label_dim)
-
-    def forward(self, x, sigma, class_labels=None, force_fp32=False):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        if self.label_dim and class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
-        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
-        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        F_x = self.model(c_in * x, sigma.log().flatten() / 4, class_labels)
-        return c_skip * x + c_out * F_x
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-
-@persistence.persistent_class
-class LossConfig:
-    def __init__(self, P_mean=-1.2):
-        self.P_mean = P_mean
-'''
-
-# A second source file whose persistent object holds a persistent object from NET_SRC.
-WRAP_SRC = '''
-import torch
-from torch_utils import persistence
-
-
-@persistence.persistent_class
-class Wrapper(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max"):
-            setattr(self, name, getattr(inner, name))
-        self.offset = torch.nn.Parameter(torch.full([], 0.25))
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.inner(x, sigma, class_labels) + self.offset
-'''
-
-# A training-only object whose source imports a helper the clean-room loader does not provide.
-AUG_SRC = '''
-from torch_utils import persistence
-from torch_utils import training_stats
-
-
-@persistence.persistent_class
-class AugmentPipe:
-    def __init__(self, p):
-        self.p = p
-'''
-
-SOURCES = {"tiny_edm_net": NET_SRC, "tiny_edm_wrap": WRAP_SRC, "tiny_edm_aug": AUG_SRC}
-
-
-def _writer_persistence(sources: dict[str, str]) -> dict[str, types.ModuleType]:
-    """Our own writer of EDM's persistence format: ``__reduce__`` -> ``(_reconstruct_persistent_obj, (meta,))``."""
-    root = types.ModuleType("torch_utils")
-    root.__path__ = []
-    persistence = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta: dict) -> None:
-        raise AssertionError("the loader under test must not call the writer's hook")
-
-    _reconstruct_persistent_obj.__module__ = persistence.__name__
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-
-    def persistent_class(orig: type) -> type:
-        src = sources[orig.__module__]
-
-        def __reduce__(self: object) -> tuple:
-            meta = {"type": "class", "version": 6, "module_src": src, "class_name": orig.__name__,
-                    "state": dict(self.__dict__)}
-            return (persistence._reconstruct_persistent_obj, (meta,))
-
-        attrs = {"__reduce__": __reduce__, "__module__": orig.__module__, "__qualname__": orig.__qualname__}
-        return type(orig.__name__, (orig,), attrs)
-
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    persistence.persistent_class = persistent_class
-    root.persistence = persistence
-    root.training_stats = types.ModuleType("torch_utils.training_stats")
-    return {"torch_utils": root, "torch_utils.persistence": persistence}
-
-
-@contextlib.contextmanager
-def _writer_modules(sources: dict[str, str]) -> Iterator[dict[str, types.ModuleType]]:
-    """Exec ``sources`` as importable modules next to the writer's ``torch_utils``; remove all afterwards."""
-    added = _writer_persistence(sources)
-    sys.modules.update(added)
-    modules = {}
-    try:
-        for name, src in sources.items():
-            modules[name] = sys.modules[name] = types.ModuleType(name)
-            exec(compile(src, name, "exec"), modules[name].__dict__)
-        yield modules
-    finally:
-        for name in [*added, *sources]:
-            sys.modules.pop(name, None)
-
 
 @pytest.fixture(scope="module")
 def edm_pickle(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -282,7 +145,6 @@ def test_edm_pickle_errors(edm_pickle: dict, tmp_path: Path) -> None:
 # ==================================================================================================
 # diffusers UNet2DModel directories.
 
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
 if HAS_DIFFUSERS:
     from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -293,23 +155,6 @@ from iia_cli.models.diffusers_unet import (  # noqa: E402
     make_betas,
     make_discrete_sigmas,
 )
-
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
-)
-
-
-def _tiny_unet(seed: int = 0, **overrides: object) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(**{**TINY_UNET, **overrides}).eval()
-
 
 @pytest.fixture(scope="module")
 def unet_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.models.edm_pkl import dtype_name, parse_dtype, sha256_file
+from iia_cli.models.edm_pkl import describe_error, dtype_name, parse_dtype, sha256_file
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
 _SNAP_T = 1e-4  # |t - round(t)| below this is snapped to the integer timestep
@@ -132,7 +132,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise IIARuntimeError(f"cannot read {path}: {err}") from err
+        raise IIARuntimeError(f"cannot read {path}: {describe_error(err)}") from err
 
 
 def _import_unet2d() -> Any:
@@ -304,7 +304,7 @@ def load_diffusers_unet(
             unet_dir, local_files_only=True, variant=variant, torch_dtype=torch_dtype, low_cpu_mem_usage=False
         )
     except Exception as err:  # diffusers raises OSError, ValueError, EnvironmentError, ...
-        raise IIARuntimeError(f"cannot load UNet2DModel from {unet_dir}: {type(err).__name__}: {err}") from err
+        raise IIARuntimeError(f"cannot load UNet2DModel from {unet_dir}: {describe_error(err)}") from err
     device = torch.device(device)
     unet = unet.eval().requires_grad_(False).to(device)
     out_channels = int(unet.config.out_channels)

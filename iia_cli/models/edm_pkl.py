@@ -66,6 +66,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
+def describe_error(err: BaseException, limit: int = 400) -> str:
+    """``"Type: message"`` on one line (whitespace collapsed, cut to ``limit`` characters): foreign libraries
+    raise multi-line messages (e.g. a state-dict size mismatch per parameter) and CLI errors are one line."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -227,7 +234,7 @@ class _EDMUnpickler(pickle.Unpickler):
         try:
             cls = getattr(self._module_for(meta["module_src"]), class_name)
         except Exception as err:
-            return _unavailable(f"class {class_name}: {type(err).__name__}: {err}")()
+            return _unavailable(f"class {class_name}: {describe_error(err)}")()
         obj = cls.__new__(cls)
         state = dict(meta.get("state") or {})
         setstate = getattr(obj, "__setstate__", None)
@@ -339,7 +346,7 @@ def load_edm_pickle(
         with open(path, "rb") as f:
             data = _EDMUnpickler(f).load()
     except Exception as err:  # pickle raises many types (UnpicklingError, EOFError, ValueError, ...)
-        raise IIARuntimeError(f"cannot unpickle {path}: {type(err).__name__}: {err}") from err
+        raise IIARuntimeError(f"cannot unpickle {path}: {describe_error(err)}") from err
     if not isinstance(data, Mapping):
         raise IIARuntimeError(f"{path} holds a {type(data).__name__}, expected a dict with key {key!r}")
     if key not in data:
