@@ -100,7 +100,7 @@ def summary_table(df: Any, metric: str = "fid") -> Any:
     # keep the latest experiment run per (method, params, nfe, seeds)
     sub = sub.sort_values("timestamp").drop_duplicates(["method", "method_params", "nfe", "seeds", "grid"], keep="last")
     sub = sub.assign(label=sub["method"] + sub["method_params"].fillna("").map(_params_label))
-    g = sub.groupby(["label", "nfe"])["value"].agg(["min", "mean", "count"]).reset_index()
+    g = sub.groupby(["label", "nfe"], sort=False)["value"].agg(["min", "mean", "count"]).reset_index()
     return g
 
 
@@ -111,7 +111,7 @@ def _params_label(text: str) -> str:
         params = json.loads(text)
     except json.JSONDecodeError:
         return ""
-    keep = {k: v for k, v in params.items() if k in ("r", "quantities")}
+    keep = {k: v for k, v in params.items() if k == "r" or (k == "quantities" and v != 2)}
     return "".join(f" {k}={v}" for k, v in keep.items())
 
 
