@@ -7,6 +7,7 @@ file at once: each append takes an exclusive lock and writes whole rows in one w
 from __future__ import annotations
 
 import csv
+import functools
 import datetime as _dt
 import io
 import json
@@ -29,6 +30,7 @@ COLUMNS = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def git_revision() -> str:
     """The git revision of the tool's checkout (with -dirty), or 'unknown' outside a checkout."""
     root = Path(__file__).resolve().parents[1]
@@ -50,7 +52,7 @@ def now() -> str:
 
 def make_row(**fields: Any) -> dict[str, Any]:
     row = {c: "" for c in COLUMNS}
-    row.update(tool_version=__version__, host=platform.node(), timestamp=now())
+    row.update(tool_version=__version__, git_revision=git_revision(), host=platform.node(), timestamp=now())
     for k, v in fields.items():
         if k not in row:
             raise KeyError(f"unknown results column {k}")

@@ -40,6 +40,7 @@ def test_evaluate_writes_tidy_csv_and_report(cli, eval_cfg, tmp_path, inception_
     for row in rows:
         assert row["experiment"] == "tiny" and row["model"] == "gaussian" and len(row["model_sha256"]) == 64
         assert row["nfe"] == "5" and row["grid"] == "karras" and row["tool_version"] and row["timestamp"]
+        assert row["git_revision"]
         assert float(row["value"]) >= 0
     iia = [row for row in fid_rows if row["method"] == "iia-edm"][0]
     assert iia["r"] == "1" and iia["M"] == "4" and iia["B"] == "16" and iia["coefficient_file"].endswith(".json")

@@ -1,0 +1,102 @@
+"""Integration-error benchmark: base solvers vs their IIA variants on gmm-mnist.
+
+For each (base, IIA) pair and NFE, the RMSE (pixels in [-1, 1]) of the final samples against a
+high-accuracy reference solve of the same noise (EDM Heun at NFE 999 = 500 steps), on held-out seeds.
+The reference is shown converged by comparing it with NFE 1999 on a subset. Writes a tidy CSV under
+results/ and prints a markdown table for the README.
+
+    python benchmarks/integration_error.py            # full run (about 2 minutes on 2 CPU cores)
+    python benchmarks/integration_error.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from iia_cli import api
+from iia_cli.config import load_config
+from iia_cli.sampling import sample_batches
+
+PAIRS = [("edm", "iia-edm"), ("edm", "biia-edm"), ("ddim", "iia-ddim"), ("dpm-solver++-2m", "iia-dpm-solver++-2m"),
+         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("ipndm", "iia-ipndm")]
+NFES = [5, 6, 7, 8, 9, 10, 11, 13, 15]
+
+
+def solve(cfg, method: str, nfe: int, seeds: list[int], coeffs=None, prepared=None) -> torch.Tensor:
+    p = prepared or api.prepare(cfg, method, nfe)
+    return torch.cat([x for _, x in sample_batches(p.model, p.method, p.sigmas, seeds, 128, coeffs, p.device,
+                                                   p.state_dtype)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few NFEs, few seeds, small B")
+    ap.add_argument("--seeds", type=int, default=256, help="held-out evaluation seeds 0..N-1")
+    ap.add_argument("--out", default="results/integration_error.csv")
+    args = ap.parse_args()
+    nfes = [7, 9] if args.quick else NFES
+    n_seeds = 32 if args.quick else args.seeds
+    overrides = [("model.kind", "gmm-mnist"), ("calibration.out_dir", "results/coefficients/benchmark"),
+                 ("calibration.val_samples", 0)]
+    if args.quick:
+        overrides.append(("calibration.samples", 32))
+    cfg = load_config(None, overrides)
+    seeds = list(range(n_seeds))
+    t0 = time.perf_counter()
+    base_p = api.prepare(cfg, "edm", 999)
+    reference = solve(cfg, "edm", 999, seeds, prepared=base_p)
+    check = solve(cfg, "edm", 1999, seeds[:32], prepared=api.prepare(cfg, "edm", 1999, model=base_p.model,
+                                                                      fingerprint=base_p.fingerprint))
+    ref_err = float((reference[:32] - check).pow(2).mean().sqrt())
+    print(f"reference edm@999 vs edm@1999 RMSE on 32 seeds: {ref_err:.2e} (converged if far below the errors below)")
+    rows = []
+    done_base: dict[tuple[str, int], float] = {}
+    for base, iia in PAIRS:
+        for nfe in nfes:
+            if (base, nfe) not in done_base:
+                x = solve(cfg, base, nfe, seeds, prepared=api.prepare(cfg, base, nfe, model=base_p.model,
+                                                                      fingerprint=base_p.fingerprint))
+                done_base[(base, nfe)] = float((x - reference).pow(2).mean().sqrt())
+                rows.append(dict(method=base, base=base, nfe=nfe, rmse=done_base[(base, nfe)], calib_s=0.0))
+            p = api.prepare(cfg, iia, nfe, model=base_p.model, fingerprint=base_p.fingerprint)
+            cs, _ = api.calibrate(cfg, prepared=p, log=lambda m: None, verbose=False)
+            x = solve(cfg, iia, nfe, seeds, coeffs=cs.coefficients, prepared=p)
+            rmse = float((x - reference).pow(2).mean().sqrt())
+            rows.append(dict(method=iia, base=base, nfe=nfe, rmse=rmse, calib_s=cs.calibration_seconds))
+            print(f"{iia:>22s} nfe={nfe:2d}: rmse {rmse:.4f}  vs {base} {done_base[(base, nfe)]:.4f}  "
+                  f"ratio {rmse / done_base[(base, nfe)]:.2f}  (calibration {cs.calibration_seconds:.1f} s)", flush=True)
+    df = pd.DataFrame(rows)
+    df["seeds"] = f"0-{n_seeds - 1}"
+    df["reference"] = "edm@999"
+    df["reference_check_rmse"] = ref_err
+    df["B"] = cfg.calibration.samples
+    df["M"] = cfg.calibration.substeps
+    df["machine"] = f"{platform.node()} {platform.processor() or platform.machine()} {torch.get_num_threads()} threads"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    # markdown: rows = method, columns = NFE; IIA rows show the ratio to their base solver
+    lines = ["| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    seen = []
+    for base, iia in PAIRS:
+        for name in (base, iia):
+            if name in seen:
+                continue
+            seen.append(name)
+            cells = []
+            for n in nfes:
+                r = df[(df.method == name) & (df.nfe == n)].iloc[0]
+                cells.append(f"{r.rmse:.4f}" if name == base else f"{r.rmse:.4f} ({r.rmse / done_base[(base, n)]:.2f}x)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print(f"\n{len(seeds)} held-out seeds, B={cfg.calibration.samples}, M={cfg.calibration.substeps}; "
+          f"{time.perf_counter() - t0:.0f} s on {df['machine'][0]}")
+
+
+if __name__ == "__main__":
+    main()
