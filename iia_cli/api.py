@@ -7,8 +7,6 @@ typed errors (``iia_cli.errors``) and never exit.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import savez_atomic
 from .config import ExperimentConfig
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
@@ -183,14 +182,6 @@ class SampleResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_npz(path: Path, **arrays: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, seeds: Any = None,
            batch: int | None = None, out: str | Path | None = None, grid_png: str | Path | None = None,
            coeffs: str | Path | None = None, calibrate_missing: bool = False, keep: bool = False,
@@ -228,7 +219,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     images = np.concatenate(imgs) if imgs else None
     if to_npz:
         assert out_path is not None and images is not None
-        _atomic_npz(out_path, x=np.concatenate(xs), images=images, seeds=np.asarray(seed_list, dtype=np.int64),
+        savez_atomic(out_path, x=np.concatenate(xs), images=images, seeds=np.asarray(seed_list, dtype=np.int64),
                     method=np.asarray(p.method.name), nfe=np.asarray(p.nfe),
                     sigmas=p.sigmas.numpy(), grid=np.asarray(cfg.grid.kind),
                     model_sha256=np.asarray(p.fingerprint))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .atomic import atomic_write, savez_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 
 FEATURE_DIM = 2048
@@ -65,34 +65,8 @@ def sha256_of_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: numpy must not append ".npz" to the temporary name
-            np.savez(f, **arrays)
-
-    return _atomic_write(path, write)
+_atomic_write = atomic_write
+_savez_atomic = savez_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------

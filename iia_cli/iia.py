@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import Method
@@ -190,11 +189,7 @@ class CoefficientSet:
         data = asdict(self)
         for key in ("residual_base", "residual_iia", "val_residual_base", "val_residual_iia"):
             data[key] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in data[key]]
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
         return path
 
     @classmethod
