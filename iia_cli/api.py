@@ -7,6 +7,7 @@ typed errors (``iia_cli.errors``) and never exit.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import savez_atomic
+from . import dist
+from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
@@ -137,7 +139,9 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     path = Path(out) if out else default_coefficient_path(p)
-    cs.save(path)
+    if dist.context().is_main:
+        cs.save(path)
+    dist.barrier()
     log(f"wrote {path}")
     return cs, path
 
@@ -182,11 +186,29 @@ class SampleResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def checkpoint_interval() -> float:
+    """Seconds between partial-progress checkpoints (env ``IIA_CHECKPOINT_EVERY_S``, default 30)."""
+    return float(os.environ.get("IIA_CHECKPOINT_EVERY_S", "30"))
+
+
+def _png_path(out_dir: Path, seed: int, subdirs: bool) -> Path:
+    return (out_dir / f"{seed - seed % 1000:06d}" if subdirs else out_dir) / f"{seed:06d}.png"
+
+
+def _shard_path(path: Path) -> Path:
+    ctx = dist.context()
+    return path.with_name(f"{path.stem}.shard-{ctx.shard[0]}-of-{ctx.shard[1]}{path.suffix}") if ctx.shard else path
+
+
 def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, seeds: Any = None,
            batch: int | None = None, out: str | Path | None = None, grid_png: str | Path | None = None,
            coeffs: str | Path | None = None, calibrate_missing: bool = False, keep: bool = False,
            prepared: Prepared | None = None, log: LogFn = default_log, progress: bool = True) -> SampleResult:
-    """Sample images; write PNGs (``out`` a directory) or an .npz (``out`` ending in .npz)."""
+    """Sample images; write PNGs (``out`` a directory) or an .npz (``out`` ending in .npz).
+
+    Under torchrun each rank samples its share of the seeds (rank 0 writes the .npz); with ``--shard i/n``
+    this process takes every n-th seed and writes ``<out>.shard-i-of-n.npz``. An interrupted run resumes:
+    PNGs already written are skipped, and an .npz run continues from its last checkpoint."""
     p = prepared or prepare(cfg, method, nfe)
     seed_list = parse_seeds(seeds if seeds is not None else cfg.sampler.seeds)
     batch = int(batch or cfg.sampler.batch)
@@ -195,38 +217,83 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
     out_path = Path(out) if out else None
     to_npz = out_path is not None and out_path.suffix == ".npz"
-    if out_path is not None and not to_npz:
+    if to_npz:
+        out_path = _shard_path(out_path)
+    elif out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
+    mine = dist.split(seed_list)  # this process's seeds
+    meta = dict(method=np.asarray(p.method.name), nfe=np.asarray(p.nfe), sigmas=p.sigmas.numpy(),
+                grid=np.asarray(cfg.grid.kind), model_sha256=np.asarray(p.fingerprint))
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seed -> (x float32 [C, H, W], image uint8 [H, W, C])
+    partial = None
+    if to_npz:
+        ctx = dist.context()
+        partial = out_path.with_name(f".{out_path.stem}.partial-r{ctx.rank}of{ctx.world}.npz")
+        done = _load_partial(partial, p, set(mine))
+    todo = [s for s in mine if s not in done]
+    if out_path is not None and not to_npz:
+        todo = [s for s in mine if not _png_path(out_path, s, cfg.output.subdirs).is_file()]
+    if len(todo) < len(mine):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} images are already done")
     log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
         f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
-        + (f", coefficients {coeff_path}" if coeff_path else ""))
-    xs, imgs = [], []
-    t0 = time.perf_counter()
-    with ImageProgress(len(seed_list), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
-        for chunk, x in sample_batches(p.model, p.method, p.sigmas, seed_list, batch, coeff_values, p.device,
+        + (f", coefficients {coeff_path}" if coeff_path else "")
+        + (f", {dist.context().world} processes" if dist.context().distributed else ""))
+    t0 = last_checkpoint = time.perf_counter()
+    with ImageProgress(len(todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
+        for chunk, x in sample_batches(p.model, p.method, p.sigmas, todo, batch, coeff_values, p.device,
                                        p.state_dtype, cfg.sampler.class_label, bar):
             u8 = quantize(x).numpy()
-            if out_path is not None and not to_npz:
-                for seed, im in zip(chunk, u8):
-                    d = out_path / f"{seed - seed % 1000:06d}" if cfg.output.subdirs else out_path
-                    d.mkdir(parents=True, exist_ok=True)
-                    save_png(im, d / f"{seed:06d}.png")
-            if to_npz:
-                xs.append(x.to(torch.float32).cpu().numpy())
-            if to_npz or keep or grid_png:
-                imgs.append(u8)
+            x32 = x.to(torch.float32).cpu().numpy()
+            for k, seed in enumerate(chunk):
+                if out_path is not None and not to_npz:
+                    path = _png_path(out_path, seed, cfg.output.subdirs)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(path, lambda tmp, im=u8[k]: save_png(im, tmp, "PNG"))
+                if to_npz or keep or grid_png:
+                    done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
+            if partial is not None and time.perf_counter() - last_checkpoint >= checkpoint_interval():
+                _save_partial(partial, done, meta)
+                last_checkpoint = time.perf_counter()
     seconds = time.perf_counter() - t0
-    images = np.concatenate(imgs) if imgs else None
-    if to_npz:
+    gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for part in dist.gather_objects(done) if (to_npz or keep or grid_png) else []:
+        gathered.update(part)
+    order = [s for s in (seed_list if not dist.context().shard else dist.split(seed_list, by_rank=False))
+             if s in gathered]
+    images = np.stack([gathered[s][1] for s in order]) if order else None
+    if to_npz and dist.context().is_main:
         assert out_path is not None and images is not None
-        savez_atomic(out_path, x=np.concatenate(xs), images=images, seeds=np.asarray(seed_list, dtype=np.int64),
-                    method=np.asarray(p.method.name), nfe=np.asarray(p.nfe),
-                    sigmas=p.sigmas.numpy(), grid=np.asarray(cfg.grid.kind),
-                    model_sha256=np.asarray(p.fingerprint))
-    if grid_png and images is not None:
+        savez_atomic(out_path, x=np.stack([gathered[s][0] for s in order]), images=images,
+                     seeds=np.asarray(order, dtype=np.int64), **meta)
+    if partial is not None:
+        dist.barrier()
+        partial.unlink(missing_ok=True)
+    if grid_png and images is not None and dist.context().is_main:
         save_grid_png(images[:64], Path(grid_png))
         log(f"wrote sample grid {grid_png}")
     if out_path is not None:
-        log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(seed_list) / seconds:.1f} img/s)")
+        log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(todo) / max(seconds, 1e-9):.1f} img/s)")
     return SampleResult(seed_list, p.nfe, p.method.name, seconds, out_path, coeff_path,
                         images if keep else None)
+
+
+def _save_partial(path: Path, done: dict[int, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any]) -> None:
+    seeds = sorted(done)
+    savez_atomic(path, done_seeds=np.asarray(seeds, dtype=np.int64), x=np.stack([done[s][0] for s in seeds]),
+                 images=np.stack([done[s][1] for s in seeds]), **meta)
+
+
+def _load_partial(path: Path, p: Prepared, wanted: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Images of an interrupted .npz run of the same model, method, NFE and grid (else nothing)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as data:
+            same = (str(data["method"]) == p.method.name and int(data["nfe"]) == p.nfe
+                    and str(data["model_sha256"]) == p.fingerprint and np.array_equal(data["sigmas"], p.sigmas.numpy()))
+            if not same:
+                return {}
+            return {int(s): (x, im) for s, x, im in zip(data["done_seeds"], data["x"], data["images"]) if int(s) in wanted}
+    except (OSError, KeyError, ValueError):
+        return {}

@@ -29,7 +29,14 @@ CONFIG_HELP = "YAML experiment config (sections model, grid, sampler, calibratio
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
 
-def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any]) -> ExperimentConfig:
+SHARD_HELP = "Take every n-th seed (i/n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); combine with iia merge."
+
+
+def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any],
+            shard: Optional[str] = None) -> ExperimentConfig:
+    from . import dist
+
+    dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
     overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
     return load_config(config, overrides)
 
@@ -47,15 +54,16 @@ def sample(
     calibrate_missing: bool = typer.Option(False, "--calibrate", help="Calibrate IIA coefficients on the fly when none match."),
     class_label: Optional[int] = typer.Option(None, "--class", help="Fixed class label for class-conditional models."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Sample images with a base solver or an IIA solver."""
+    """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
     from . import api
 
     with handle_errors():
         cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
                                      "sampler.batch": batch, "sampler.class_label": class_label,
-                                     "sampler.device": device})
+                                     "sampler.device": device}, shard)
         if out is None and cfg.output.path is None and grid_png is None and cfg.output.grid_png is None:
             raise_usage("nothing to write: give --out DIR|FILE.npz and/or --grid-png PATH")
         res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
@@ -104,8 +112,20 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (scancel, preemption) ends like Ctrl-C: atomic files only, exit 130
+
+
 def main() -> None:
-    app()
+    import signal
+
+    from . import dist
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    finally:
+        dist.teardown()
 
 
 if __name__ == "__main__":

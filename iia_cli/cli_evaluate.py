@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         csv: Optional[Path] = typer.Option(None, "--csv", help="Results CSV (default results/<experiment>.csv)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception weights file."),
         no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID."),
+        fresh: bool = typer.Option(False, "--fresh", help="Recompute results already in the CSV (default: skip them, resume)."),
+        shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this SLURM array task's share; combine with iia merge."),
         sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key (repeatable)."),
     ) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
@@ -32,15 +34,32 @@ def register(app: typer.Typer) -> None:
         from .evaluate import evaluate as run_evaluate, print_table
 
         with handle_errors():
-            cfg = _config(config, sets, {})
+            cfg = _config(config, sets, {}, shard)
             nfes = _coerce(nfe, list[int], "--nfe") if nfe else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
             if meths:
                 from .methods import canonical_method
 
                 meths = [canonical_method(m) for m in meths]
-            res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid)
-            print_table(res.csv, cfg.experiment, only_rows=res.rows)
+            from . import dist
+
+            res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid,
+                               fresh=fresh)
+            if dist.context().is_main and not dist.context().shard:
+                print_table(res.csv, cfg.experiment, only_rows=res.rows or None)
+                typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
+
+    @app.command()
+    def merge(
+        shard_dir: Path = typer.Argument(..., help="results/shards/<experiment> written by evaluate --shard i/n."),
+        csv: Path = typer.Option(..., "--csv", help="Results CSV to append the merged rows to."),
+    ) -> None:
+        """Combine the shard files of SLURM array tasks into result rows (exact: float64 sums merge)."""
+        from .evaluate import merge_shards, print_table
+
+        with handle_errors():
+            res = merge_shards(shard_dir, csv)
+            print_table(res.csv, only_rows=res.rows or None)
             typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
 
     @app.command()

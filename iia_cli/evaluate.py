@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .api import LogFn, Prepared, calibrate, default_coefficient_path, prepare
+from . import dist
+from .api import LogFn, Prepared, calibrate, checkpoint_interval, default_coefficient_path, prepare
+from .atomic import savez_atomic
 from .config import ExperimentConfig
 from .errors import ConfigError, IIARuntimeError
 from .iia import CoefficientSet
 from .images import quantize
-from .models import load_model, model_fingerprint
 from .progress import ImageProgress, log as default_log
 from .results import append_rows, make_row, read_results, render_table
-from .sampling import BoundDenoiser, format_seeds, make_noise, parse_seeds, run_steps, sample_batches
-from .models.base import label_dim
+from .sampling import format_seeds, parse_seeds, sample_batches
 
 
 @dataclass
@@ -75,14 +77,84 @@ def _reference_solution(prepared: Prepared, cfg: ExperimentConfig, seeds: list[i
     return cache[key]
 
 
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a result: the same experiment, model, method, grid, NFE, seeds and metric."""
+    params = row["method_params"]
+    if isinstance(params, dict):
+        params = json.dumps(params, sort_keys=True)
+    return tuple(str(row[k]) for k in ("experiment", "model_sha256", "method")) + (str(params or "{}"),) + \
+        tuple(str(row[k]) for k in ("grid", "nfe", "seeds", "n_samples", "metric"))
+
+
+def _done_keys(csv_path: Path) -> set[tuple]:
+    if not csv_path.is_file():
+        return set()
+    import csv as _csv
+
+    with csv_path.open(newline="") as f:
+        return {_row_key(r) for r in _csv.DictReader(f)}
+
+
+def _key_hash(key: tuple) -> str:
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _shard_file(cfg: ExperimentConfig, key: tuple) -> Path:
+    i, n = dist.context().shard  # type: ignore[misc]
+    return Path("results/shards") / cfg.experiment / f"{_key_hash(key)}.shard-{i}-of-{n}.npz"
+
+
+def _write_shard(cfg: ExperimentConfig, row: dict[str, Any], **arrays: Any) -> Path:
+    i, n = dist.context().shard  # type: ignore[misc]
+    meta = json.dumps({"row": row, "key": list(_row_key(row)), "shard": i, "shards": n})
+    return savez_atomic(_shard_file(cfg, _row_key(row)), meta=np.asarray(meta), **arrays)
+
+
+def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch: int, class_label: int | None,
+                  extractor: Any, partial: Path | None, progress: bool) -> tuple[Any, float]:
+    """Feature sums of this process's share of ``seeds``, checkpointed to ``partial`` so that an
+    interrupted run resumes with bit-identical sums. Returns (stats, sampling seconds)."""
+    from .fid import FeatureStats
+
+    mine = dist.split(seeds)
+    stats, done, t_sample = FeatureStats.empty(), 0, 0.0
+    if partial is not None and partial.is_file():
+        with np.load(partial) as data:
+            stats = FeatureStats(int(data["n"]), data["sum"].copy(), data["sum_outer"].copy())
+            done, t_sample = int(data["done"]), float(data["sampling_seconds"])
+    todo = mine[done:]
+    last = time.perf_counter()
+    with ImageProgress(len(mine), f"{p.method.name} nfe={p.nfe} FID", enabled=progress) as bar:
+        bar.advance(done)
+        t0 = time.perf_counter()
+        for chunk, x in sample_batches(model, p.method, p.sigmas, todo, batch, coeffs, p.device, p.state_dtype,
+                                       class_label):
+            t_sample += time.perf_counter() - t0
+            stats.update(extractor(quantize(x)))
+            done += len(chunk)
+            bar.advance(len(chunk))
+            if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
+                savez_atomic(partial, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer,
+                             done=np.int64(done), sampling_seconds=np.float64(t_sample))
+                last = time.perf_counter()
+            t0 = time.perf_counter()
+    return stats, t_sample
+
+
 def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list[str] | None = None,
              samples: int | None = None, seed_ranges: Any = None, csv: str | Path | None = None,
-             inception_weights: str | Path | None = None, fid: bool = True, log: LogFn = default_log,
-             progress: bool = True) -> EvaluateResult:
-    """Run the evaluation grid (methods x NFEs x seed ranges) and append rows to the results CSV."""
+             inception_weights: str | Path | None = None, fid: bool = True, fresh: bool = False,
+             log: LogFn = default_log, progress: bool = True) -> EvaluateResult:
+    """Run the evaluation grid (methods x NFEs x seed ranges) and append rows to the results CSV.
+
+    Results already in the CSV are skipped (``fresh`` recomputes them) and an interrupted FID resumes from
+    its checkpoint, so rerunning an interrupted command ends with the rows of an uninterrupted run.
+    Under torchrun the seeds are split across ranks and the sums all-reduced; with ``--shard i/n`` each
+    process writes shard files under results/shards/<experiment>/ for ``iia merge``."""
     from .fid import FeatureExtractor, FeatureStats, fid_from_stats, load_reference, resolve_inception_weights
 
     ev = cfg.evaluate
+    ctx = dist.context()
     nfes = [int(n) for n in (nfes or ev.nfe)]
     methods = methods or ev.methods
     n_samples = int(samples or ev.samples)
@@ -101,15 +173,40 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if fid:
         weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
         log(f"Inception weights: {weights} ({source})")
+        if ctx.is_main:  # rank 0 computes missing reference statistics, the others then read them
+            resolve_reference(cfg, weights, base.device, log)
+        dist.barrier()
         ref_path, ref_sha = resolve_reference(cfg, weights, base.device, log)
         ref_mu, ref_sigma, _ = load_reference(ref_path)
         extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+    done_keys = set() if fresh or ctx.shard else _done_keys(csv_path)
     ref_cache: dict[tuple, torch.Tensor] = {}
     err_seeds = ranges[0][: max(0, ev.error_samples)]
     all_rows: list[dict[str, Any]] = []
     for m in methods:
         for n in nfes:
             p = prepare(cfg, m, n, model=model, fingerprint=fp)
+            common = dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=fp, method=p.method.name,
+                          method_params=p.method.params, r=p.method.params.get("r", ""),
+                          M=cfg.calibration.substeps if p.method.is_iia else "",
+                          B=cfg.calibration.samples if p.method.is_iia else "", grid=cfg.grid.kind, nfe=p.nfe,
+                          device=str(p.device))
+            cells = []  # (metric, seeds) still to compute
+            if err_seeds:
+                cells.append(("integration_rmse", err_seeds))
+            if fid:
+                cells += [("fid", seeds) for seeds in ranges]
+
+            def todo(metric: str, seeds: list[int]) -> bool:
+                key = _row_key({**common, "seeds": format_seeds(seeds), "n_samples": len(seeds), "metric": metric})
+                if ctx.shard:
+                    return fresh or not _shard_file(cfg, key).is_file()
+                return key not in done_keys
+
+            cells = [c for c in cells if todo(*c)]
+            if not cells:
+                log(f"{p.method.name} nfe={p.nfe}: already in {csv_path}, skipped (--fresh recomputes)")
+                continue
             coeffs, coeff_file, calib_s = None, "", 0.0
             if p.method.is_iia:
                 path = default_coefficient_path(p)
@@ -120,47 +217,111 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
                 else:
                     cs, path = calibrate(cfg, prepared=p, log=log, verbose=False)
                 coeffs, coeff_file, calib_s = cs.coefficients, str(path), cs.calibration_seconds
-            common = dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=fp, method=p.method.name,
-                          method_params=p.method.params, r=p.method.params.get("r", ""),
-                          M=cfg.calibration.substeps if p.method.is_iia else "",
-                          B=cfg.calibration.samples if p.method.is_iia else "", grid=cfg.grid.kind, nfe=p.nfe,
-                          coefficient_file=coeff_file, calibration_seconds=round(calib_s, 3), device=str(p.device))
+            common.update(coefficient_file=coeff_file, calibration_seconds=round(calib_s, 3))
             rows = []
-            if err_seeds:
-                t0 = time.perf_counter()
-                xs = torch.cat([x for _, x in sample_batches(model, p.method, p.sigmas, err_seeds, batch, coeffs,
-                                                             p.device, p.state_dtype, cfg.sampler.class_label)])
-                secs = time.perf_counter() - t0
-                ref = _reference_solution(p, cfg, err_seeds, batch, ref_cache)
-                rmse = float((xs.to(torch.float64).cpu() - ref).pow(2).mean().sqrt())
-                rows.append(make_row(**common, seeds=format_seeds(err_seeds), n_samples=len(err_seeds),
-                                     metric="integration_rmse", value=rmse,
-                                     reference=f"{cfg.evaluate.reference_method}@nfe{cfg.evaluate.reference_nfe}",
-                                     sampling_seconds=round(secs, 3)))
-                log(f"{p.method.name} nfe={p.nfe}: integration RMSE vs {cfg.evaluate.reference_method}"
-                    f"@{cfg.evaluate.reference_nfe} = {rmse:.5f} ({len(err_seeds)} seeds)")
-            if fid:
-                for seeds in ranges:
-                    stats = FeatureStats.empty()
-                    t_sample = 0.0
-                    with ImageProgress(len(seeds), f"{p.method.name} nfe={p.nfe} FID", enabled=progress) as bar:
-                        t0 = time.perf_counter()
-                        for _, x in sample_batches(model, p.method, p.sigmas, seeds, batch, coeffs, p.device,
-                                                   p.state_dtype, cfg.sampler.class_label):
-                            t_sample += time.perf_counter() - t0
-                            stats.update(extractor(quantize(x)))
-                            bar.advance(x.shape[0])
-                            t0 = time.perf_counter()
-                    value = fid_from_stats(stats, ref_mu, ref_sigma)
-                    rows.append(make_row(**common, seeds=format_seeds(seeds), n_samples=len(seeds), metric="fid",
-                                         value=value, reference=str(ref_path), reference_sha256=ref_sha,
-                                         sampling_seconds=round(t_sample, 3)))
-                    log(f"{p.method.name} nfe={p.nfe} seeds {format_seeds(seeds)}: FID {value:.3f} "
+            for metric, seeds in cells:
+                seeds_text = format_seeds(seeds)
+                if metric == "integration_rmse":
+                    mine = dist.split(seeds)
+                    t0 = time.perf_counter()
+                    xs = torch.cat([x for _, x in sample_batches(model, p.method, p.sigmas, mine, batch, coeffs,
+                                                                 p.device, p.state_dtype, cfg.sampler.class_label)])
+                    secs = time.perf_counter() - t0
+                    ref = _reference_solution(p, cfg, mine, batch, ref_cache)
+                    sq = float((xs.to(torch.float64).cpu() - ref).pow(2).sum())
+                    row = make_row(**common, seeds=seeds_text, n_samples=len(seeds), metric=metric, value="",
+                                   reference=f"{ev.reference_method}@nfe{ev.reference_nfe}",
+                                   sampling_seconds=round(secs, 3))
+                    if ctx.shard:
+                        _write_shard(cfg, row, sum_sq=np.float64(sq), count=np.int64(xs.numel()))
+                        continue
+                    sq, count = dist.all_reduce_floats(sq, xs.numel())
+                    row["value"] = math.sqrt(sq / count)
+                    log(f"{p.method.name} nfe={p.nfe}: integration RMSE vs {ev.reference_method}"
+                        f"@{ev.reference_nfe} = {row['value']:.5f} ({len(seeds)} seeds)")
+                    rows.append(row)
+                    continue
+                key = _row_key({**common, "seeds": seeds_text, "n_samples": len(seeds), "metric": metric})
+                tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
+                partial = Path("results/cache/partial") / f"{_key_hash(key)}-r{ctx.rank}of{ctx.world}{tag}.npz"
+                if fresh:
+                    partial.unlink(missing_ok=True)
+                stats, t_sample = _fid_of_range(model, p, seeds, coeffs, batch, cfg.sampler.class_label,
+                                                extractor, partial, progress)
+                row = make_row(**common, seeds=seeds_text, n_samples=len(seeds), metric=metric, value="",
+                               reference=str(ref_path), reference_sha256=ref_sha, sampling_seconds=round(t_sample, 3))
+                if ctx.shard:
+                    _write_shard(cfg, row, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer)
+                else:
+                    total = FeatureStats(int(dist.all_reduce_floats(stats.n)[0]),
+                                         dist.all_reduce_sum(torch.from_numpy(stats.sum)).numpy(),
+                                         dist.all_reduce_sum(torch.from_numpy(stats.sum_outer)).numpy())
+                    row["value"] = fid_from_stats(total, ref_mu, ref_sigma)
+                    rows.append(row)
+                    log(f"{p.method.name} nfe={p.nfe} seeds {seeds_text}: FID {row['value']:.3f} "
                         f"({len(seeds)} images, sampling {t_sample:.1f} s)")
-            if rows:
+                dist.barrier()
+                partial.unlink(missing_ok=True)
+            if rows and ctx.is_main:
                 append_rows(csv_path, rows)  # after each (method, NFE): nothing is lost if a later one fails
-                all_rows.extend(rows)
+            all_rows.extend(rows)
+    if ctx.shard:
+        log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in results/shards/{cfg.experiment}/; "
+            f"combine them with `iia merge results/shards/{cfg.experiment} --csv {csv_path}`")
     return EvaluateResult(csv_path, all_rows)
+
+
+def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_log) -> EvaluateResult:
+    """Combine complete sets of shard files into result rows (FID from merged feature sums, RMSE from
+    summed squared errors); incomplete sets are reported and left for later."""
+    from .fid import FeatureStats, fid_from_stats, load_reference
+
+    shard_dir, csv_path = Path(shard_dir), Path(csv)
+    files = sorted(shard_dir.glob("*.shard-*-of-*.npz"))
+    if not files:
+        raise IIARuntimeError(f"no shard files (*.shard-i-of-n.npz) in {shard_dir}")
+    groups: dict[str, list[tuple[dict[str, Any], Path]]] = {}
+    for f in files:
+        try:
+            with np.load(f) as data:
+                meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError):
+            raise IIARuntimeError(f"shard file {f} is unreadable") from None
+        groups.setdefault(_key_hash(tuple(meta["key"])), []).append((meta, f))
+    done = _done_keys(csv_path)
+    rows, incomplete = [], 0
+    for parts in groups.values():
+        meta = parts[0][0]
+        row = meta["row"]
+        if tuple(meta["key"]) in done:
+            continue
+        have = {m["shard"] for m, _ in parts}
+        if have != set(range(meta["shards"])):
+            incomplete += 1
+            log(f"incomplete: {row['method']} nfe={row['nfe']} {row['metric']} seeds {row['seeds']}: shards "
+                f"{sorted(have)} of {meta['shards']}")
+            continue
+        if row["metric"] == "fid":
+            stats = FeatureStats.merge_all(FeatureStats.load(f) for _, f in parts)
+            mu, sigma, _ = load_reference(row["reference"])
+            row["value"] = fid_from_stats(stats, mu, sigma)
+        else:
+            sq = count = 0.0
+            for _, f in parts:
+                with np.load(f) as data:
+                    sq += float(data["sum_sq"])
+                    count += float(data["count"])
+            row["value"] = math.sqrt(sq / count)
+        row["sampling_seconds"] = round(sum(float(json.loads(str(np.load(f)["meta"]))["row"]["sampling_seconds"] or 0)
+                                            for _, f in parts), 3)
+        rows.append(row)
+        log(f"merged {len(parts)} shards: {row['method']} nfe={row['nfe']} {row['metric']} = {row['value']:.5g}")
+    if rows:
+        append_rows(csv_path, rows)
+    if not rows and incomplete:
+        raise IIARuntimeError(f"no complete shard set in {shard_dir} ({incomplete} incomplete); "
+                              "run the missing shards first")
+    return EvaluateResult(csv_path, rows)
 
 
 def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[dict[str, Any]] | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from . import dist
 from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
@@ -93,6 +94,10 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
     applies given ones (validation), recording per-step residuals against the fine reference."""
     if not method.is_iia:
         raise ConfigError(f"method {method.name} has no IIA coefficients to calibrate")
+    n = len(seeds)
+    seeds = dist.split(seeds, by_shard=False)  # under torchrun: this rank's noises; G, g are all-reduced
+    if not seeds:
+        raise ConfigError(f"{n} calibration noises cannot be split over {dist.context().world} processes")
     t0 = time.perf_counter()
     n_steps = len(sigmas) - 1
     sig = sigmas.to(torch.float64)
@@ -108,7 +113,6 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         histories.append(())
     fitted: Coefficients = []
     res_base, res_iia = [], []
-    n = len(seeds)
     for i in range(n_steps):
         G = g = None
         stash = []
@@ -126,8 +130,11 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
                     accumulate_normal_equations(q, target, G, g)
             stash.append((res, q, target))
         corrected = stash[0][1] is not None
-        if coeffs is None:
-            c_i = solve_least_squares(G, g, ridge, step=i, warn=warn).tolist() if corrected else []
+        if coeffs is None and corrected:
+            G, g = dist.all_reduce_sum(G), dist.all_reduce_sum(g)
+            c_i = solve_least_squares(G, g, ridge, step=i, warn=warn).tolist()
+        elif coeffs is None:
+            c_i = []
         else:
             c_i = list(coeffs[i])
         fitted.append(c_i)
@@ -138,6 +145,7 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
             if corrected:
                 rb += float(target.to(torch.float64).flatten(1).pow(2).sum(1).sum())
                 ri += float((states[k] - res.x_next - target).to(torch.float64).flatten(1).pow(2).sum(1).sum())
+        rb, ri = dist.all_reduce_floats(rb, ri) if corrected else (rb, ri)
         res_base.append(rb / n if corrected else float("nan"))
         res_iia.append(ri / n if corrected else float("nan"))
         if log is not None and corrected:

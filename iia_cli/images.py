@@ -17,12 +17,12 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return (x.detach().to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
-    """Save one uint8 [H, W, C] image (C = 1 or 3) as PNG."""
+def save_png(image: np.ndarray, path: Path, fmt: str | None = None) -> None:
+    """Save one uint8 [H, W, C] image (C = 1 or 3) as PNG (``fmt="PNG"`` for a name without .png)."""
     from PIL import Image
 
     arr = image[..., 0] if image.shape[-1] == 1 else image
-    Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(path)
+    Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(path, format=fmt)
 
 
 def save_grid_png(images: np.ndarray, path: Path, ncols: int | None = None) -> None:

@@ -13,8 +13,11 @@ console = Console(stderr=True)
 
 
 def log(msg: str) -> None:
-    """A log line on stderr (results go to stdout)."""
-    console.print(msg, highlight=False, markup=False, soft_wrap=True)
+    """A log line on stderr (results go to stdout); only rank 0 logs under torchrun."""
+    from .dist import context
+
+    if context().is_main:
+        console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
 class ImageProgress:
@@ -23,7 +26,9 @@ class ImageProgress:
     def __init__(self, total: int, description: str, log_every_s: float = 30.0, enabled: bool = True) -> None:
         self.total, self.description, self.log_every_s = total, description, log_every_s
         self.done = 0
-        self.enabled = enabled
+        from .dist import context
+
+        self.enabled = enabled and context().is_main
         self.tty = enabled and sys.stderr.isatty()
         self._bar: Progress | None = None
         self._start = self._last_log = time.perf_counter()

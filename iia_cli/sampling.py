@@ -60,8 +60,8 @@ def format_seeds(seeds: Sequence[int]) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun each rank uses the GPU that dist.setup selected
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -172,7 +172,7 @@ def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequ
         x = run_steps(method, BoundDenoiser(model, labels), x, sig, coeffs)
         if not bool(torch.isfinite(x).all()):
             bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
-            raise IIARuntimeError(f"{method.name}: non-finite samples (NaN/Inf) for seeds "
+            raise IIARuntimeError(f"{method.name} at NFE {method.solver.nfe_of_grid(sig)}: non-finite samples (NaN/Inf) for seeds "
                                   f"{bad[:10]}{'...' if len(bad) > 10 else ''}; the run stopped and wrote no FID")
         if progress is not None:
             progress.advance(len(chunk))

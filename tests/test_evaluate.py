@@ -50,9 +50,11 @@ def test_evaluate_writes_tidy_csv_and_report(cli, eval_cfg, tmp_path, inception_
     # the printed table shows the same numbers as the CSV
     edm_fids = sorted(float(row["value"]) for row in fid_rows if row["method"] == "edm")
     assert f"FID {edm_fids[0]:.2f} (mean {sum(edm_fids) / 2:.2f})" in r.stdout
-    # a second run appends (never rewrites) and reuses the coefficient file
+    # rerunning skips what is done; --fresh recomputes, appends (never rewrites) and reuses the coefficients
     before = csv_path.read_bytes()
     r = cli(["evaluate", "--config", eval_cfg, "--methods", "iia-edm", "--no-fid"])
+    assert r.exit_code == 0 and "already in" in r.output and csv_path.read_bytes() == before
+    r = cli(["evaluate", "--config", eval_cfg, "--methods", "iia-edm", "--no-fid", "--fresh"])
     assert r.exit_code == 0, r.output
     assert "reusing coefficients" in r.output
     after = csv_path.read_bytes()
