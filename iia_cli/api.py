@@ -27,7 +27,7 @@ from .images import quantize, save_grid_png, save_png
 from .methods import Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .progress import ImageProgress, log as default_log
-from .sampling import Coefficients, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
+from .sampling import Coefficients, to_images, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
 
 LogFn = Callable[[str], None]
 
@@ -63,9 +63,10 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     s = cfg.sampler
     device = resolve_device(s.device)
     state_dtype = resolve_state_dtype(s.state_dtype, device)
-    meth = make_method(method or s.method, r=s.r, quantities=s.quantities)
     if model is None:
         model = load_model(cfg.model.kind, cfg.model.params, device)
+    meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
+                       guided=bool(getattr(model, "guided", False)))
     cl = s.class_label
     if cl is not None:
         n_labels = label_dim(model)
@@ -243,7 +244,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     with ImageProgress(len(todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
         for chunk, x in sample_batches(p.model, p.method, p.sigmas, todo, batch, coeff_values, p.device,
                                        p.state_dtype, cfg.sampler.class_label, bar):
-            u8 = quantize(x).numpy()
+            u8 = quantize(to_images(p.model, x)).numpy()
             x32 = x.to(torch.float32).cpu().numpy()
             for k, seed in enumerate(chunk):
                 if out_path is not None and not to_npz:

@@ -23,7 +23,7 @@ from .iia import CoefficientSet
 from .images import quantize
 from .progress import ImageProgress, log as default_log
 from .results import append_rows, make_row, read_results, render_table
-from .sampling import format_seeds, parse_seeds, sample_batches
+from .sampling import format_seeds, parse_seeds, sample_batches, to_images
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch:
         for chunk, x in sample_batches(model, p.method, p.sigmas, todo, batch, coeffs, p.device, p.state_dtype,
                                        class_label):
             t_sample += time.perf_counter() - t0
-            stats.update(extractor(quantize(x)))
+            stats.update(extractor(quantize(to_images(model, x))))
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):

@@ -25,7 +25,7 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import Method
-from .sampling import BoundDenoiser, Coefficients, apply_correction, make_noise
+from .sampling import BoundDenoiser, Coefficients, apply_correction, noise_and_conditioning
 from .solvers import History, push
 
 FORMAT_VERSION = 1
@@ -104,10 +104,8 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
     # All states stay in memory (B x d); model calls go chunk by chunk.
     chunks = [seeds[k : k + chunk] for k in range(0, len(seeds), chunk)]
     states, denoisers, histories = [], [], []
-    from .models.base import label_dim
-
     for c in chunks:
-        noise, labels = make_noise(c, model.shape, device, label_dim(model), class_label)
+        noise, labels = noise_and_conditioning(model, c, device, class_label)
         states.append(noise.to(state_dtype) * float(sig[0]))
         denoisers.append(BoundDenoiser(model, labels))
         histories.append(())

@@ -79,6 +79,11 @@ def _difference_basis(d_key: str, eps_key: str, quantities: int) -> BasisFn:
     return basis
 
 
+def _guided_eps_basis(x, record, history, sigmas, i):
+    """Guided IIA-DDIM (eq. 8): one coefficient per step on the classifier-free-guided eps."""
+    return [record["eps"]]
+
+
 def _dpm_basis(x, record, history, sigmas, i):
     """IIA-DPM-Solver eq. (23): the state x_i and the current denoised estimate D_i (for i >= 1)."""
     if not history:
@@ -100,9 +105,10 @@ def canonical_method(name: str) -> str:
     return name
 
 
-def make_method(name: str, r: int | None = None, quantities: int = 2) -> Method:
+def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False) -> Method:
     """Build a method by its CLI/config name. ``r`` for (b)iia-edm, ``quantities`` (1 or 2) for
-    iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25)."""
+    iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25). ``guided``: the model applies
+    classifier-free guidance, and iia-ddim takes its guided form (eq. 8)."""
     name = canonical_method(name)
     if name in BASE_SOLVER_NAMES:
         return Method(name, make_solver(name))
@@ -115,6 +121,8 @@ def make_method(name: str, r: int | None = None, quantities: int = 2) -> Method:
                               f"{', '.join(map(str, R_CHOICES[name]))}")
         make = _iia_edm_basis if name == "iia-edm" else _biia_edm_basis
         return Method(name, make_solver("edm"), make(r), {"r": r})
+    if name == "iia-ddim" and guided:
+        return Method(name, make_solver("ddim"), _guided_eps_basis, {"form": "guided"})
     if name == "iia-ddim":
         return Method(name, make_solver("ddim"), _difference_basis("denoised", "eps", quantities),
                       {"quantities": quantities})

@@ -77,6 +77,23 @@ def resolve_state_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
+def noise_and_conditioning(model: Any, seeds: Sequence[int], device: torch.device,
+                           class_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-seed noise and the conditioning the model gets with it: one-hot class labels drawn from each
+    seed's generator, or, for models with a ``condition(seeds)`` hook (text-to-image), its tensor."""
+    noise, labels = make_noise(seeds, model.shape, device, label_dim(model), class_label)
+    condition = getattr(model, "condition", None)
+    if callable(condition):
+        labels = condition(list(seeds))
+    return noise, labels
+
+
+def to_images(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Final solver states -> images in [-1, 1]: the model's ``decode`` (e.g. a VAE) where it has one."""
+    decode = getattr(model, "decode", None)
+    return decode(x) if callable(decode) else x
+
+
 def make_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device, n_labels: int = 0,
                class_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unit noise [B, C, H, W] (float32, like EDM) and one-hot labels [B, n_labels] (or None), per seed."""
@@ -167,7 +184,7 @@ def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequ
     n_batches = math.ceil(len(seeds) / batch)
     for b in range(n_batches):
         chunk = list(seeds[b * batch : (b + 1) * batch])
-        noise, labels = make_noise(chunk, model.shape, device, label_dim(model), class_label)
+        noise, labels = noise_and_conditioning(model, chunk, device, class_label)
         x = noise.to(state_dtype) * float(sig[0])
         x = run_steps(method, BoundDenoiser(model, labels), x, sig, coeffs)
         if not bool(torch.isfinite(x).all()):
