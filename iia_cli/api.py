@@ -26,6 +26,7 @@ from .iia import CoefficientSet, coefficient_filename, greedy_pass
 from .images import quantize, save_grid_png, save_png
 from .methods import Method, make_method
 from .models import label_dim, load_model, model_fingerprint
+from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
 from .sampling import Coefficients, to_images, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
 
@@ -44,6 +45,7 @@ class Prepared:
     device: torch.device
     state_dtype: torch.dtype
     fingerprint: str
+    batch: int = 64
     note: str = ""
 
 
@@ -64,7 +66,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     device = resolve_device(s.device)
     state_dtype = resolve_state_dtype(s.state_dtype, device)
     if model is None:
-        model = load_model(cfg.model.kind, cfg.model.params, device)
+        model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
     meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
                        guided=bool(getattr(model, "guided", False)))
     cl = s.class_label
@@ -77,8 +79,21 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if fingerprint is None:
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
     sigmas, real_nfe = build_grid(cfg, meth, model, int(nfe or s.nfe))
-    return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint,
+    batch = s.batch if isinstance(s.batch, int) else _auto_batch(model, device)
+    return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint, batch,
                     meth.solver.grid_note(sigmas))
+
+
+def _auto_batch(model: Any, device: torch.device) -> int:
+    """``sampler.batch: auto``, probed once per model."""
+    cached = getattr(model, "_iia_auto_batch", None)
+    if cached is None:
+        cached = auto_batch(model, device)
+        try:
+            model._iia_auto_batch = cached
+        except AttributeError:
+            pass
+    return int(cached)
 
 
 def _grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -109,7 +124,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
                           f"(iia-edm, biia-edm, iia-ddim, iia-dpm-solver++-2m, iia-dpm-solver++-3m, iia-ipndm)")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
-    chunk = int(c.batch or cfg.sampler.batch)
+    chunk = int(c.batch or p.batch)
     log(f"calibrating {p.method.name} {p.method.params or ''} at NFE {p.nfe} on {cfg.model.kind}: "
         f"B={c.samples} noises, M={c.substeps} sub-steps, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
         + (f"; {p.note}" if p.note else ""))
@@ -212,7 +227,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     PNGs already written are skipped, and an .npz run continues from its last checkpoint."""
     p = prepared or prepare(cfg, method, nfe)
     seed_list = parse_seeds(seeds if seeds is not None else cfg.sampler.seeds)
-    batch = int(batch or cfg.sampler.batch)
+    batch = int(batch or p.batch)
     out = out if out is not None else cfg.output.path
     grid_png = grid_png if grid_png is not None else cfg.output.grid_png
     coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
@@ -265,8 +280,11 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     images = np.stack([gathered[s][1] for s in order]) if order else None
     if to_npz and dist.context().is_main:
         assert out_path is not None and images is not None
+        extra = {}
+        if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
+            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order])
         savez_atomic(out_path, x=np.stack([gathered[s][0] for s in order]), images=images,
-                     seeds=np.asarray(order, dtype=np.int64), **meta)
+                     seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
     if partial is not None:
         dist.barrier()
         partial.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
 CONFIG_HELP = "YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate)."
+DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
 
@@ -47,7 +48,7 @@ def sample(
     method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0-999 or 0,5,10-19; one image per seed."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Images per batch."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Images per batch, or auto (64 on CPU, probed on GPU)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A directory for PNGs ({seed:06d}.png) or a .npz file."),
     grid_png: Optional[Path] = typer.Option(None, "--grid-png", help="Save a grid of up to 64 samples for a quick look."),
     coeffs: Optional[Path] = typer.Option(None, "--coeffs", help="IIA coefficient file (default: found by model, method, grid, NFE)."),
@@ -55,6 +56,9 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class", help="Fixed class label for class-conditional models."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for the network."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
@@ -63,7 +67,9 @@ def sample(
     with handle_errors():
         cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
                                      "sampler.batch": batch, "sampler.class_label": class_label,
-                                     "sampler.device": device}, shard)
+                                     "sampler.device": device, "sampler.dtype": dtype,
+                                     "sampler.compile": compile or None, "sampler.channels_last": channels_last or None},
+                      shard)
         if out is None and cfg.output.path is None and grid_png is None and cfg.output.grid_png is None:
             raise_usage("nothing to write: give --out DIR|FILE.npz and/or --grid-png PATH")
         res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
@@ -80,6 +86,7 @@ def calibrate(
     substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help="Fine sub-steps M per step (default 10)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Fit IIA coefficients by least squares against a fine-grained reference (one greedy pass)."""
@@ -87,7 +94,8 @@ def calibrate(
 
     with handle_errors():
         cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
-                                     "calibration.substeps": substeps, "sampler.device": device})
+                                     "calibration.substeps": substeps, "sampler.device": device,
+                                     "sampler.dtype": dtype})
         _, path = api.calibrate(cfg, out=out)
         typer.echo(str(path))
 

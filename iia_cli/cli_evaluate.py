@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID."),
         fresh: bool = typer.Option(False, "--fresh", help="Recompute results already in the CSV (default: skip them, resume)."),
         shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this SLURM array task's share; combine with iia merge."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Network dtype: float32, float16 or bfloat16."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
+        batch: Optional[str] = typer.Option(None, "--batch", help="Images per batch, or auto."),
         sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key (repeatable)."),
     ) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
@@ -34,7 +37,8 @@ def register(app: typer.Typer) -> None:
         from .evaluate import evaluate as run_evaluate, print_table
 
         with handle_errors():
-            cfg = _config(config, sets, {}, shard)
+            cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
+                                         "sampler.batch": batch}, shard)
             nfes = _coerce(nfe, list[int], "--nfe") if nfe else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
             if meths:

@@ -24,8 +24,11 @@ MODEL_KINDS: dict[str, dict[str, Any]] = {
     "python": {"factory": None, "kwargs": {}},
     "edm-pkl": {"path": None, "key": "ema", "dtype": "float32"},
     "diffusers": {"path": None, "prediction_type": None, "dtype": "float32", "timestep_lookup": "interp"},
+    "diffusers-sd": {"path": None, "prompts": None, "guidance_scale": 7.5, "negative_prompt": "", "height": None,
+                     "width": None, "dtype": "float32", "prediction_type": None, "timestep_lookup": "interp"},
 }
-REQUIRED_MODEL_KEYS = {"python": ("factory",), "edm-pkl": ("path",), "diffusers": ("path",)}
+REQUIRED_MODEL_KEYS = {"python": ("factory",), "edm-pkl": ("path",), "diffusers": ("path",),
+                       "diffusers-sd": ("path", "prompts")}
 NETWORK_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -50,13 +53,16 @@ class SamplerConfig:
     method: str = "dpm-solver++-2m"
     nfe: int = 10
     seeds: str = "0-63"
-    batch: int = 64
+    batch: int | str = "auto"  # auto: 64 on the CPU, probed from GPU memory on a GPU
     device: str = "auto"
     state_dtype: str = "auto"  # auto = float64 on CPU, float32 on GPU
     r: int | None = None  # iia-edm / biia-edm history length
     quantities: int = 2  # iia-ddim / iia-ipndm: 1 = one-quantity ablation
     class_label: int | None = None
     coeffs: str | None = None
+    dtype: str | None = None  # network dtype override: float32 | float16 | bfloat16 (edm-pkl, diffusers models)
+    compile: bool = False  # torch.compile the denoiser call
+    channels_last: bool = False
 
 
 @dataclass
@@ -122,7 +128,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for k, option in enumerate(inner):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                if k == len(inner) - 1:
+                    raise
+        return None
     if origin is list:
         items = value if isinstance(value, list) else [value]
         if isinstance(value, str) and args and args[0] is not str:
@@ -275,8 +287,15 @@ def validate(cfg: ExperimentConfig) -> None:
     s.method = canonical_method(s.method)
     if s.nfe < 1:
         raise ConfigError(f"sampler.nfe={s.nfe} must be at least 1")
-    if s.batch < 1:
-        raise ConfigError(f"sampler.batch={s.batch} must be at least 1")
+    if s.batch != "auto" and (not isinstance(s.batch, int) or s.batch < 1):
+        raise ConfigError(f"sampler.batch={s.batch!r} must be a positive integer or auto")
+    if s.dtype is not None:
+        if s.dtype not in NETWORK_DTYPES:
+            raise ConfigError(f"sampler.dtype={s.dtype!r} is not valid; choose one of {', '.join(NETWORK_DTYPES)}")
+        if "dtype" not in MODEL_KINDS[cfg.model.kind]:
+            kinds = ", ".join(k for k, v in MODEL_KINDS.items() if "dtype" in v)
+            raise ConfigError(f"--dtype applies to network models ({kinds}), not model.kind={cfg.model.kind}")
+        cfg.model.params["dtype"] = s.dtype
     if s.state_dtype not in ("auto", "float64", "float32"):
         raise ConfigError(f"sampler.state_dtype={s.state_dtype!r} is not valid; choose auto, float64 or float32")
     c = cfg.calibration

@@ -162,9 +162,8 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if samples is not None and (seed_ranges or ev.seed_ranges):
         ranges = [r[:n_samples] for r in ranges]
     csv_path = Path(csv or ev.csv or f"results/{cfg.experiment}.csv")
-    batch = cfg.sampler.batch
     base = prepare(cfg, methods[0], nfes[0])  # loads the model once
-    model, fp = base.model, base.fingerprint
+    model, fp, batch = base.model, base.fingerprint, base.batch
     for m in methods:  # validate every (method, NFE) before any work
         for n in nfes:
             prepare(cfg, m, n, model=model, fingerprint=fp)

@@ -238,3 +238,30 @@ def test_unreadable_files_exit_1(cli, tmp_path, slow_cfg, monkeypatch):
     assert r.exit_code == 1 and "no shard files" in r.output
     r = cli(["sample", "--config", slow_cfg(), "--shard", "3/2", "--out", "x.npz"])
     assert r.exit_code == 2 and "--shard '3/2' is not valid" in r.output
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path):
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [2, 4, 4]}, "sampler": {"method": "edm", "nfe": 5}}))
+    outs = {}
+    for name, extra in [("plain", []), ("fast", ["--compile", "--channels-last"])]:
+        r = cli(["sample", "--config", cfg, "--seeds", "0-5", "--out", tmp_path / f"{name}.npz", *extra])
+        assert r.exit_code == 0, r.output
+        outs[name] = np.load(tmp_path / f"{name}.npz")["x"]
+    np.testing.assert_allclose(outs["fast"], outs["plain"], rtol=1e-6, atol=1e-6)
+
+
+def test_speed_option_errors_and_auto_batch(cli, tmp_path):
+    from iia_cli import api
+    from iia_cli.config import load_config
+
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}}))
+    r = cli(["sample", "--config", cfg, "--dtype", "float16", "--out", tmp_path / "x.npz"])
+    assert r.exit_code == 2 and "--dtype applies to network models" in r.output
+    r = cli(["sample", "--config", cfg, "--dtype", "float8", "--out", tmp_path / "x.npz"])
+    assert r.exit_code == 2 and "sampler.dtype='float8' is not valid" in r.output
+    r = cli(["sample", "--config", cfg, "--batch", "lots", "--out", tmp_path / "x.npz"])
+    assert r.exit_code == 2 and "positive integer or auto" in r.output
+    assert api.prepare(load_config(cfg)).batch == 64  # auto on the CPU

@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError, IIARuntimeError
 from .base import Denoiser, label_dim, model_dtype
 
-MODEL_KINDS_HELP = "gaussian | gmm-mnist | python | edm-pkl | diffusers"
+MODEL_KINDS_HELP = "gaussian | gmm-mnist | python | edm-pkl | diffusers | diffusers-sd"
 
 
 def load_model(kind: str, params: dict[str, Any], device: torch.device | str = "cpu") -> Any:
@@ -42,6 +42,14 @@ def load_model(kind: str, params: dict[str, Any], device: torch.device | str = "
 
         model = load_diffusers_unet(p["path"], prediction_type=p.get("prediction_type"), dtype=p.get("dtype", "float32"),
                                     device=device, timestep_lookup=p.get("timestep_lookup", "interp"))
+    elif kind == "diffusers-sd":
+        from .diffusers_sd import load_sd_pipeline
+
+        model = load_sd_pipeline(p["path"], guidance_scale=p.get("guidance_scale", 7.5), prompts=p.get("prompts"),
+                                 height=p.get("height"), width=p.get("width"), dtype=p.get("dtype", "float32"),
+                                 device=device, negative_prompt=p.get("negative_prompt", ""),
+                                 prediction_type=p.get("prediction_type"),
+                                 timestep_lookup=p.get("timestep_lookup", "interp"))
     else:
         raise ConfigError(f"model.kind={kind!r} is not valid; choose one of {MODEL_KINDS_HELP}")
     if hasattr(model, "to") and kind in ("gaussian", "gmm-mnist"):
@@ -61,7 +69,7 @@ def model_fingerprint(model: Any, kind: str, params: dict[str, Any]) -> str:
         raise IIARuntimeError(f"model of kind {kind} cannot be fingerprinted")
     h = hashlib.sha256()
     h.update(kind.encode())
-    settings = {k: v for k, v in params.items() if k != "path"}  # the bytes identify the file, not its path
+    settings = {k: v for k, v in params.items() if k not in ("path", "prompts")}  # bytes identify files, not paths
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(inner).encode())
     return h.hexdigest()

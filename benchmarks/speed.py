@@ -1,0 +1,129 @@
+"""Speed benchmark: sampler overhead, IIA vs base sampling time, calibration time vs its denoiser calls.
+
+A model of realistic cost: a randomly initialised diffusers UNet2DModel (3x32x32, about 9M parameters)
+behind our discrete-time adapter, float32 network, float64 solver state on the CPU (float32 on a GPU).
+
+* overhead = sampling wall time / (NFE x time of one denoiser call on the same batch); target <= 1.05
+* IIA / base = sampling time of the IIA variant / the base solver at the same NFE; target within 2%
+* calibration = wall time / (calls x one call), calls = B x (NFE + fine NFE) at its minimum
+
+    python benchmarks/speed.py [--device cuda] [--batch 16] [--nfe 10]
+
+Measure ratios in one run: machines are shared and noisy; each timing is the median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from iia_cli.config import GridConfig
+from iia_cli.grids import make_grid
+from iia_cli.iia import greedy_pass
+from iia_cli.methods import make_method
+from iia_cli.sampling import BoundDenoiser, make_noise, sample_batches
+
+PAIRS = [("edm", "iia-edm"), ("ddim", "iia-ddim"), ("dpm-solver++-2m", "iia-dpm-solver++-2m"),
+         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("ipndm", "iia-ipndm"), ("dpm-solver-2", None)]
+
+
+def build_model(device: str, dtype: str):
+    from diffusers import UNet2DModel
+
+    from iia_cli.models.diffusers_unet import load_diffusers_unet
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    tmp = Path(tempfile.mkdtemp()) / "unet"
+    unet.save_pretrained(tmp)
+    return load_diffusers_unet(tmp, dtype=dtype, device=device)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--out", default="results/speed.csv")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    state_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    model = build_model(args.device, args.dtype)
+    seeds = list(range(args.batch))
+    x = make_noise(seeds, model.shape, device)[0].to(state_dtype) * 80
+    den = BoundDenoiser(model)
+    den(x, 1.0)  # warm-up
+    t_call = timed(lambda: den(x, 1.0), 5 * args.repeats)
+    print(f"one denoiser call, batch {args.batch}: {t_call * 1e3:.1f} ms on {device}", flush=True)
+    rows = []
+    for base, iia in PAIRS:
+        bm = make_method(base)
+        try:
+            sig = make_grid(GridConfig(kind="discrete"), bm.solver.plan(args.nfe), model)
+        except Exception:
+            sig = make_grid(GridConfig(kind="karras"), bm.solver.plan(args.nfe), model)
+        nfe = bm.solver.nfe_of_grid(sig)
+
+        def run(method, coeffs=None):
+            return [x for _, x in sample_batches(model, method, sig, seeds, args.batch, coeffs, device, state_dtype)]
+
+        t_base = timed(lambda: run(bm), args.repeats)
+        row = dict(method=base, nfe=nfe, call_ms=t_call * 1e3, sample_s=t_base, overhead=t_base / (nfe * t_call))
+        rows.append(row)
+        print(f"{base:>22s} nfe={nfe}: {t_base:.3f} s, overhead {row['overhead']:.3f}", flush=True)
+        if iia is None:
+            continue
+        im = make_method(iia)
+        t0 = time.perf_counter()
+        fit = greedy_pass(im, model, sig, list(range(10**9, 10**9 + args.calib_samples)), 10, args.batch, device,
+                          state_dtype)
+        t_cal = time.perf_counter() - t0
+        calls = fit.calls * args.calib_samples / args.batch  # batched calls of size --batch
+        t_iia = timed(lambda: run(im, fit.coeffs), args.repeats)
+        rows.append(dict(method=iia, nfe=nfe, call_ms=t_call * 1e3, sample_s=t_iia, overhead=t_iia / (nfe * t_call),
+                         iia_vs_base=t_iia / t_base, calib_s=t_cal, calib_calls=fit.calls * args.calib_samples,
+                         calib_vs_min=t_cal / (calls * t_call)))
+        r = rows[-1]
+        print(f"{iia:>22s} nfe={nfe}: {t_iia:.3f} s, overhead {r['overhead']:.3f}, IIA/base {r['iia_vs_base']:.3f}, "
+              f"calibration {t_cal:.1f} s = {r['calib_vs_min']:.2f} x its {r['calib_calls']} calls", flush=True)
+    df = pd.DataFrame(rows)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    df["machine"] = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads {gpu}".strip()
+    df["batch"] = args.batch
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    cols = ["method", "nfe", "sample_s", "overhead", "iia_vs_base", "calib_vs_min"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for _, r in df.iterrows():
+        cells = [str(r[c]) if c in ("method", "nfe") else ("" if pd.isna(r.get(c)) else f"{r[c]:.3f}") for c in cols]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nmachine: {df['machine'][0]}, batch {args.batch}, one call {t_call * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
