@@ -77,6 +77,7 @@ class ClipScorer:
         except ImportError as err:
             raise IIARuntimeError(f"CLIP score needs transformers: {INSTALL_HINT}") from err
         folder = Path(weights)
+        self.folder = folder
         try:
             self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
             self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)

@@ -89,6 +89,7 @@ class FIDConfig:
     reference: str | None = None  # an .npz with mu/sigma, or builtin:mnist / builtin:fashion-mnist / a data spec
     reference_samples: int | None = None  # images used when reference statistics are computed from data
     inception_weights: str | None = None
+    clip_weights: str | None = None  # text-to-image: a local CLIP directory (or $IIA_CLIP_WEIGHTS) adds clip_score rows
     batch: int = 64
 
 

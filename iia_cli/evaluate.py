@@ -111,17 +111,20 @@ def _write_shard(cfg: ExperimentConfig, row: dict[str, Any], **arrays: Any) -> P
 
 
 def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch: int, class_label: int | None,
-                  extractor: Any, partial: Path | None, progress: bool) -> tuple[Any, float]:
-    """Feature sums of this process's share of ``seeds``, checkpointed to ``partial`` so that an
-    interrupted run resumes with bit-identical sums. Returns (stats, sampling seconds)."""
+                  extractor: Any, partial: Path | None, progress: bool,
+                  clip: Any = None) -> tuple[Any, float, tuple[float, float]]:
+    """Feature sums of this process's share of ``seeds`` (and CLIP-score sums when ``clip`` scores images
+    against their prompts), checkpointed to ``partial`` so that an interrupted run resumes with
+    bit-identical sums. Returns (stats, sampling seconds, (clip images, clip score sum))."""
     from .fid import FeatureStats
 
     mine = dist.split(seeds)
-    stats, done, t_sample = FeatureStats.empty(), 0, 0.0
+    stats, done, t_sample, clip_n, clip_sum = FeatureStats.empty(), 0, 0.0, 0.0, 0.0
     if partial is not None and partial.is_file():
         with np.load(partial) as data:
             stats = FeatureStats(int(data["n"]), data["sum"].copy(), data["sum_outer"].copy())
             done, t_sample = int(data["done"]), float(data["sampling_seconds"])
+            clip_n, clip_sum = float(data["clip_n"]), float(data["clip_sum"])
     todo = mine[done:]
     last = time.perf_counter()
     with ImageProgress(len(mine), f"{p.method.name} nfe={p.nfe} FID", enabled=progress) as bar:
@@ -130,15 +133,20 @@ def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch:
         for chunk, x in sample_batches(model, p.method, p.sigmas, todo, batch, coeffs, p.device, p.state_dtype,
                                        class_label):
             t_sample += time.perf_counter() - t0
-            stats.update(extractor(quantize(to_images(model, x))))
+            u8 = quantize(to_images(model, x))
+            stats.update(extractor(u8))
+            if clip is not None:
+                scores = clip(u8.numpy(), [model.prompt_of(s) for s in chunk])
+                clip_n, clip_sum = clip_n + len(chunk), clip_sum + float(scores.to(torch.float64).sum())
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
                 savez_atomic(partial, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer,
-                             done=np.int64(done), sampling_seconds=np.float64(t_sample))
+                             done=np.int64(done), sampling_seconds=np.float64(t_sample),
+                             clip_n=np.float64(clip_n), clip_sum=np.float64(clip_sum))
                 last = time.perf_counter()
             t0 = time.perf_counter()
-    return stats, t_sample
+    return stats, t_sample, (clip_n, clip_sum)
 
 
 def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list[str] | None = None,
@@ -178,6 +186,14 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
         ref_path, ref_sha = resolve_reference(cfg, weights, base.device, log)
         ref_mu, ref_sigma, _ = load_reference(ref_path)
         extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+    clip = None
+    if fid and callable(getattr(model, "prompt_of", None)):
+        from .clip_score import ClipScorer, resolve_clip_weights
+
+        clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
+        if clip_dir is not None:
+            clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
+            log(f"CLIP score with {clip_dir}")
     done_keys = set() if fresh or ctx.shard else _done_keys(csv_path)
     ref_cache: dict[tuple, torch.Tensor] = {}
     err_seeds = ranges[0][: max(0, ev.error_samples)]
@@ -245,13 +261,23 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
                 partial = Path("results/cache/partial") / f"{_key_hash(key)}-r{ctx.rank}of{ctx.world}{tag}.npz"
                 if fresh:
                     partial.unlink(missing_ok=True)
-                stats, t_sample = _fid_of_range(model, p, seeds, coeffs, batch, cfg.sampler.class_label,
-                                                extractor, partial, progress)
+                stats, t_sample, (clip_n, clip_sum) = _fid_of_range(
+                    model, p, seeds, coeffs, batch, cfg.sampler.class_label, extractor, partial, progress, clip)
                 row = make_row(**common, seeds=seeds_text, n_samples=len(seeds), metric=metric, value="",
                                reference=str(ref_path), reference_sha256=ref_sha, sampling_seconds=round(t_sample, 3))
+                clip_row = None
+                if clip is not None:
+                    clip_row = {**row, "metric": "clip_score", "reference": str(clip.folder), "reference_sha256": ""}
                 if ctx.shard:
                     _write_shard(cfg, row, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer)
+                    if clip_row is not None:
+                        _write_shard(cfg, clip_row, sum_sq=np.float64(clip_sum), count=np.int64(clip_n))
                 else:
+                    if clip_row is not None:
+                        clip_n, clip_sum = dist.all_reduce_floats(clip_n, clip_sum)
+                        clip_row["value"] = clip_sum / clip_n
+                        rows.append(clip_row)
+                        log(f"{p.method.name} nfe={p.nfe} seeds {seeds_text}: CLIP score {clip_row['value']:.3f}")
                     total = FeatureStats(int(dist.all_reduce_floats(stats.n)[0]),
                                          dist.all_reduce_sum(torch.from_numpy(stats.sum)).numpy(),
                                          dist.all_reduce_sum(torch.from_numpy(stats.sum_outer)).numpy())
@@ -304,13 +330,13 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
             stats = FeatureStats.merge_all(FeatureStats.load(f) for _, f in parts)
             mu, sigma, _ = load_reference(row["reference"])
             row["value"] = fid_from_stats(stats, mu, sigma)
-        else:
+        else:  # integration_rmse: sqrt of summed squared errors; clip_score: mean of summed scores
             sq = count = 0.0
             for _, f in parts:
                 with np.load(f) as data:
                     sq += float(data["sum_sq"])
                     count += float(data["count"])
-            row["value"] = math.sqrt(sq / count)
+            row["value"] = sq / count if row["metric"] == "clip_score" else math.sqrt(sq / count)
         row["sampling_seconds"] = round(sum(float(json.loads(str(np.load(f)["meta"]))["row"]["sampling_seconds"] or 0)
                                             for _, f in parts), 3)
         rows.append(row)

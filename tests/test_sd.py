@@ -552,3 +552,24 @@ def test_clip_score(clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     merged = ClipScoreSums.merge_all(halves)
     assert merged.n == 5 and merged.mean() == pytest.approx(float(scores.double().mean()))
     assert clip_score(images, prompts, clip_dir) == pytest.approx(merged.mean(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_fid_and_clip_score_cli(cli, sd: dict[str, Path], clip_dir: Path, tmp_path: Path, inception_weights,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate writes fid and clip_score rows; the CLIP score equals the scorer applied to the sampled images."""
+    from iia_cli.clip_score import ClipScorer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))
+    cfg = _write_cfg(tmp_path, sd, fid={"reference": "builtin:mnist", "reference_samples": 8, "batch": 4,
+                                        "clip_weights": str(clip_dir)},
+                     evaluate={"methods": ["ddim"], "nfe": [3], "samples": 6, "error_samples": 0})
+    _ok(cli(["evaluate", "--config", cfg, "--csv", tmp_path / "r.csv"]))
+    with (tmp_path / "r.csv").open(newline="") as f:
+        rows = {r["metric"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"fid", "clip_score"} and rows["clip_score"]["n_samples"] == "6"
+    _ok(cli(["sample", "--config", cfg, "--method", "ddim", "--nfe", 3, "--seeds", "0-5", "--out", tmp_path / "s.npz"]))
+    data = np.load(tmp_path / "s.npz")
+    expected = float(ClipScorer(clip_dir)(data["images"], [str(p) for p in data["prompts"]]).double().mean())
+    assert float(rows["clip_score"]["value"]) == pytest.approx(expected, rel=1e-5)
