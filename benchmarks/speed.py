@@ -3,9 +3,11 @@
 A model of realistic cost: a randomly initialised diffusers UNet2DModel (3x32x32, about 9M parameters)
 behind our discrete-time adapter, float32 network, float64 solver state on the CPU (float32 on a GPU).
 
-* overhead = sampling wall time / (NFE x time of one denoiser call on the same batch); target <= 1.05
-* IIA / base = sampling time of the IIA variant / the base solver at the same NFE; target within 2%
-* calibration = wall time / (calls x one call), calls = B x (NFE + fine NFE) at its minimum
+* overhead = sampling wall time / time spent inside the NFE denoiser calls of the same run (= wall time /
+  (NFE x one call), with the call timed in the same run so that machine noise cancels); target <= 1.05
+* IIA / base = median over interleaved runs of the IIA variant's wall time / the base solver's, and the
+  same ratio normalised by the time inside the denoiser; target within 2%
+* calibration = wall time / time inside its denoiser calls, calls = B x (NFE + fine NFE) at its minimum
 
     python benchmarks/speed.py [--device cuda] [--batch 16] [--nfe 10]
 
@@ -48,6 +50,39 @@ def build_model(device: str, dtype: str):
     return load_diffusers_unet(tmp, dtype=dtype, device=device)
 
 
+class TimedModel:
+    """Forwards to the model and adds up the wall time spent inside its calls."""
+
+    def __init__(self, model):
+        self._model, self.inside = model, 0.0
+
+    def __call__(self, *args):
+        sync()
+        t0 = time.perf_counter()
+        out = self._model(*args)
+        sync()
+        self.inside += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_timed(model: TimedModel, fn) -> tuple[float, float]:
+    """(wall seconds, seconds inside the denoiser) of fn()."""
+    model.inside = 0.0
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0, model.inside
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -73,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     state_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    model = build_model(args.device, args.dtype)
+    model = TimedModel(build_model(args.device, args.dtype))
     seeds = list(range(args.batch))
     x = make_noise(seeds, model.shape, device)[0].to(state_dtype) * 80
     den = BoundDenoiser(model)
@@ -92,32 +127,42 @@ def main() -> None:
         def run(method, coeffs=None):
             return [x for _, x in sample_batches(model, method, sig, seeds, args.batch, coeffs, device, state_dtype)]
 
-        t_base = timed(lambda: run(bm), args.repeats)
-        row = dict(method=base, nfe=nfe, call_ms=t_call * 1e3, sample_s=t_base, overhead=t_base / (nfe * t_call))
-        rows.append(row)
-        print(f"{base:>22s} nfe={nfe}: {t_base:.3f} s, overhead {row['overhead']:.3f}", flush=True)
-        if iia is None:
+        im = make_method(iia) if iia else None
+        fit = None
+        if im is not None:
+            model.inside = 0.0
+            t0 = time.perf_counter()
+            fit = greedy_pass(im, model, sig, list(range(10**9, 10**9 + args.calib_samples)), 10, args.batch,
+                              device, state_dtype)
+            t_cal, t_cal_inside = time.perf_counter() - t0, model.inside
+        base_runs, iia_runs = [], []
+        for _ in range(args.repeats):  # interleaved: base, IIA, base, IIA, ...
+            base_runs.append(run_timed(model, lambda: run(bm)))
+            if im is not None:
+                iia_runs.append(run_timed(model, lambda: run(im, fit.coeffs)))
+        wall = statistics.median(w for w, _ in base_runs)
+        over = statistics.median(w / i for w, i in base_runs)
+        rows.append(dict(method=base, nfe=nfe, call_ms=t_call * 1e3, sample_s=wall, overhead=over))
+        print(f"{base:>22s} nfe={nfe}: {wall:.3f} s, overhead {over:.3f}", flush=True)
+        if im is None:
             continue
-        im = make_method(iia)
-        t0 = time.perf_counter()
-        fit = greedy_pass(im, model, sig, list(range(10**9, 10**9 + args.calib_samples)), 10, args.batch, device,
-                          state_dtype)
-        t_cal = time.perf_counter() - t0
-        calls = fit.calls * args.calib_samples / args.batch  # batched calls of size --batch
-        t_iia = timed(lambda: run(im, fit.coeffs), args.repeats)
-        rows.append(dict(method=iia, nfe=nfe, call_ms=t_call * 1e3, sample_s=t_iia, overhead=t_iia / (nfe * t_call),
-                         iia_vs_base=t_iia / t_base, calib_s=t_cal, calib_calls=fit.calls * args.calib_samples,
-                         calib_vs_min=t_cal / (calls * t_call)))
+        ratios = [wi / wb for (wb, _), (wi, _) in zip(base_runs, iia_runs)]
+        norm = [(wi / ii) / (wb / ib) for (wb, ib), (wi, ii) in zip(base_runs, iia_runs)]
+        rows.append(dict(method=iia, nfe=nfe, call_ms=t_call * 1e3, sample_s=statistics.median(w for w, _ in iia_runs),
+                         overhead=statistics.median(w / i for w, i in iia_runs), iia_vs_base=statistics.median(ratios),
+                         iia_vs_base_normalised=statistics.median(norm), calib_s=t_cal,
+                         calib_calls=fit.calls * args.calib_samples, calib_vs_min=t_cal / t_cal_inside))
         r = rows[-1]
-        print(f"{iia:>22s} nfe={nfe}: {t_iia:.3f} s, overhead {r['overhead']:.3f}, IIA/base {r['iia_vs_base']:.3f}, "
-              f"calibration {t_cal:.1f} s = {r['calib_vs_min']:.2f} x its {r['calib_calls']} calls", flush=True)
+        print(f"{iia:>22s} nfe={nfe}: {r['sample_s']:.3f} s, overhead {r['overhead']:.3f}, IIA/base {r['iia_vs_base']:.3f} "
+              f"(normalised {r['iia_vs_base_normalised']:.3f}), calibration {t_cal:.1f} s = {r['calib_vs_min']:.3f} x "
+              f"the time inside its {r['calib_calls']} denoiser calls", flush=True)
     df = pd.DataFrame(rows)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     df["machine"] = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads {gpu}".strip()
     df["batch"] = args.batch
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    cols = ["method", "nfe", "sample_s", "overhead", "iia_vs_base", "calib_vs_min"]
+    cols = ["method", "nfe", "sample_s", "overhead", "iia_vs_base", "iia_vs_base_normalised", "calib_vs_min"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for _, r in df.iterrows():
         cells = [str(r[c]) if c in ("method", "nfe") else ("" if pd.isna(r.get(c)) else f"{r[c]:.3f}") for c in cols]
