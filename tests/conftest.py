@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -62,3 +63,12 @@ def inception_weights(torch_home: Path) -> Path:
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     assert result.stdout.splitlines() == [f"weights: {path}", "source: torch-fidelity cache", f"sha256: {sha}"]
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks gain nothing from threads, and spinning threads suffer on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

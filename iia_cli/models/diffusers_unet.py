@@ -148,6 +148,17 @@ def _import_unet2d() -> Any:
 # The adapter.
 
 
+def to_denoised(prediction_type: PredictionType, x: torch.Tensor, s: torch.Tensor, c_in: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """Network output -> D(x; sigma) in EDM space, with c_in = 1 / sqrt(1 + sigma^2):
+    eps: ``x - sigma eps``; v: ``x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v``; sample: ``x0``."""
+    if prediction_type is PredictionType.EPSILON:
+        return x - s * out
+    if prediction_type is PredictionType.V_PREDICTION:
+        return x * c_in**2 - s * c_in * out
+    return out
+
+
 class DiscreteUNetDenoiser:
     """A discrete-time VP ``UNet2DModel`` as a :class:`~iia_cli.models.base.Denoiser` (module doc).
 
@@ -248,13 +259,7 @@ class DiscreteUNetDenoiser:
         z = (x * c_in).to(self.dtype)  # network input, z = x / sqrt(1 + sigma^2)
         out = self.unet(z, t, class_labels=labels).sample.to(work)
         out = out[:, : self.shape[0]]  # learned-variance UNets: first half is the prediction
-        if self.prediction_type is PredictionType.EPSILON:
-            denoised = x - s * out
-        elif self.prediction_type is PredictionType.V_PREDICTION:
-            denoised = x * c_in**2 - s * c_in * out
-        else:
-            denoised = out
-        return denoised.to(in_dtype)
+        return to_denoised(self.prediction_type, x, s, c_in, out).to(in_dtype)
 
     def fingerprint(self) -> str:
         """sha256 over the weight files, config files and adapter settings."""
