@@ -25,7 +25,9 @@ app = typer.Typer(
 )
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
-CONFIG_HELP = "YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate)."
+CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
+               "default: the built-in gmm-mnist config (configs/mnist-gmm.yaml).")
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
@@ -38,6 +40,11 @@ def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, 
     from . import dist
 
     dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
+    if config is None:  # the built-in default: gmm-mnist, the same file as configs/mnist-gmm.yaml
+        config = DEFAULT_CONFIG
+        from .progress import log
+
+        log(f"no --config: using the built-in default {config}")
     overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
     return load_config(config, overrides)
 

@@ -15,7 +15,7 @@ NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
 def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config (default: built-in gmm-mnist)."),
         nfe: Optional[str] = typer.Option(None, "--nfe", help=NFE_HELP),
         methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (overrides evaluate.methods)."),
         samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Images per seed range."),

@@ -2,9 +2,13 @@
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -136,3 +140,23 @@ def test_module_entry_point_and_help():
 
     out = subprocess.run([sys.executable, "-m", "iia_cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "calibrate" in out.stdout and "pickles" in out.stdout
+
+
+def test_builtin_default_config_is_the_shipped_one(cli, tmp_path, monkeypatch):
+    """`iia ...` without --config uses the packaged default, which is configs/mnist-gmm.yaml byte for byte."""
+    from iia_cli.cli import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.read_bytes() == (ROOT / "configs" / "mnist-gmm.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    r = cli(["sample", "--method", "ddim", "--nfe", "3", "--seeds", "0-1", "--out", tmp_path / "d.npz"])
+    assert r.exit_code == 0, r.output
+    assert "built-in default" in r.output and np.load(tmp_path / "d.npz")["x"].shape == (2, 1, 28, 28)
+
+
+def test_all_shipped_configs_load():
+    from iia_cli.config import load_config
+
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
+        load_config(path)
