@@ -22,7 +22,7 @@ from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
-from .iia import CoefficientSet, coefficient_filename, greedy_pass
+from .iia import CoefficientSet, coefficient_filename, greedy_pass, paper_coefficients
 from .images import quantize, save_grid_png, save_png
 from .methods import Method, make_method
 from .models import label_dim, load_model, model_fingerprint
@@ -148,6 +148,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
         model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
         sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
         seeds=format_seeds(seeds), ridge=c.ridge, coefficients=fit.coeffs,
+        paper_coefficients=paper_coefficients(p.method.name, p.sigmas, fit.coeffs),
         residual_base=fit.residual_base, residual_iia=fit.residual_iia,
         val_seeds=format_seeds(val_seeds) if val_seeds else "",
         val_residual_base=val.residual_base if val else [], val_residual_iia=val.residual_iia if val else [],

@@ -183,6 +183,7 @@ class CoefficientSet:
     val_seeds: str = ""
     val_residual_base: list[float | None] = field(default_factory=list)
     val_residual_iia: list[float | None] = field(default_factory=list)
+    paper_coefficients: Coefficients = field(default_factory=list)  # (b)iia-edm: the paper's b / g per step
     calibration_calls: int = 0
     calibration_seconds: float = 0.0
     tool_version: str = __version__
@@ -227,6 +228,25 @@ class CoefficientSet:
         if theirs.shape != sigmas.shape or not torch.allclose(theirs, sigmas.to(torch.float64), rtol=1e-9, atol=0):
             out.append("grid sigmas differ")
         return out
+
+
+def paper_coefficients(method: str, sigmas: torch.Tensor, coeffs: Coefficients) -> Coefficients:
+    """The paper's parameterisation of IIA-EDM (eq. 18, b = Lemma 1's Heun coefficients + c on u_i, v_i) and
+    of BIIA-EDM (Alg. 2, g = 1 + c on S_i); empty for the other methods, whose coefficients are the paper's."""
+    if method not in ("iia-edm", "biia-edm"):
+        return []
+    out: Coefficients = []
+    for i, c in enumerate(coeffs):
+        b = list(c)
+        if b:
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            if method == "iia-edm":
+                b[0] += (s_next - s) / s
+                b[1] += (s_next - s) / (2 * s_next)
+            else:
+                b[0] += 1.0
+        out.append(b)
+    return out
 
 
 def coefficient_filename(model_kind: str, model_sha256: str, method: str, method_params: dict[str, Any],

@@ -69,6 +69,17 @@ def test_iia_edm_paper_coefficients_give_heun():
         hist, x = push(hist, res.record), res.x_next
 
 
+def test_paper_coefficients_of_zero_corrections_are_heun():
+    """Zero corrections in the paper's parameterisation are Lemma 1's b = (h/sigma_i, h/(2 sigma_{i+1}), 0, 0)."""
+    from iia_cli.iia import paper_coefficients
+
+    sig = torch.tensor([80.0, 10.0, 1.0, 0.0], dtype=torch.float64)
+    b = paper_coefficients("iia-edm", sig, [[], [0.0, 0.0, 0.0, 0.0], []])
+    assert b[0] == [] and b[2] == [] and b[1] == pytest.approx([-9 / 10, -9 / 2, 0.0, 0.0])
+    assert paper_coefficients("biia-edm", sig, [[0.5], [0.0, 0.1], []]) == [[1.5], [1.0, 0.1], []]
+    assert paper_coefficients("iia-ddim", sig, [[], [0.3, 0.2], []]) == []
+
+
 def test_least_squares_recovers_known_coefficients_and_chunking_is_exact():
     torch.manual_seed(1)
     c_true = torch.tensor([0.7, -1.3, 0.05], dtype=torch.float64)
