@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -134,11 +133,3 @@ def clip_score(images: np.ndarray | torch.Tensor, prompts: Sequence[str], weight
     sums = ClipScoreSums()
     sums.update(ClipScorer(weights, device, batch_size)(images, prompts))
     return sums.mean()
-
-
-def prompts_of_seeds(model: Any, seeds: Sequence[int]) -> list[str]:
-    """The prompts a text-to-image model used for ``seeds`` (its ``prompt_of``); IIARuntimeError otherwise."""
-    prompt_of = getattr(model, "prompt_of", None)
-    if not callable(prompt_of):
-        raise IIARuntimeError("CLIP score needs a text-to-image model (model.kind: diffusers-sd)")
-    return [prompt_of(s) for s in seeds]

@@ -108,15 +108,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's object on every rank."""
-    if not _CONTEXT.distributed:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     if _CONTEXT.distributed:
         tdist.barrier()

@@ -41,8 +41,10 @@ def parse_seed_ranges(spec: Any) -> list[list[int]]:
     return ranges
 
 
-def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn) -> tuple[Path, str]:
-    """Reference statistics: an existing .npz, or statistics computed once from a data spec and cached."""
+def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device,
+                      log: LogFn) -> tuple[Path, np.ndarray, np.ndarray, str]:
+    """Reference statistics (path, mu, sigma, sha256): an existing .npz, or statistics computed once from a
+    data spec and cached."""
     from .fid import compute_reference, load_reference, sha256_of_file
 
     spec = cfg.fid.reference
@@ -51,8 +53,7 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
                           "or a data spec such as builtin:mnist")
     path = Path(spec)
     if path.suffix == ".npz" and not str(spec).startswith("builtin:"):
-        _, _, sha = load_reference(path)
-        return path, sha
+        return (path, *load_reference(path))
     key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
     cached = Path("results/cache") / f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}.npz"
@@ -60,8 +61,7 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
         log(f"computing reference statistics of {spec} ({cfg.fid.reference_samples or 'all'} images) -> {cached}")
         compute_reference(spec, cached, weights, device=str(device), batch_size=cfg.fid.batch,
                           limit=cfg.fid.reference_samples)
-    _, _, sha = load_reference(cached)
-    return cached, sha
+    return (cached, *load_reference(cached))
 
 
 def _reference_solution(prepared: Prepared, cfg: ExperimentConfig, seeds: list[int], batch: int,
@@ -159,7 +159,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     its checkpoint, so rerunning an interrupted command ends with the rows of an uninterrupted run.
     Under torchrun the seeds are split across ranks and the sums all-reduced; with ``--shard i/n`` each
     process writes shard files under results/shards/<experiment>/ for ``iia merge``."""
-    from .fid import FeatureExtractor, FeatureStats, fid_from_stats, load_reference, resolve_inception_weights
+    from .fid import FeatureExtractor, FeatureStats, fid_from_stats, resolve_inception_weights
 
     ev = cfg.evaluate
     ctx = dist.context()
@@ -180,11 +180,10 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if fid:
         weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
         log(f"Inception weights: {weights} ({source})")
-        if ctx.is_main:  # rank 0 computes missing reference statistics, the others then read them
-            resolve_reference(cfg, weights, base.device, log)
+        # rank 0 computes missing reference statistics, the others then read them
+        ref = resolve_reference(cfg, weights, base.device, log) if ctx.is_main else None
         dist.barrier()
-        ref_path, ref_sha = resolve_reference(cfg, weights, base.device, log)
-        ref_mu, ref_sigma, _ = load_reference(ref_path)
+        ref_path, ref_mu, ref_sigma, ref_sha = ref or resolve_reference(cfg, weights, base.device, log)
         extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
     clip = None
     if fid and callable(getattr(model, "prompt_of", None)):
@@ -337,8 +336,7 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
                     sq += float(data["sum_sq"])
                     count += float(data["count"])
             row["value"] = sq / count if row["metric"] == "clip_score" else math.sqrt(sq / count)
-        row["sampling_seconds"] = round(sum(float(json.loads(str(np.load(f)["meta"]))["row"]["sampling_seconds"] or 0)
-                                            for _, f in parts), 3)
+        row["sampling_seconds"] = round(sum(float(m["row"]["sampling_seconds"] or 0) for m, _ in parts), 3)
         rows.append(row)
         log(f"merged {len(parts)} shards: {row['method']} nfe={row['nfe']} {row['metric']} = {row['value']:.5g}")
     if rows:

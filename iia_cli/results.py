@@ -11,7 +11,6 @@ import functools
 import datetime as _dt
 import io
 import json
-import math
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -177,6 +176,3 @@ def plot_results(df: Any, out: str | Path, metric: str = "fid") -> Path:
     plt.close(fig)
     return Path(out)
 
-
-def finite(v: float) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

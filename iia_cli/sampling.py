@@ -136,11 +136,6 @@ class BoundDenoiser:
             out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
         return out.to(x.dtype)
 
-    def take(self, index: slice | torch.Tensor) -> BoundDenoiser:
-        """The same model bound to a sub-batch's labels (shares the call counter's owner semantics)."""
-        sub = BoundDenoiser(self.model, None if self.class_labels is None else self.class_labels[index])
-        return sub
-
 
 def apply_correction(x_next: torch.Tensor, quantities: list[torch.Tensor] | None, coeffs: Sequence[float]) -> torch.Tensor:
     """base update + sum_k c_k q_k."""
