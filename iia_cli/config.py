@@ -22,7 +22,7 @@ MODEL_KINDS: dict[str, dict[str, Any]] = {
     "gaussian": {"shape": [1, 8, 8], "mean": None, "std": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
     "gmm-mnist": {"components": 10, "rank": None, "tau2": None, "mle_noise": False, "conditional": False},
     "python": {"factory": None, "kwargs": {}},
-    "edm-pkl": {"path": None, "key": "ema", "dtype": "float32"},
+    "edm-pkl": {"path": None, "key": "ema", "dtype": "float32", "trust_code": False},
     "diffusers": {"path": None, "prediction_type": None, "dtype": "float32", "timestep_lookup": "interp"},
     "diffusers-sd": {"path": None, "prompts": None, "guidance_scale": 7.5, "negative_prompt": "", "height": None,
                      "width": None, "dtype": "float32", "prediction_type": None, "timestep_lookup": "interp"},
@@ -199,6 +199,8 @@ def _model_section(data: Any) -> ModelConfig:
     for req in REQUIRED_MODEL_KEYS.get(kind, ()):
         if data.get(req) in (None, ""):
             raise ConfigError(f"model.{req} is required for model.kind={kind}")
+    if "trust_code" in data and not isinstance(data["trust_code"], bool):
+        raise ConfigError(f"model.trust_code={data['trust_code']!r} must be true or false")
     if "dtype" in data and data["dtype"] not in NETWORK_DTYPES:
         raise ConfigError(f"model.dtype={data['dtype']!r} is not valid; choose one of {', '.join(NETWORK_DTYPES)}")
     params = {k: v for k, v in allowed.items() if v is not None}

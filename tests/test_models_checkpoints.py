@@ -7,6 +7,7 @@ saved with ``save_pretrained``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
@@ -27,6 +28,10 @@ from iia_cli.models.edm_pkl import _EDMUnpickler, _Unavailable, load_edm_pickle
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The test pickles embed our own test sources, not NVlabs/edm's, so loading them needs trust_code (the
+# default refusal is tested in test_hostile.py).
+_load_trusted = functools.partial(load_edm_pickle, trust_code=True)
 
 
 # ==================================================================================================
@@ -68,7 +73,7 @@ def _leaked_modules() -> list[str]:
 
 
 def test_edm_pickle_bit_exact_and_no_leaks(edm_pickle: dict) -> None:
-    den = load_edm_pickle(edm_pickle["path"])
+    den = _load_trusted(edm_pickle["path"])
     assert _leaked_modules() == []
     assert den.shape == (3, 8, 8) and den.label_dim == 4 and den.dtype == torch.float32
     assert den.sigma_min == 0.0 and den.sigma_max == math.inf
@@ -87,7 +92,7 @@ def test_edm_pickle_bit_exact_and_no_leaks(edm_pickle: dict) -> None:
 
 
 def test_edm_pickle_nested_persistent_objects(edm_pickle: dict) -> None:
-    den = load_edm_pickle(edm_pickle["path"], key="wrapped")
+    den = _load_trusted(edm_pickle["path"], key="wrapped")
     assert _leaked_modules() == []
     inner = den.net.inner
     assert type(inner).__name__ == "TinyPrecond" and type(inner.model).__name__ == "TinyUNet"
@@ -96,7 +101,7 @@ def test_edm_pickle_nested_persistent_objects(edm_pickle: dict) -> None:
     assert torch.equal(out, edm_pickle["ref_wrapped"])
     # Plain (non-Module) persistent objects get their __dict__; unloadable ones become placeholders.
     with open(edm_pickle["path"], "rb") as f:
-        data = _EDMUnpickler(f).load()
+        data = _EDMUnpickler(f, trust_code=True).load()
     assert data["loss_fn"].P_mean == -1.5 and type(data["loss_fn"]).__name__ == "LossConfig"
     assert data["wrapped"].inner is data["ema"]  # pickle memo: one object, two references
     assert isinstance(data["augment_pipe"], _Unavailable) and "training_stats" in data["augment_pipe"].reason
@@ -104,34 +109,34 @@ def test_edm_pickle_nested_persistent_objects(edm_pickle: dict) -> None:
 
 
 def test_edm_pickle_dtype_and_fingerprint(edm_pickle: dict, tmp_path: Path) -> None:
-    den32 = load_edm_pickle(edm_pickle["path"])
-    den16 = load_edm_pickle(edm_pickle["path"], dtype="float16")
+    den32 = _load_trusted(edm_pickle["path"])
+    den16 = _load_trusted(edm_pickle["path"], dtype="float16")
     assert den16.net.use_fp16 is True and den16.dtype == torch.float16
     with torch.no_grad():  # EDM's use_fp16 path is CUDA-only, so on the CPU it stays float32
         assert torch.equal(den16(edm_pickle["x"], edm_pickle["sigma"], edm_pickle["labels"]), edm_pickle["ref"])
-    assert den32.fingerprint() == load_edm_pickle(edm_pickle["path"]).fingerprint()
+    assert den32.fingerprint() == _load_trusted(edm_pickle["path"]).fingerprint()
     assert len({den32.fingerprint(), den16.fingerprint(),
-                load_edm_pickle(edm_pickle["path"], key="wrapped").fingerprint()}) == 3
+                _load_trusted(edm_pickle["path"], key="wrapped").fingerprint()}) == 3
     copy = tmp_path / "copy.pkl"
     copy.write_bytes(edm_pickle["path"].read_bytes() + b"\0")  # trailing byte: same net, other file
-    assert load_edm_pickle(copy).fingerprint() != den32.fingerprint()
+    assert _load_trusted(copy).fingerprint() != den32.fingerprint()
 
 
 def test_edm_pickle_errors(edm_pickle: dict, tmp_path: Path) -> None:
     with pytest.raises(MissingFileError):
-        load_edm_pickle(tmp_path / "nope.pkl")
+        _load_trusted(tmp_path / "nope.pkl")
     garbage = tmp_path / "garbage.pkl"
     garbage.write_bytes(b"this is not a pickle")
     with pytest.raises(IIARuntimeError, match="garbage.pkl"):
-        load_edm_pickle(garbage)
+        _load_trusted(garbage)
     with pytest.raises(IIARuntimeError, match=r"no key 'ema_typo'.*'ema', 'wrapped'"):
-        load_edm_pickle(edm_pickle["path"], key="ema_typo")
+        _load_trusted(edm_pickle["path"], key="ema_typo")
     with pytest.raises(IIARuntimeError, match="training_stats"):
-        load_edm_pickle(edm_pickle["path"], key="augment_pipe")
+        _load_trusted(edm_pickle["path"], key="augment_pipe")
     with pytest.raises(IIARuntimeError, match="not an EDM network"):
-        load_edm_pickle(edm_pickle["path"], key="dataset_kwargs")
+        _load_trusted(edm_pickle["path"], key="dataset_kwargs")
     with pytest.raises(ConfigError, match="float32"):
-        load_edm_pickle(edm_pickle["path"], dtype="float8")
+        _load_trusted(edm_pickle["path"], dtype="float8")
     assert _leaked_modules() == []
 
 

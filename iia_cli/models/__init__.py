@@ -36,7 +36,8 @@ def load_model(kind: str, params: dict[str, Any], device: torch.device | str = "
     elif kind == "edm-pkl":
         from .edm_pkl import load_edm_pickle
 
-        model = load_edm_pickle(p["path"], key=p.get("key", "ema"), dtype=p.get("dtype", "float32"), device=device)
+        model = load_edm_pickle(p["path"], key=p.get("key", "ema"), dtype=p.get("dtype", "float32"), device=device,
+                                trust_code=p.get("trust_code", False))
     elif kind == "diffusers":
         from .diffusers_unet import load_diffusers_unet
 
@@ -69,7 +70,7 @@ def model_fingerprint(model: Any, kind: str, params: dict[str, Any]) -> str:
         raise IIARuntimeError(f"model of kind {kind} cannot be fingerprinted")
     h = hashlib.sha256()
     h.update(kind.encode())
-    settings = {k: v for k, v in params.items() if k not in ("path", "prompts")}  # bytes identify files, not paths
+    settings = {k: v for k, v in params.items() if k not in ("path", "prompts", "trust_code")}  # bytes identify files
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(inner).encode())
     return h.hexdigest()

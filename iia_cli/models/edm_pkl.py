@@ -6,27 +6,37 @@ pickles as ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where 
 ``state`` (the object's ``__dict__``). This module is a clean-room reader of that format, written from the
 format description alone (EDM's code is CC BY-NC-SA and none of it is used here):
 
-* a ``pickle.Unpickler`` whose ``find_class`` maps that one hook to :func:`_reconstruct` below, which execs
-  ``module_src`` into a fresh module (one per distinct source per load, so classes from one file are shared),
-  then builds the object with ``cls.__new__(cls)`` and ``__setstate__(state)`` (or ``__dict__.update``);
+* a ``pickle.Unpickler`` whose ``find_class`` is an allow-list: the persistence hook (mapped to
+  :func:`_reconstruct` below), torch's tensor/parameter rebuild functions, tensor storages (read back by
+  ``torch.load(weights_only=True)``), ``torch.nn`` module classes, ``collections.OrderedDict``, numpy
+  scalar/array/dtype reconstruction and ``dnnlib.EasyDict``. Any other global (``os.system``,
+  ``builtins.eval``, ``subprocess.Popen``, ``torch.load``, ...) stops the load with an error naming it, before
+  anything is called;
+* the hook executes ``module_src`` only when its sha256 is one of :data:`KNOWN_EDM_SOURCES` (the persistent
+  source files of NVlabs/edm at every public revision) or when the caller passes ``trust_code=True``
+  (config ``model.trust_code: true``). An object whose source is not trusted is not built: it loads as a
+  placeholder, and selecting it (or a network containing it) raises an error saying how to allow it;
+* a trusted source runs in a fresh module (one per distinct source per load, so classes from one file are
+  shared); only a class defined by that source is instantiated, with ``cls.__new__(cls)`` and
+  ``__setstate__(state)`` (or ``__dict__.update``);
 * the fresh module sees stand-in ``torch_utils`` / ``torch_utils.persistence`` / ``torch_utils.misc`` and
   ``dnnlib`` modules through its own ``__import__``: ``persistent_class`` is the identity decorator. The
   stand-ins are never put into ``sys.modules``, so nothing leaks into the interpreter, and an installed copy
   of EDM's ``torch_utils`` is never imported or shadowed;
 * an object whose source cannot be executed (say, a training-only augmentation pipe importing a helper we do
-  not provide) loads as a placeholder; selecting it, or a network containing it, raises
-  :class:`~iia_cli.errors.IIARuntimeError` with the reason;
+  not provide) loads as a placeholder too, with the reason;
 * tensor storages saved on a GPU are mapped to the CPU, then the network is moved to ``device``.
-
-Unpickling executes arbitrary code from the file: load only pickles you trust.
 """
 
 from __future__ import annotations
 
 import builtins
+import collections
 import hashlib
+import importlib
 import io
 import pickle
+import sys
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +57,18 @@ _CHUNK = 1 << 20  # 1 MiB
 _PERSISTENCE_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 _STANDIN_ROOTS = ("torch_utils", "dnnlib")
 _REQUIRED_ATTRS = ("img_resolution", "img_channels", "sigma_min", "sigma_max")
+
+# sha256 of the ``module_src`` strings that EDM's persistence embeds (``inspect.getsource`` of the module: the
+# file's UTF-8 text with "\n" line ends), for every NVlabs/edm source file that defines persistent classes, at
+# each public revision (0a2ff34 initial release, b2a26c9, 62072d2, 008a4e5). Checked against snapshots that
+# EDM's own code wrote. Only these sources run without ``trust_code``; their text is not part of iia_cli.
+KNOWN_EDM_SOURCES: dict[str, str] = {
+    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef": "NVlabs/edm training/networks.py @0a2ff34",
+    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284": "NVlabs/edm training/networks.py @b2a26c9..008a4e5",
+    "b26f0937bc72b18cc5f9869c86035ca9b872138cdfae7994237e9733951e4415": "NVlabs/edm training/loss.py @0a2ff34..008a4e5",
+    "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5": "NVlabs/edm training/augment.py @0a2ff34..008a4e5",
+}
+TRUST_HINT = "set model.trust_code: true (or --set model.trust_code=true) to run it, only for a pickle you trust"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,16 +212,73 @@ def _make_import(standins: Mapping[str, types.ModuleType]) -> Callable[..., Any]
 # The unpickler.
 
 
-class _EDMUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds EDM persistent objects from their embedded source (see module doc)."""
+class RefusedPickle(IIARuntimeError):
+    """The pickle names a global outside the allow-list, or holds a storage that is not plain tensor data."""
 
-    def __init__(self, file: Any) -> None:
+
+def _numpy_core() -> Any:
+    return getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+
+
+def _allowed_global(module: str, name: str) -> Any:
+    """The object an EDM pickle may reference as ``module.name``, or None (refused).
+
+    EDM snapshots reference torch's tensor/parameter rebuild functions, storages, ``torch.nn`` containers,
+    ``collections.OrderedDict`` and numpy scalars/dtypes; the rest here (``torch.Size``, dtypes, devices, numpy
+    arrays, sets, slices) are inert data types other torch versions emit. None of them can run code: every
+    callable they receive comes through this same allow-list.
+    """
+    if module == "collections" and name == "OrderedDict":
+        return collections.OrderedDict
+    if module == "builtins" and name in ("set", "frozenset", "slice", "complex", "bytearray"):
+        return getattr(builtins, name)
+    if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                                             "_rebuild_parameter", "_rebuild_parameter_with_state"):
+        return getattr(torch._utils, name, None)
+    if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+        return getattr(torch._tensor, name, None)
+    if (module, name) in (("torch._tensor", "Tensor"), ("torch", "Tensor")):
+        return torch.Tensor
+    if (module, name) == ("torch.nn.parameter", "Parameter"):
+        return torch.nn.Parameter
+    if module == "torch" and name in ("Size", "device"):
+        return getattr(torch, name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module.startswith("torch.nn.modules.") and not name.startswith("_"):
+        found = getattr(sys.modules.get(module), name, None)
+        if found is None and module in _TORCH_NN_MODULES:
+            found = getattr(importlib.import_module(module), name, None)
+        if isinstance(found, type) and issubclass(found, torch.nn.Module):
+            return found
+        return None
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
+        return getattr(_numpy_core().multiarray, name)
+    if module == "numpy" and name in ("dtype", "ndarray"):
+        return getattr(np, name)
+    if module == "numpy.dtypes":
+        found = getattr(np.dtypes, name, None)
+        return found if isinstance(found, type) and issubclass(found, np.dtype) else None
+    return None
+
+
+_TORCH_NN_MODULES = frozenset(f"torch.nn.modules.{m}" for m in (
+    "activation", "batchnorm", "container", "conv", "dropout", "flatten", "linear", "normalization", "padding",
+    "pooling", "sparse", "upsampling", "pixelshuffle", "instancenorm", "module"))
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    """Allow-list unpickler that rebuilds EDM persistent objects from trusted embedded source (module doc)."""
+
+    def __init__(self, file: Any, trust_code: bool = False) -> None:
         super().__init__(file)
+        self._trust_code = trust_code
         self._standins = _make_standins()
         self._builtins = dict(builtins.__dict__, __import__=_make_import(self._standins))
         self._modules: dict[str, types.ModuleType | Exception] = {}  # module_src -> module or exec error
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = str(module), str(name)
         if (module, name) == _PERSISTENCE_HOOK:
             return self._reconstruct
         if module == "torch.storage" and name == "_load_from_bytes":
@@ -208,15 +287,27 @@ class _EDMUnpickler(pickle.Unpickler):
             if name == "EasyDict" and module in ("dnnlib", "dnnlib.util"):
                 return _AttrDict
             return _unavailable(f"{module}.{name} is not provided by the clean-room loader")
-        return super().find_class(module, name)
+        found = _allowed_global(module, name)
+        if found is None:
+            raise RefusedPickle(
+                f"refused to load global {_printable(module)}.{_printable(name)}: EDM network pickles only "
+                "reference tensor rebuild functions, storages, torch.nn modules, collections.OrderedDict, numpy "
+                "scalars/dtypes and the persistence hook, so this file is not a plain EDM pickle (it may be malicious)"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise RefusedPickle("refused a persistent id: EDM network pickles have none")
 
     def _module_for(self, module_src: str) -> types.ModuleType:
         if module_src not in self._modules:
-            digest = hashlib.sha256(module_src.encode()).hexdigest()[:16]
-            module = types.ModuleType(f"_iia_edm_src_{digest}")
+            digest = hashlib.sha256(module_src.encode("utf-8", "surrogatepass")).hexdigest()
+            if not self._trust_code and digest not in KNOWN_EDM_SOURCES:
+                raise _UntrustedSource(digest)
+            module = types.ModuleType(f"_iia_edm_src_{digest[:16]}")
             module.__dict__["__builtins__"] = self._builtins
             try:
-                exec(compile(module_src, f"<edm pickle source {digest}>", "exec"), module.__dict__)
+                exec(compile(module_src, f"<edm pickle source {digest[:16]}>", "exec"), module.__dict__)
             except Exception as err:  # any failure of foreign code: remember it, placeholder below
                 self._modules[module_src] = err
             else:
@@ -227,14 +318,27 @@ class _EDMUnpickler(pickle.Unpickler):
         return found
 
     def _reconstruct(self, meta: Mapping[str, Any]) -> Any:
-        """``_reconstruct_persistent_obj(meta)``: exec ``module_src``, ``cls.__new__``, ``__setstate__``."""
-        class_name = str(meta.get("class_name", "?"))
+        """``_reconstruct_persistent_obj(meta)``: exec trusted ``module_src``, ``cls.__new__``, ``__setstate__``."""
+        if not isinstance(meta, Mapping):
+            raise RefusedPickle(f"the persistence hook got a {type(meta).__name__}, not EDM's metadata dict")
+        class_name = _printable(str(meta.get("class_name", "?")))
         if meta.get("type") != "class":
             return _unavailable(f"persistent object of unknown type {meta.get('type')!r}")()
+        module_src = meta.get("module_src")
+        if not isinstance(module_src, str):
+            return _unavailable(f"class {class_name}: no module source")()
         try:
-            cls = getattr(self._module_for(meta["module_src"]), class_name)
+            module = self._module_for(module_src)
+        except _UntrustedSource as err:
+            return _unavailable(
+                f"class {class_name}: its embedded Python source (sha256 {err.digest[:16]}...) is not one of the "
+                f"known NVlabs/edm source files, so it was not executed; {TRUST_HINT}"
+            )()
         except Exception as err:
             return _unavailable(f"class {class_name}: {describe_error(err)}")()
+        cls = module.__dict__.get(class_name)
+        if not isinstance(cls, type) or cls.__module__ != module.__name__:
+            return _unavailable(f"class {class_name} is not a class defined by its embedded source")()
         obj = cls.__new__(cls)
         state = dict(meta.get("state") or {})
         setstate = getattr(obj, "__setstate__", None)
@@ -245,9 +349,29 @@ class _EDMUnpickler(pickle.Unpickler):
         return obj
 
 
+class _UntrustedSource(Exception):
+    def __init__(self, digest: str) -> None:
+        super().__init__(digest)
+        self.digest = digest
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    """``text`` as one short printable line (names in a hostile pickle can hold anything)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
 def _load_storage_to_cpu(data: bytes) -> Any:
-    """``torch.storage._load_from_bytes``, mapping storages saved on a GPU to the CPU."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    """``torch.storage._load_from_bytes`` with torch's weights-only loader (plain tensor data only), mapping
+    storages saved on a GPU to the CPU."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise RefusedPickle(f"a tensor storage holds a {type(data).__name__}, not bytes")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's refusals are multi-line: keep the line naming the global
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        named = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(err).__name__)
+        raise RefusedPickle(f"refused a tensor storage that is not plain tensor data ({_printable(named, 200)})") from None
 
 
 def _find_unavailable(root: Any) -> _Unavailable | None:
@@ -329,28 +453,37 @@ class EDMPickleDenoiser:
 
 
 def load_edm_pickle(
-    path: str | Path, key: str = "ema", dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    path: str | Path, key: str = "ema", dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    trust_code: bool = False,
 ) -> EDMPickleDenoiser:
-    """Load ``pickle.load(path)[key]`` from an EDM pickle with the clean-room unpickler (module doc).
+    """Load ``pickle.load(path)[key]`` from an EDM pickle with the clean-room allow-list unpickler (module doc).
 
-    Executes the code stored in the pickle: use trusted files only.
-    Raises MissingFileError for a missing file, IIARuntimeError for an unreadable pickle, a missing key
-    (naming the keys present) or an object that is not an EDM network; ConfigError for a bad dtype.
+    Only the Python source of known NVlabs/edm files embedded in the pickle is executed, unless ``trust_code``
+    (then any embedded source runs: use it for pickles you trust only). Globals outside the allow-list are
+    refused whatever ``trust_code`` says.
+    Raises MissingFileError for a missing file, IIARuntimeError for an unreadable or refused pickle, a missing
+    key (naming the keys present), untrusted source or an object that is not an EDM network; ConfigError for a
+    bad dtype.
     """
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
+    if not isinstance(trust_code, bool):
+        raise ConfigError(f"model.trust_code={trust_code!r} must be true or false")
     if not path.is_file():
         raise MissingFileError("EDM network pickle", path)
     file_sha256 = sha256_file(path)
     try:
         with open(path, "rb") as f:
-            data = _EDMUnpickler(f).load()
+            data = _EDMUnpickler(f, trust_code=trust_code).load()
+    except RefusedPickle as err:
+        raise RefusedPickle(f"{path}: {err}") from None
     except Exception as err:  # pickle raises many types (UnpicklingError, EOFError, ValueError, ...)
-        raise IIARuntimeError(f"cannot unpickle {path}: {describe_error(err)}") from err
+        raise IIARuntimeError(f"cannot unpickle {path}: {describe_error(err)}") from None
     if not isinstance(data, Mapping):
         raise IIARuntimeError(f"{path} holds a {type(data).__name__}, expected a dict with key {key!r}")
     if key not in data:
-        raise IIARuntimeError(f"{path} has no key {key!r}; keys present: {', '.join(map(repr, data))}")
+        present = ", ".join(_printable(repr(k), 40) for k in list(data)[:20])
+        raise IIARuntimeError(f"{path} has no key {key!r}; keys present: {present or 'none'}")
     net: Any = data[key]
     if (bad := _find_unavailable(net)) is not None:
         raise IIARuntimeError(f"{path}[{key!r}] could not be rebuilt: {bad.reason}")
