@@ -19,7 +19,7 @@ import torch
 
 from . import dist
 from .atomic import atomic_write, savez_atomic
-from .config import ExperimentConfig
+from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
 from .iia import CoefficientSet, coefficient_filename, greedy_pass, paper_coefficients
@@ -78,7 +78,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
             raise ConfigError(f"class label {cl} is out of range; choose 0..{n_labels - 1}")
     if fingerprint is None:
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
-    sigmas, real_nfe = build_grid(cfg, meth, model, int(nfe or s.nfe))
+    sigmas, real_nfe = build_grid(cfg, meth, model, check_nfe(s.nfe if nfe is None else nfe, "nfe"))
     batch = s.batch if isinstance(s.batch, int) else _auto_batch(model, device)
     return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint, batch,
                     meth.solver.grid_note(sigmas))
@@ -124,7 +124,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
                           f"(iia-edm, biia-edm, iia-ddim, iia-dpm-solver++-2m, iia-dpm-solver++-3m, iia-ipndm)")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
-    chunk = int(c.batch or p.batch)
+    chunk = int(p.batch if c.batch is None else c.batch)
     log(f"calibrating {p.method.name} {p.method.params or ''} at NFE {p.nfe} on {cfg.model.kind}: "
         f"B={c.samples} noises, M={c.substeps} sub-steps, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
         + (f"; {p.note}" if p.note else ""))
@@ -228,7 +228,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     PNGs already written are skipped, and an .npz run continues from its last checkpoint."""
     p = prepared or prepare(cfg, method, nfe)
     seed_list = parse_seeds(seeds if seeds is not None else cfg.sampler.seeds)
-    batch = int(batch or p.batch)
+    batch = int(p.batch if batch is None else batch)
     out = out if out is not None else cfg.output.path
     grid_png = grid_png if grid_png is not None else cfg.output.grid_png
     coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
@@ -309,7 +309,7 @@ def _load_partial(path: Path, p: Prepared, wanted: set[int]) -> dict[int, tuple[
     if not path.is_file():
         return {}
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             same = (str(data["method"]) == p.method.name and int(data["nfe"]) == p.nfe
                     and str(data["model_sha256"]) == p.fingerprint and np.array_equal(data["sigmas"], p.sigmas.numpy()))
             if not same:

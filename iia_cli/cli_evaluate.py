@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
         with handle_errors():
             cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
-            nfes = _coerce(nfe, list[int], "--nfe") if nfe else None
-            meths = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+            nfes = _coerce(nfe, list[int], "--nfe") if nfe is not None else None
+            meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
             if meths:
                 from .methods import canonical_method
 

@@ -30,6 +30,17 @@ MODEL_KINDS: dict[str, dict[str, Any]] = {
 REQUIRED_MODEL_KEYS = {"python": ("factory",), "edm-pkl": ("path",), "diffusers": ("path",),
                        "diffusers-sd": ("path", "prompts")}
 NETWORK_DTYPES = ("float32", "float16", "bfloat16")
+# Types of the model keys whose values are plain scalars or lists (others, like gaussian.mean or
+# diffusers-sd.prompts, accept several forms and are checked by their loaders).
+MODEL_KEY_TYPES: dict[str, Any] = {
+    "shape": list[int], "std": float, "sigma_min": float, "sigma_max": float, "components": int,
+    "rank": int | None, "tau2": float | None, "mle_noise": bool, "conditional": bool, "factory": str,
+    "path": str, "key": str, "dtype": str, "trust_code": bool, "prediction_type": str | None,
+    "timestep_lookup": str, "guidance_scale": float, "negative_prompt": str, "height": int | None,
+    "width": int | None,
+}
+MAX_NFE = 10_000  # denoiser calls per image: beyond this a grid only costs memory and time
+SEED_LIMIT = 2**63  # seeds are int64 (torch.Generator.manual_seed): 0 <= seed < 2^63
 
 
 @dataclass
@@ -164,8 +175,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}={value!r:.80} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
 
 
@@ -199,6 +210,9 @@ def _model_section(data: Any) -> ModelConfig:
     for req in REQUIRED_MODEL_KEYS.get(kind, ()):
         if data.get(req) in (None, ""):
             raise ConfigError(f"model.{req} is required for model.kind={kind}")
+    for k, v in list(data.items()):
+        if k in MODEL_KEY_TYPES and (v is not None or k not in REQUIRED_MODEL_KEYS.get(kind, ())):
+            data[k] = _coerce(v, MODEL_KEY_TYPES[k], f"model.{k}")
     if "trust_code" in data and not isinstance(data["trust_code"], bool):
         raise ConfigError(f"model.trust_code={data['trust_code']!r} must be true or false")
     if "dtype" in data and data["dtype"] not in NETWORK_DTYPES:
@@ -257,9 +271,9 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     unknown = sorted(set(tree) - set(SECTIONS) - {"experiment"})
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r}; valid: experiment, {', '.join(SECTIONS)}")
-    name = tree.get("experiment") or (Path(path).stem if path else "experiment")
+    name = tree["experiment"] if tree.get("experiment") is not None else (Path(path).stem if path else "experiment")
     cfg = ExperimentConfig(
-        experiment=str(name),
+        experiment=check_experiment_name(name),
         model=_model_section(tree.get("model")),
         grid=_section(GridConfig, tree.get("grid"), "grid"),
         sampler=_section(SamplerConfig, tree.get("sampler"), "sampler"),
@@ -273,6 +287,24 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     return cfg
 
 
+def check_experiment_name(name: Any) -> str:
+    """An experiment name names files under results/ (CSV, shards): a plain name, never a path."""
+    text = str(name)
+    bad = next((c for c in ("/", "\\", "\0") if c in text), None)
+    if bad is not None or text.strip() in ("", ".", "..") or text != text.strip() or not text.isprintable():
+        why = f"contains {bad!r}" if bad else "is empty, '.', '..', padded or not printable"
+        raise ConfigError(f"experiment={text!r} {why}; an experiment name is a plain name such as cifar10-edm, "
+                          "not a path (the results go under results/<experiment>)")
+    return text
+
+
+def check_nfe(nfe: Any, key: str) -> int:
+    """An NFE (denoiser calls per image): an integer 1 .. MAX_NFE."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= MAX_NFE:
+        raise ConfigError(f"{key}={nfe!r} is not valid; an NFE is an integer from 1 to {MAX_NFE}")
+    return nfe
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that do not need the model (the model-dependent ones happen when it loads)."""
     from .methods import canonical_method
@@ -284,12 +316,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"grid.spacing={g.spacing!r} is not valid; choose one of {', '.join(DISCRETE_SPACINGS)}")
     if g.kind == "list" and not g.sigmas:
         raise ConfigError("grid.kind=list needs grid.sigmas: a descending list of sigmas")
-    if g.rho <= 0 or g.sigma_min <= 0 or g.sigma_max <= g.sigma_min:
-        raise ConfigError("grid needs rho > 0 and 0 < sigma_min < sigma_max")
+    if not (g.rho > 0 and 0 < g.sigma_min < g.sigma_max < float("inf")):
+        raise ConfigError("grid needs rho > 0 and 0 < sigma_min < sigma_max, all finite")
     s = cfg.sampler
     s.method = canonical_method(s.method)
-    if s.nfe < 1:
-        raise ConfigError(f"sampler.nfe={s.nfe} must be at least 1")
+    check_nfe(s.nfe, "sampler.nfe")
     if s.batch != "auto" and (not isinstance(s.batch, int) or s.batch < 1):
         raise ConfigError(f"sampler.batch={s.batch!r} must be a positive integer or auto")
     if s.dtype is not None:
@@ -302,7 +333,31 @@ def validate(cfg: ExperimentConfig) -> None:
     if s.state_dtype not in ("auto", "float64", "float32"):
         raise ConfigError(f"sampler.state_dtype={s.state_dtype!r} is not valid; choose auto, float64 or float32")
     c = cfg.calibration
-    if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or c.ridge < 0:
+    if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or not c.ridge >= 0:
         raise ConfigError("calibration needs samples >= 1, substeps >= 1, val_samples >= 0 and ridge >= 0")
+    if c.substeps > MAX_NFE:
+        raise ConfigError(f"calibration.substeps={c.substeps} is too large; use at most {MAX_NFE}")
+    if c.batch is not None and c.batch < 1:
+        raise ConfigError(f"calibration.batch={c.batch} must be a positive integer (or unset: sampler.batch)")
+    for start, n, key in ((c.seed_start, c.samples, "seed_start"), (c.val_seed_start, c.val_samples, "val_seed_start")):
+        if not 0 <= start <= SEED_LIMIT - max(n, 1):
+            raise ConfigError(f"calibration.{key}={start} is not valid; its seeds must lie in 0 .. 2^63-1")
+    e = cfg.evaluate
+    if not e.nfe:
+        raise ConfigError("evaluate.nfe is empty; give one NFE or a list, e.g. [5, 9]")
+    for n in e.nfe:
+        check_nfe(n, "evaluate.nfe")
+    check_nfe(e.reference_nfe, "evaluate.reference_nfe")
+    if e.samples < 1:
+        raise ConfigError(f"evaluate.samples={e.samples} must be at least 1")
+    if e.error_samples < 0:
+        raise ConfigError(f"evaluate.error_samples={e.error_samples} must be >= 0 (0 skips the integration error)")
+    if not e.methods:
+        raise ConfigError("evaluate.methods is empty; give at least one method, e.g. [edm, iia-edm]")
+    f = cfg.fid
+    if f.batch < 1:
+        raise ConfigError(f"fid.batch={f.batch} must be at least 1")
+    if f.reference_samples is not None and f.reference_samples < 2:
+        raise ConfigError(f"fid.reference_samples={f.reference_samples} must be at least 2 (or unset: all images)")
     cfg.evaluate.methods = [canonical_method(m) for m in cfg.evaluate.methods]
     cfg.evaluate.reference_method = canonical_method(cfg.evaluate.reference_method)

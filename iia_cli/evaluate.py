@@ -17,7 +17,7 @@ import torch
 from . import dist
 from .api import LogFn, Prepared, calibrate, checkpoint_interval, default_coefficient_path, prepare
 from .atomic import savez_atomic
-from .config import ExperimentConfig
+from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .iia import CoefficientSet
 from .images import quantize
@@ -121,7 +121,7 @@ def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch:
     mine = dist.split(seeds)
     stats, done, t_sample, clip_n, clip_sum = FeatureStats.empty(), 0, 0.0, 0.0, 0.0
     if partial is not None and partial.is_file():
-        with np.load(partial) as data:
+        with np.load(partial, allow_pickle=False) as data:
             stats = FeatureStats(int(data["n"]), data["sum"].copy(), data["sum_outer"].copy())
             done, t_sample = int(data["done"]), float(data["sampling_seconds"])
             clip_n, clip_sum = float(data["clip_n"]), float(data["clip_sum"])
@@ -163,11 +163,16 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
 
     ev = cfg.evaluate
     ctx = dist.context()
-    nfes = [int(n) for n in (nfes or ev.nfe)]
-    methods = methods or ev.methods
-    n_samples = int(samples or ev.samples)
-    ranges = parse_seed_ranges(seed_ranges or ev.seed_ranges or f"0-{n_samples - 1}")
-    if samples is not None and (seed_ranges or ev.seed_ranges):
+    nfes = [check_nfe(n, "--nfe") for n in (ev.nfe if nfes is None else nfes)]  # None = the config's; 0 is an error
+    methods = ev.methods if methods is None else methods
+    n_samples = ev.samples if samples is None else samples
+    if not nfes or not methods:
+        raise ConfigError(f"--{'nfe' if not nfes else 'methods'} is empty; give at least one, e.g. --nfe 9 --methods edm")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ConfigError(f"--samples={n_samples!r} is not valid; give a number of images >= 1")
+    given = seed_ranges if seed_ranges is not None else ev.seed_ranges
+    ranges = parse_seed_ranges(given if given is not None else f"0-{n_samples - 1}")
+    if samples is not None and given is not None:
         ranges = [r[:n_samples] for r in ranges]
     csv_path = Path(csv or ev.csv or f"results/{cfg.experiment}.csv")
     base = prepare(cfg, methods[0], nfes[0])  # loads the model once
@@ -307,7 +312,7 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
     groups: dict[str, list[tuple[dict[str, Any], Path]]] = {}
     for f in files:
         try:
-            with np.load(f) as data:
+            with np.load(f, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
         except (OSError, KeyError, ValueError):
             raise IIARuntimeError(f"shard file {f} is unreadable") from None
@@ -332,7 +337,7 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
         else:  # integration_rmse: sqrt of summed squared errors; clip_score: mean of summed scores
             sq = count = 0.0
             for _, f in parts:
-                with np.load(f) as data:
+                with np.load(f, allow_pickle=False) as data:
                     sq += float(data["sum_sq"])
                     count += float(data["count"])
             row["value"] = sq / count if row["metric"] == "clip_score" else math.sqrt(sq / count)

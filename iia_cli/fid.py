@@ -473,7 +473,21 @@ class FeatureStats:
                     f"{path} is not a feature-statistics file: keys present {sorted(data.files)}, "
                     "expected n, sum, sum_outer"
                 )
-            return cls(int(data["n"]), data["sum"].astype(np.float64), data["sum_outer"].astype(np.float64))
+            n, total, outer = (_read_float_array(data, k, path, "feature statistics") for k in ("n", "sum", "sum_outer"))
+        return cls._checked(n, total, outer, path)
+
+    @classmethod
+    def _checked(cls, n: np.ndarray, total: np.ndarray, outer: np.ndarray, path: Path) -> FeatureStats:
+        """Sums read from a file: a whole count n >= 0, sum [D], sum_outer [D, D], all finite."""
+        if n.shape != () or not 0 <= n < 2**62 or n != np.floor(n):
+            raise IIARuntimeError(f"feature statistics {path}: n must be one whole number >= 0, got {n.tolist()!r:.60}")
+        if total.ndim != 1 or outer.shape != (total.shape[0],) * 2:
+            raise IIARuntimeError(
+                f"feature statistics {path}: sum {list(total.shape)} and sum_outer {list(outer.shape)} do not match"
+            )
+        if not (np.isfinite(total).all() and np.isfinite(outer).all()):
+            raise IIARuntimeError(f"feature statistics {path} contain NaN or infinite values")
+        return cls(int(n), total, outer)
 
     def to_reference_npz(self, path: str | Path) -> Path:
         """Write ``mu`` and ``sigma`` (float64) in the standard reference format, atomically."""
@@ -485,10 +499,43 @@ def _open_npz(path: Path, what: str) -> np.lib.npyio.NpzFile:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file
-        raise IIARuntimeError(f"cannot read {what} {path}: {exc}") from exc
+        raise IIARuntimeError(f"cannot read {what} {path}: {_one_line(exc, 200)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise IIARuntimeError(f"{what} {path} is not an .npz archive")
     return data
+
+
+def _read_float_array(data: np.lib.npyio.NpzFile, key: str, path: Path, what: str) -> np.ndarray:
+    """``data[key]`` as float64, or a one-line error: object arrays (pickles) are refused, never loaded;
+    strings, complex numbers and unreadable members are named."""
+    try:
+        arr = data[key]
+    except Exception as exc:  # noqa: BLE001 -- object arrays (allow_pickle=False), truncated members
+        raise IIARuntimeError(f"cannot read '{key}' of {what} {path}: {_one_line(exc, 200)}") from None
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+        raise IIARuntimeError(f"'{key}' of {what} {path} holds {arr.dtype} values, expected real numbers")
+    return arr.astype(np.float64)
+
+
+def check_reference_stats(mu: np.ndarray, sigma: np.ndarray, where: str, rtol: float = 1e-6) -> None:
+    """Reference statistics must describe a Gaussian: mu [D] and sigma [D, D], finite, sigma symmetric and
+    positive semi-definite (both within ``rtol`` of its largest entry). A Cholesky factorisation of
+    sigma + rtol * max(diag) I (about 4x cheaper than eigenvalues at D = 2048) fails exactly when sigma has an
+    eigenvalue below -rtol * max(diag)."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise IIARuntimeError(f"{where}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not match")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise IIARuntimeError(f"{where} contain NaN or infinite values")
+    scale = float(np.abs(sigma).max(initial=0.0))
+    if float(np.abs(sigma - sigma.T).max(initial=0.0)) > rtol * scale:
+        raise IIARuntimeError(f"{where}: sigma is not symmetric, so it is not a covariance matrix")
+    if scale > 0:
+        try:
+            np.linalg.cholesky((sigma + sigma.T) / 2 + rtol * float(np.diagonal(sigma).max()) * np.eye(len(mu)))
+        except np.linalg.LinAlgError:
+            raise IIARuntimeError(
+                f"{where}: sigma is not positive semi-definite, so it is not a covariance matrix"
+            ) from None
 
 
 def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -503,18 +550,16 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     with _open_npz(path, "reference statistics") as data:
         keys = set(data.files)
         if {"mu", "sigma"} <= keys:
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            mu, sigma = (_read_float_array(data, k, path, "reference statistics") for k in ("mu", "sigma"))
         elif {"n", "sum", "sum_outer"} <= keys:
-            mu, sigma = FeatureStats(int(data["n"]), data["sum"], data["sum_outer"]).mean_cov()
+            n, total, outer = (_read_float_array(data, k, path, "reference statistics") for k in ("n", "sum", "sum_outer"))
+            mu, sigma = FeatureStats._checked(n, total, outer, path).mean_cov()
         else:
             raise IIARuntimeError(
                 f"reference statistics {path} need keys 'mu' and 'sigma'; "
                 f"keys present: {', '.join(sorted(keys)) or 'none'}"
             )
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise IIARuntimeError(
-            f"reference statistics {path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not match"
-        )
+    check_reference_stats(mu, sigma, f"reference statistics {path}")
     return mu, sigma, sha256_of_file(path)
 
 
@@ -598,7 +643,10 @@ def _as_uint8_nhwc(arr: np.ndarray, where: str) -> np.ndarray:
     elif np.issubdtype(arr.dtype, np.floating) and arr.ndim == 4 and arr.shape[1] in (1, 3):
         from .images import quantize
 
-        return quantize(torch.from_numpy(np.asarray(arr))).numpy()
+        arr = np.asarray(arr)
+        if not np.isfinite(arr).all():
+            raise IIARuntimeError(f"{where}: images contain NaN or infinite values; they cannot be scored")
+        return quantize(torch.from_numpy(arr)).numpy()
     raise ConfigError(
         f"{where}: cannot read images of dtype {arr.dtype} and shape {list(arr.shape)}; expected uint8 "
         "[N, H, W, 1|3] or float [N, 1|3, H, W] in [-1, 1]"
@@ -682,7 +730,11 @@ def iter_image_batches(source: str | Path, batch_size: int) -> Iterator[np.ndarr
     suffix = path.suffix.lower()
     if suffix == ".npz":
         with _open_npz(path, "images") as data:
-            arr = data[_npz_images_key(list(data.files), path)]
+            key = _npz_images_key(list(data.files), path)
+            try:
+                arr = data[key]
+            except Exception as exc:  # noqa: BLE001 -- object arrays (allow_pickle=False), truncated members
+                raise IIARuntimeError(f"cannot read '{key}' of images {path}: {_one_line(exc, 200)}") from None
         return _iter_array(arr, batch_size, str(path))
     if suffix == ".npy":
         try:

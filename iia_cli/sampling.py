@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .config import SEED_LIMIT
 from .errors import ConfigError, IIARuntimeError
 from .methods import Method
 from .models.base import label_dim, model_dtype
@@ -24,21 +25,39 @@ from .solvers import History, push
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
 
 
+MAX_SEEDS = 10_000_000  # images per command: far beyond any FID protocol (EDM: 3 x 50,000)
+
+
+def _seed_range_error(text: str) -> ConfigError:
+    return ConfigError(f"seeds {text!r} are out of range: seeds are integers 0 .. 2^63-1 (9223372036854775807), "
+                       f"at most {MAX_SEEDS:,} per command")
+
+
 def parse_seeds(spec: Any) -> list[int]:
-    """'0-999', '0,3,10-19', 7 or a list -> a list of distinct non-negative ints (order kept)."""
-    if isinstance(spec, int):
+    """'0-999', '0,3,10-19', 7 or a list -> a list of distinct ints in 0 .. 2^63-1 (order kept), at most
+    MAX_SEEDS of them."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 0 <= spec < SEED_LIMIT:
+            raise _seed_range_error(str(spec))
         return [spec]
     if isinstance(spec, (list, tuple)):
-        return [s for item in spec for s in parse_seeds(item)]
+        seeds = [s for item in spec for s in parse_seeds(item)]
+        if len(seeds) > MAX_SEEDS:
+            raise _seed_range_error(f"{len(seeds)} seeds")
+        return seeds
     text = str(spec).strip()
     seeds: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
         if not m:
-            raise ConfigError(f"seeds {text!r} are not valid; write e.g. 0-999 or 0,5,10-19")
+            raise ConfigError(f"seeds {text[:60]!r} are not valid; write e.g. 0-999 or 0,5,10-19")
+        if max(len(g or "") for g in m.groups()) > 19:  # > 2^63 (and int() refuses > 4300 digits)
+            raise _seed_range_error(text if len(text) <= 60 else text[:57] + "...")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ConfigError(f"seed range {part!r} is descending; write {hi}-{lo}")
+        if hi >= SEED_LIMIT or len(seeds) + (hi - lo + 1) > MAX_SEEDS:
+            raise _seed_range_error(text if len(text) <= 60 else text[:57] + "...")
         seeds.extend(range(lo, hi + 1))
     if not seeds:
         raise ConfigError("no seeds given; write e.g. --seeds 0-63")
