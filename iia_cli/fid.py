@@ -735,6 +735,8 @@ def iter_image_batches(source: str | Path, batch_size: int) -> Iterator[np.ndarr
                 arr = data[key]
             except Exception as exc:  # noqa: BLE001 -- object arrays (allow_pickle=False), truncated members
                 raise IIARuntimeError(f"cannot read '{key}' of images {path}: {_one_line(exc, 200)}") from None
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():  # before any Inception work
+            raise IIARuntimeError(f"{path}: images contain NaN or infinite values; they cannot be scored")
         return _iter_array(arr, batch_size, str(path))
     if suffix == ".npy":
         try:

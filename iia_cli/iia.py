@@ -205,10 +205,14 @@ class CoefficientSet:
         if not path.is_file():
             raise MissingFileError("coefficient file", path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            _check_coefficient_fields(data)
             return cls(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise IIARuntimeError(f"coefficient file {path} is not a valid iia_cli coefficient file ({exc})") from None
+        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            msg = " ".join(str(exc).split())[:200]
+            raise IIARuntimeError(f"coefficient file {path} is not a valid iia_cli coefficient file ({msg})") from None
 
     def mismatches(self, method: str, method_params: dict[str, Any], model_sha256: str, grid_kind: str,
                    sigmas: torch.Tensor, nfe: int) -> list[str]:
@@ -228,6 +232,31 @@ class CoefficientSet:
         if theirs.shape != sigmas.shape or not torch.allclose(theirs, sigmas.to(torch.float64), rtol=1e-9, atol=0):
             out.append("grid sigmas differ")
         return out
+
+
+def _check_coefficient_fields(data: dict[str, Any]) -> None:
+    """Types of the fields a run reads from a coefficient file; raises TypeError/ValueError naming the first bad one."""
+    def real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("method", "model_sha256", "grid_kind"):
+        if key in data and not isinstance(data[key], str):
+            raise TypeError(f"{key} must be a string")
+    for key in ("method_params", "grid_params"):
+        if key in data and not isinstance(data[key], dict):
+            raise TypeError(f"{key} must be an object")
+    for key in ("nfe", "substeps", "samples"):
+        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int)):
+            raise TypeError(f"{key} must be an integer")
+    if "ridge" in data and not real(data["ridge"]):
+        raise TypeError("ridge must be a finite number")
+    sigmas, coeffs = data.get("sigmas"), data.get("coefficients")
+    if not isinstance(sigmas, list) or len(sigmas) < 2 or not all(real(v) for v in sigmas):
+        raise TypeError("sigmas must be a list of at least two finite numbers")
+    if not isinstance(coeffs, list) or not all(isinstance(c, list) and all(real(v) for v in c) for c in coeffs):
+        raise TypeError("coefficients must be a list (one per step) of lists of finite numbers")
+    if len(coeffs) != len(sigmas) - 1:
+        raise ValueError(f"{len(coeffs)} coefficient steps for {len(sigmas) - 1} grid steps")
 
 
 def paper_coefficients(method: str, sigmas: torch.Tensor, coeffs: Coefficients) -> Coefficients:
