@@ -17,8 +17,10 @@ from .methods import METHOD_NAMES
 app = typer.Typer(
     name="iia",
     help="Fast diffusion sampling with IIA (Improved Integration Approximation): calibrate, sample, evaluate.\n\n"
-    "Checkpoint loaders for EDM pickles (model.kind=edm-pkl) execute code stored in the pickle: only load "
-    "pickles you trust.",
+    "Security: EDM pickles (model.kind=edm-pkl) run the Python source stored in them only when it is one of "
+    "NVlabs/edm's own files (checked by sha256); set model.trust_code: true to run other embedded source, for "
+    "pickles you trust only. model.kind=python runs the factory you name. Weights, statistics, coefficient "
+    "files and CSVs are read as data, never executed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -26,7 +28,8 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
 CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
-               "default: the built-in gmm-mnist config (configs/mnist-gmm.yaml).")
+               "default: the built-in gmm-mnist config (configs/mnist-gmm.yaml). EDM pickles run only NVlabs/edm's "
+               "own embedded source unless model.trust_code: true.")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
