@@ -333,8 +333,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if s.state_dtype not in ("auto", "float64", "float32"):
         raise ConfigError(f"sampler.state_dtype={s.state_dtype!r} is not valid; choose auto, float64 or float32")
     c = cfg.calibration
-    if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or not c.ridge >= 0:
-        raise ConfigError("calibration needs samples >= 1, substeps >= 1, val_samples >= 0 and ridge >= 0")
+    if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or not 0 <= c.ridge < float("inf"):
+        raise ConfigError("calibration needs samples >= 1, substeps >= 1, val_samples >= 0 and a finite ridge >= 0")
     if c.substeps > MAX_NFE:
         raise ConfigError(f"calibration.substeps={c.substeps} is too large; use at most {MAX_NFE}")
     if c.batch is not None and c.batch < 1:

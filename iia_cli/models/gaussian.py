@@ -61,7 +61,12 @@ class GaussianModel:
         if mean is None:
             mu = make_default_mean(self.shape)
         else:
-            given = torch.as_tensor(mean, dtype=torch.float64).detach().clone()  # a float, tensor or nested list
+            try:
+                given = torch.as_tensor(mean, dtype=torch.float64).detach().clone()  # a float, tensor or nested list
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise ConfigError(f"Gaussian model mean={mean!r:.60} must be a number or a nested list of numbers") from None
+            if not bool(torch.isfinite(given).all()):
+                raise ConfigError("Gaussian model mean must be finite")
             if given.ndim == 0:
                 mu = given.expand(self.shape).clone()
             elif tuple(given.shape) == self.shape:
