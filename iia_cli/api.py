@@ -229,6 +229,8 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     p = prepared or prepare(cfg, method, nfe)
     seed_list = parse_seeds(seeds if seeds is not None else cfg.sampler.seeds)
     batch = int(p.batch if batch is None else batch)
+    if batch < 1:
+        raise ConfigError(f"batch={batch} must be at least 1")
     out = out if out is not None else cfg.output.path
     grid_png = grid_png if grid_png is not None else cfg.output.grid_png
     coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
