@@ -230,7 +230,9 @@ def _allowed_global(module: str, name: str) -> Any:
     """
     if module == "collections" and name == "OrderedDict":
         return collections.OrderedDict
-    if module == "builtins" and name in ("set", "frozenset", "slice", "complex", "bytearray"):
+    if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
+        return _latin1_bytes
+    if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "slice", "complex", "bytearray"):
         return getattr(builtins, name)
     if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
                                              "_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -243,12 +245,12 @@ def _allowed_global(module: str, name: str) -> Any:
         return torch.nn.Parameter
     if module == "torch" and name in ("Size", "device"):
         return getattr(torch, name)
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
+    if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # vars: no lazy imports
+        return vars(torch)[name]
     if module.startswith("torch.nn.modules.") and not name.startswith("_"):
-        found = getattr(sys.modules.get(module), name, None)
-        if found is None and module in _TORCH_NN_MODULES:
-            found = getattr(importlib.import_module(module), name, None)
+        if module in _TORCH_NN_MODULES:
+            importlib.import_module(module)  # torch's own submodule: usually imported already
+        found = vars(sys.modules[module]).get(name) if module in sys.modules else None
         if isinstance(found, type) and issubclass(found, torch.nn.Module):
             return found
         return None
@@ -257,9 +259,16 @@ def _allowed_global(module: str, name: str) -> Any:
     if module == "numpy" and name in ("dtype", "ndarray"):
         return getattr(np, name)
     if module == "numpy.dtypes":
-        found = getattr(np.dtypes, name, None)
+        found = vars(np.dtypes).get(name)
         return found if isinstance(found, type) and issubclass(found, np.dtype) else None
     return None
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode(text, "latin1")``, which protocol-2 pickles use for bytes; no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise RefusedPickle(f"refused _codecs.encode with encoding {_printable(str(encoding), 40)!r}")
+    return text.encode("latin1")
 
 
 _TORCH_NN_MODULES = frozenset(f"torch.nn.modules.{m}" for m in (
