@@ -256,6 +256,8 @@ def _allowed_global(module: str, name: str) -> Any:
         return None
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
         return getattr(_numpy_core().multiarray, name)
+    if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":  # protocol 5 arrays
+        return _numpy_core().numeric._frombuffer
     if module == "numpy" and name in ("dtype", "ndarray"):
         return getattr(np, name)
     if module == "numpy.dtypes":
