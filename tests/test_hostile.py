@@ -458,3 +458,22 @@ def test_experiment_name_check() -> None:
     for bad in ("../x", "/abs", "a/b", "a\\b", ".", "..", "", " x", "a\0b", "tab\there"):
         with pytest.raises(ConfigError, match="not a path"):
             check_experiment_name(bad)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_allow_list_reads_plain_data_in_every_protocol(protocol: int) -> None:
+    """The allow-list is not broader than needed, and not narrower: plain tensors, parameters, torch.nn modules,
+    numpy scalars and arrays, dtypes and sets load in every pickle protocol torch users write."""
+    import io
+
+    from iia_cli.models.edm_pkl import _EDMUnpickler
+
+    torch.manual_seed(0)
+    data = {"scalar": np.float64(0.7), "array": np.arange(3), "set": {1, 2}, "linear": torch.nn.Linear(2, 2),
+            "dtype": torch.float16, "size": torch.Size([2]), "param": torch.nn.Parameter(torch.ones(2)),
+            "bytes": b"\x00\xff"}
+    back = _EDMUnpickler(io.BytesIO(pickle.dumps(data, protocol=protocol))).load()
+    assert back["scalar"] == data["scalar"] and np.array_equal(back["array"], data["array"])
+    assert back["set"] == {1, 2} and back["dtype"] is torch.float16 and back["size"] == torch.Size([2])
+    assert torch.equal(back["linear"].weight, data["linear"].weight) and back["bytes"] == b"\x00\xff"
+    assert isinstance(back["param"], torch.nn.Parameter)
