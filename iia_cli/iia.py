@@ -181,6 +181,7 @@ class CoefficientSet:
     residual_base: list[float | None]
     residual_iia: list[float | None]
     val_seeds: str = ""
+    convention: str = "iia"  # the NFE/grid convention (sampler.convention); also in method_params when not iia
     val_residual_base: list[float | None] = field(default_factory=list)
     val_residual_iia: list[float | None] = field(default_factory=list)
     paper_coefficients: Coefficients = field(default_factory=list)  # (b)iia-edm: the paper's b / g per step
@@ -216,7 +217,9 @@ class CoefficientSet:
         out = []
         if self.method != method:
             out.append(f"method {self.method} != {method}")
-        if self.method_params != method_params:
+        if self.convention != method_params.get("convention", "iia"):
+            out.append(f"convention {self.convention} != {method_params.get('convention', 'iia')}")
+        elif self.method_params != method_params:
             out.append(f"method parameters {self.method_params} != {method_params}")
         if self.model_sha256 != model_sha256:
             out.append(f"model fingerprint {self.model_sha256[:12]} != {model_sha256[:12]} (another model)")
