@@ -5,7 +5,7 @@ high-accuracy reference solve of the same noise (EDM Heun at NFE 999 = 500 steps
 The reference is shown converged by comparing it with NFE 1999 on a subset. Writes a tidy CSV under
 results/ and prints a markdown table for the README.
 
-    python benchmarks/integration_error.py            # full run (about 2 minutes on 2 CPU cores)
+    python benchmarks/integration_error.py            # full run (a few minutes on 2 CPU cores)
     python benchmarks/integration_error.py --quick    # a smoke run
 """
 
@@ -24,7 +24,8 @@ from iia_cli.config import load_config
 from iia_cli.sampling import sample_batches
 
 PAIRS = [("edm", "iia-edm"), ("edm", "biia-edm"), ("ddim", "iia-ddim"), ("dpm-solver++-2m", "iia-dpm-solver++-2m"),
-         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("ipndm", "iia-ipndm")]
+         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("dpm-solver++-3m-exact", "iia-dpm-solver++-3m-exact"),
+         ("ipndm", "iia-ipndm"), ("unipc", "iia-unipc")]
 NFES = [5, 6, 7, 8, 9, 10, 11, 13, 15]
 
 

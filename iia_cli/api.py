@@ -24,7 +24,7 @@ from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
 from .iia import CoefficientSet, coefficient_filename, greedy_pass, paper_coefficients
 from .images import quantize, save_grid_png, save_png
-from .methods import Method, make_method
+from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
@@ -121,7 +121,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     p = prepared or prepare(cfg, method, nfe)
     if not p.method.is_iia:
         raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "
-                          f"(iia-edm, biia-edm, iia-ddim, iia-dpm-solver++-2m, iia-dpm-solver++-3m, iia-ipndm)")
+                          f"({', '.join(IIA_METHODS)})")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
     chunk = int(c.batch or p.batch)

@@ -415,3 +415,35 @@ def test_diff_sampler_dpmpp_3m_rules(nfe):
     torch.testing.assert_close(ours, xs, **TOL)
     default, _ = _ours("dpm-solver++-3m", sig, x)
     assert (default - xs).abs().max() > 1e-6  # the default (k-diffusion) rules differ on this grid
+
+
+def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path):
+    """sampler.convention through the CLI: the diff-sampler grid (NFE + 1 sigmas ending at sigma_min), the
+    convention recorded in the coefficient file, and that file refused by a run under the default convention."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                                   "sampler": {"method": "iia-unipc", "nfe": 6, "batch": 8},
+                                   "calibration": {"samples": 16, "val_samples": 0,
+                                                   "out_dir": str(tmp_path / "coeffs")}}))
+    ds = ["--set", "sampler.convention=diff-sampler"]
+    r = cli(["calibrate", "--config", cfg, *ds])
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.strip().splitlines()[-1])
+    data = json.loads(path.read_text())
+    assert data["convention"] == "diff-sampler" and data["method_params"] == {"convention": "diff-sampler"}
+    assert len(data["sigmas"]) == 7 and data["sigmas"][-1] > 0 and data["nfe"] == 6
+    assert "-cdiff-sampler" in path.name
+    r = cli(["sample", "--config", cfg, *ds, "--seeds", "0-3", "--out", tmp_path / "a.npz"])
+    assert r.exit_code == 0, r.output
+    assert len(np.load(tmp_path / "a.npz")["sigmas"]) == 7
+    r = cli(["sample", "--config", cfg, "--coeffs", path, "--seeds", "0-3", "--out", tmp_path / "b.npz"])
+    assert r.exit_code == 2 and "convention diff-sampler != iia" in r.output
+    r = cli(["sample", "--config", cfg, "--set", "sampler.convention=k-diffusion", "--seeds", "0", "--out",
+             tmp_path / "c.npz"])
+    assert r.exit_code == 2 and "sampler.convention='k-diffusion' is not valid; choose one of iia, diff-sampler" \
+        in r.output
