@@ -59,8 +59,14 @@ class UniPC(Solver):
     order = 3
     time_variable = "lambda"
 
-    def __init__(self, order: int = 3) -> None:
+    def __init__(self, order: int = 3, lower_final: bool = True) -> None:
         self.order = order
+        self.lower_final = lower_final  # False for IIA's fine reference: full order up to its sub-grid's end
+
+    def reference_solver(self) -> Solver:
+        solver = UniPC(self.order, lower_final=False)
+        solver.convention = self.convention
+        return solver
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
@@ -75,7 +81,7 @@ class UniPC(Solver):
         record = {"denoised": d_0, "eps": (x - d_0) / s, "lambda": lam, "warm": warm, "next": None}
         if s_next == 0:
             return StepResult(d_0, record)
-        order = min(self.order, warm, len(sigmas) - 1 - i, len(past))
+        order = min(self.order, warm, len(past), len(sigmas) - 1 - i if self.lower_final else self.order)
         h = math.log(s / s_next)
         rks = [(lam_k - lam) / h for lam_k, _ in past[1:order]]
         d1s = [(d_k - d_0) / r for r, (_, d_k) in zip(rks, past[1:order])]
