@@ -145,7 +145,8 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
             f"calibration set: base {_nansum(fit.residual_base):.4g} -> iia {_nansum(fit.residual_iia):.4g}")
     cs = CoefficientSet(
         method=p.method.name, method_params=dict(p.method.params), model_kind=cfg.model.kind,
-        model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg), convention=p.method.convention,
+        model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
+        convention=p.method.convention,
         sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
         seeds=format_seeds(seeds), ridge=c.ridge, coefficients=fit.coeffs,
         paper_coefficients=paper_coefficients(p.method.name, p.sigmas, fit.coeffs),

@@ -28,7 +28,7 @@ from .methods import Method
 from .sampling import BoundDenoiser, Coefficients, apply_correction, noise_and_conditioning
 from .solvers import History, push
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dpm-solver++-3m is the published 3M; version 1 files had the exact-integral form
 
 
 class IllConditionedWarning(UserWarning):
@@ -217,6 +217,8 @@ class CoefficientSet:
         out = []
         if self.method != method:
             out.append(f"method {self.method} != {method}")
+        elif method == "iia-dpm-solver++-3m" and self.format_version < 2:
+            out.append("made for the former dpm-solver++-3m, now dpm-solver++-3m-exact (recalibrate)")
         if self.convention != method_params.get("convention", "iia"):
             out.append(f"convention {self.convention} != {method_params.get('convention', 'iia')}")
         elif self.method_params != method_params:

@@ -447,3 +447,16 @@ def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path):
              tmp_path / "c.npz"])
     assert r.exit_code == 2 and "sampler.convention='k-diffusion' is not valid; choose one of iia, diff-sampler" \
         in r.output
+
+
+def test_old_3m_coefficient_files_are_refused():
+    """Format-1 files of iia-dpm-solver++-3m were fitted on the exact-integral base, now -exact."""
+    from iia_cli.iia import CoefficientSet
+
+    sig = _karras(5)
+    cs = CoefficientSet(method="iia-dpm-solver++-3m", method_params={}, model_kind="x", model_sha256="a" * 64,
+                        grid_kind="karras", grid_params={}, sigmas=sig.tolist(), nfe=5, substeps=10, samples=1,
+                        seeds="0", ridge=1e-8, coefficients=[], residual_base=[], residual_iia=[])
+    assert cs.mismatches("iia-dpm-solver++-3m", {}, "a" * 64, "karras", sig, 5) == []
+    cs.format_version = 1
+    assert "dpm-solver++-3m-exact" in cs.mismatches("iia-dpm-solver++-3m", {}, "a" * 64, "karras", sig, 5)[0]
