@@ -70,8 +70,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         df = pd.concat([pd.read_csv(f) for f in args.merge]).drop_duplicates(["method", "base", "nfe"], keep="last")
-        order = {name: k for k, name in enumerate(n for pair in PAIRS for n in pair)}
-        df = df.sort_values(["method", "nfe"], key=lambda c: c.map(order) if c.name == "method" else c)
+        pair_of = {}
+        for k, pair in enumerate(PAIRS):
+            for name in pair:
+                pair_of.setdefault(name, k)
+        df = df.assign(_pair=df.method.map(pair_of), _iia=df.method != df.base)
+        df = df.sort_values(["_pair", "nfe", "_iia"], kind="stable").drop(columns=["_pair", "_iia"])
         df.to_csv(args.out, index=False)
         print(table(df, sorted(df.nfe.unique())))
         return
