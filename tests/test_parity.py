@@ -10,6 +10,7 @@ code's own loop structure (model call at the predicted point, corrector first, t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import sys
@@ -79,17 +80,20 @@ def _k_sampling():
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchdiffeq torchsde trampoline)")
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
+    return _load_k_sampling(spec.submodule_search_locations[0])
+
+
+@functools.cache
+def _load_k_sampling(folder: str):
     saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
     pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__path__ = [folder]
     utils = types.ModuleType("k_diffusion.utils")
     utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
     pkg.utils = utils
     sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
     try:
-        path = Path(spec.submodule_search_locations[0]) / "sampling.py"
+        path = Path(folder) / "sampling.py"
         mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
