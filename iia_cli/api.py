@@ -24,7 +24,7 @@ from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
 from .iia import CoefficientSet, coefficient_filename, greedy_pass, paper_coefficients
 from .images import quantize, save_grid_png, save_png
-from .methods import Method, make_method
+from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
@@ -68,7 +68,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if model is None:
         model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
     meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
-                       guided=bool(getattr(model, "guided", False)))
+                       guided=bool(getattr(model, "guided", False)), convention=s.convention)
     cl = s.class_label
     if cl is not None:
         n_labels = label_dim(model)
@@ -121,7 +121,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     p = prepared or prepare(cfg, method, nfe)
     if not p.method.is_iia:
         raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "
-                          f"(iia-edm, biia-edm, iia-ddim, iia-dpm-solver++-2m, iia-dpm-solver++-3m, iia-ipndm)")
+                          f"({', '.join(IIA_METHODS)})")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
     chunk = int(p.batch if c.batch is None else c.batch)
@@ -146,6 +146,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     cs = CoefficientSet(
         method=p.method.name, method_params=dict(p.method.params), model_kind=cfg.model.kind,
         model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
+        convention=p.method.convention,
         sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
         seeds=format_seeds(seeds), ridge=c.ridge, coefficients=fit.coeffs,
         paper_coefficients=paper_coefficients(p.method.name, p.sigmas, fit.coeffs),

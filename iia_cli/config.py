@@ -63,6 +63,7 @@ class GridConfig:
 class SamplerConfig:
     method: str = "dpm-solver++-2m"
     nfe: int = 10
+    convention: str = "iia"  # NFE/grid convention: iia | diff-sampler (see README, Methods)
     seeds: str = "0-63"
     batch: int | str = "auto"  # auto: 64 on the CPU, probed from GPU memory on a GPU
     device: str = "auto"
@@ -308,6 +309,7 @@ def check_nfe(nfe: Any, key: str) -> int:
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that do not need the model (the model-dependent ones happen when it loads)."""
     from .methods import canonical_method
+    from .solvers import CONVENTIONS
 
     g = cfg.grid
     if g.kind not in GRID_KINDS:
@@ -321,6 +323,8 @@ def validate(cfg: ExperimentConfig) -> None:
     s = cfg.sampler
     s.method = canonical_method(s.method)
     check_nfe(s.nfe, "sampler.nfe")
+    if s.convention not in CONVENTIONS:
+        raise ConfigError(f"sampler.convention={s.convention!r} is not valid; choose one of {', '.join(CONVENTIONS)}")
     if s.batch != "auto" and (not isinstance(s.batch, int) or s.batch < 1):
         raise ConfigError(f"sampler.batch={s.batch!r} must be a positive integer or auto")
     if s.dtype is not None:

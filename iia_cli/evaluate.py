@@ -67,9 +67,12 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
 def _reference_solution(prepared: Prepared, cfg: ExperimentConfig, seeds: list[int], batch: int,
                         cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
     """A high-accuracy solve (default: EDM Heun at NFE 999) of the same noises, cached per seeds."""
-    key = (tuple(seeds), cfg.evaluate.reference_method, cfg.evaluate.reference_nfe)
+    nfe = cfg.evaluate.reference_nfe
+    if cfg.sampler.convention == "diff-sampler" and cfg.evaluate.reference_method in ("edm", "dpm-solver-2"):
+        nfe += nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
+    key = (tuple(seeds), cfg.evaluate.reference_method, nfe)
     if key not in cache:
-        ref = prepare(cfg, cfg.evaluate.reference_method, cfg.evaluate.reference_nfe, model=prepared.model,
+        ref = prepare(cfg, cfg.evaluate.reference_method, nfe, model=prepared.model,
                       fingerprint=prepared.fingerprint)
         xs = [x for _, x in sample_batches(ref.model, ref.method, ref.sigmas, seeds, batch, None, ref.device,
                                            ref.state_dtype, cfg.sampler.class_label)]

@@ -28,7 +28,7 @@ from .methods import Method
 from .sampling import BoundDenoiser, Coefficients, apply_correction, noise_and_conditioning
 from .solvers import History, push
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dpm-solver++-3m is the published 3M; version 1 files had the exact-integral form
 
 
 class IllConditionedWarning(UserWarning):
@@ -181,6 +181,7 @@ class CoefficientSet:
     residual_base: list[float | None]
     residual_iia: list[float | None]
     val_seeds: str = ""
+    convention: str = "iia"  # the NFE/grid convention (sampler.convention); also in method_params when not iia
     val_residual_base: list[float | None] = field(default_factory=list)
     val_residual_iia: list[float | None] = field(default_factory=list)
     paper_coefficients: Coefficients = field(default_factory=list)  # (b)iia-edm: the paper's b / g per step
@@ -220,7 +221,11 @@ class CoefficientSet:
         out = []
         if self.method != method:
             out.append(f"method {self.method} != {method}")
-        if self.method_params != method_params:
+        elif method == "iia-dpm-solver++-3m" and self.format_version < 2:
+            out.append("made for the former dpm-solver++-3m, now dpm-solver++-3m-exact (recalibrate)")
+        if self.convention != method_params.get("convention", "iia"):
+            out.append(f"convention {self.convention} != {method_params.get('convention', 'iia')}")
+        elif self.method_params != method_params:
             out.append(f"method parameters {self.method_params} != {method_params}")
         if self.model_sha256 != model_sha256:
             out.append(f"model fingerprint {self.model_sha256[:12]} != {model_sha256[:12]} (another model)")

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .solvers import BASE_SOLVER_NAMES, SOLVER_ALIASES, History, Record, Solver, make_solver
+from .solvers import BASE_SOLVER_NAMES, DEFAULT_CONVENTION, SOLVER_ALIASES, History, Record, Solver
+from .solvers import make_solver as _make_solver
 
 # basis(x_i, record_i, history, sigmas, i) -> list of quantities [B, C, H, W], or None (uncorrected step)
 BasisFn = Callable[[torch.Tensor, Record, History, torch.Tensor, int], "list[torch.Tensor] | None"]
@@ -33,6 +34,11 @@ class Method:
     @property
     def is_iia(self) -> bool:
         return self.basis is not None
+
+    @property
+    def convention(self) -> str:
+        """The NFE/grid convention (``sampler.convention``); in ``params`` when not the default."""
+        return self.solver.convention
 
     def quantities(self, x: torch.Tensor, record: Record, history: History, sigmas: torch.Tensor,
                    i: int) -> list[torch.Tensor] | None:
@@ -85,13 +91,15 @@ def _guided_eps_basis(x, record, history, sigmas, i):
 
 
 def _dpm_basis(x, record, history, sigmas, i):
-    """IIA-DPM-Solver eq. (23): the state x_i and the current denoised estimate D_i (for i >= 1)."""
+    """IIA-DPM-Solver eq. (23): the state x_i and the current denoised estimate D_i (for i >= 1).
+    iia-unipc uses the same pair: the (UniC-corrected) state its step advances, and D at sigma_i."""
     if not history:
         return None
     return [x, record["denoised"]]
 
 
-IIA_METHODS = ("iia-edm", "biia-edm", "iia-ddim", "iia-dpm-solver++-2m", "iia-dpm-solver++-3m", "iia-ipndm")
+IIA_METHODS = ("iia-edm", "biia-edm", "iia-ddim", "iia-dpm-solver++-2m", "iia-dpm-solver++-3m",
+               "iia-dpm-solver++-3m-exact", "iia-ipndm", "iia-unipc")
 METHOD_NAMES = BASE_SOLVER_NAMES + IIA_METHODS
 R_CHOICES = {"iia-edm": (0, 1, 2), "biia-edm": (0, 1)}
 R_DEFAULT = {"iia-edm": 1, "biia-edm": 0}
@@ -105,11 +113,22 @@ def canonical_method(name: str) -> str:
     return name
 
 
-def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False) -> Method:
+def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False,
+                convention: str = DEFAULT_CONVENTION) -> Method:
     """Build a method by its CLI/config name. ``r`` for (b)iia-edm, ``quantities`` (1 or 2) for
     iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25). ``guided``: the model applies
-    classifier-free guidance, and iia-ddim takes its guided form (eq. 8)."""
-    name = canonical_method(name)
+    classifier-free guidance, and iia-ddim takes its guided form (eq. 8). ``convention``: the NFE/grid
+    convention of the base solver (``iia`` or ``diff-sampler``)."""
+    method = _make_method(canonical_method(name), r, quantities, guided, convention)
+    if convention != DEFAULT_CONVENTION:
+        method.params["convention"] = convention
+    return method
+
+
+def _make_method(name: str, r: int | None, quantities: int, guided: bool, convention: str) -> Method:
+    def make_solver(base: str) -> Solver:
+        return _make_solver(base, convention)
+
     if name in BASE_SOLVER_NAMES:
         return Method(name, make_solver(name))
     if quantities not in (1, 2):

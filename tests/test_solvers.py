@@ -45,18 +45,24 @@ def _slope(errors: list[float]) -> float:
 
 
 @pytest.mark.parametrize(
-    "name, lo, hi, exact_start",
+    "name, lo, hi, exact_start, steps",
     [
-        ("ddim", 0.9, 1.1, 0),
-        ("edm", 1.9, 2.2, 0),
-        ("dpm-solver-2", 1.9, 2.2, 0),
-        ("dpm-solver++-2m", 1.9, 2.3, 0),
-        ("dpm-solver++-3m", 2.8, 3.3, 2),
+        ("ddim", 0.9, 1.1, 0, (64, 128, 256)),
+        ("edm", 1.9, 2.2, 0, (64, 128, 256)),
+        ("dpm-solver-2", 1.9, 2.2, 0, (64, 128, 256)),
+        ("dpm-solver++-2m", 1.9, 2.3, 0, (64, 128, 256)),
+        # The published 3M weights the second difference by phi_3: second order as steps shrink (its
+        # errors are the smaller ones at these step counts all the same); 2 phi_3 is third order.
+        ("dpm-solver++-3m", 1.6, 2.2, 2, (256, 512, 1024)),
+        ("dpm-solver++-3m-exact", 2.8, 3.3, 2, (64, 128, 256)),
+        # UniPC's last step before sigma_min is first order without a corrector (lower_order_final, as
+        # published): a local O(h^2) error, so second order on a grid that ends above 0.
+        ("unipc", 1.9, 2.1, 0, (128, 256, 512)),
     ],
 )
-def test_convergence_order_karras(name, lo, hi, exact_start):
+def test_convergence_order_karras(name, lo, hi, exact_start, steps):
     # Karras grid 80 -> 0.5 (stopping above sigma = 0 keeps the final denoise out of the measurement).
-    errors = [_error(name, make_karras_grid(n + 1, 0.5, 80.0), exact_start) for n in (64, 128, 256)]
+    errors = [_error(name, make_karras_grid(n + 1, 0.5, 80.0), exact_start) for n in steps]
     assert lo <= _slope(errors) <= hi, errors
 
 
@@ -96,7 +102,8 @@ def test_heun_lemma1_rewrite():
 
 @pytest.mark.parametrize("name, nfe, n_sigmas, ends_at_zero", [
     ("edm", 9, 6, True), ("edm", 10, 6, False), ("ddim", 10, 11, True), ("dpm-solver-2", 10, 6, False),
-    ("dpm-solver++-2m", 7, 8, True), ("ipndm", 5, 6, True),
+    ("dpm-solver++-2m", 7, 8, True), ("ipndm", 5, 6, True), ("dpm-solver++-3m", 6, 7, True),
+    ("dpm-solver++-3m-exact", 6, 7, True), ("unipc", 5, 6, True), ("unipc", 1, 2, True),
 ])
 def test_nfe_accounting_counts_denoiser_calls(name, nfe, n_sigmas, ends_at_zero):
     method = make_method(name)
@@ -112,12 +119,13 @@ def test_impossible_nfe_names_nearest_valid():
         make_method("dpm-solver-2").solver.plan(9)
 
 
-@pytest.mark.parametrize("name", ["edm", "dpm-solver++-3m", "ipndm", "iia-edm"])
+@pytest.mark.parametrize("name", ["edm", "dpm-solver++-3m", "ipndm", "iia-edm", "unipc", "iia-unipc"])
 def test_batch_size_invariance(name):
     """The same seeds with batch 1 and batch 7 give identical images."""
     method = make_method(name)
     sigmas = make_grid(GridConfig(), method.solver.plan(9), MODEL)
-    coeffs = [[0.01 * (k + 1) for k in range(4)] if 1 <= i < len(sigmas) - 2 else [] for i in range(len(sigmas) - 1)] \
+    n_q = 4 if name == "iia-edm" else 2
+    coeffs = [[0.01 * (k + 1) for k in range(n_q)] if 1 <= i < len(sigmas) - 2 else [] for i in range(len(sigmas) - 1)] \
         if method.is_iia else None
     seeds = list(range(11))
     a = torch.cat([x for _, x in sample_batches(MODEL, method, sigmas, seeds, 1, coeffs)])

@@ -24,6 +24,15 @@ History = tuple[Record, ...]
 
 HISTORY_KEEP = 4  # records kept: enough for 4th-order Adams-Bashforth and IIA with r <= 3
 
+# NFE/grid conventions (``sampler.convention``):
+# * ``iia`` (default): K denoiser calls = K sigmas from sigma_max to sigma_min plus a final step to
+#   sigma = 0 (EDM, k-diffusion); EDM Heun and DPM-Solver-2 have their own rules (see their plans).
+# * ``diff-sampler``: the settings of diff-sampler's published tables (Zhou et al., zju-pi/diff-sampler):
+#   K + 1 sigmas ending at sigma_min, no final denoise (2 calls a step for Heun and DPM-Solver-2, so an
+#   even K), and multistep DPM-Solver++ lowers its order at the last steps.
+CONVENTIONS = ("iia", "diff-sampler")
+DEFAULT_CONVENTION = "iia"
+
 
 @dataclass
 class StepResult:
@@ -51,11 +60,15 @@ class Solver:
     name: str = ""
     order: int = 1
     time_variable: str = "sigma"
+    convention: str = DEFAULT_CONVENTION
 
     def plan(self, nfe: int) -> GridPlan:
-        """K denoiser calls = K steps over K sigmas from sigma_max to sigma_min plus a final 0."""
+        """K denoiser calls = K steps: K sigmas from sigma_max to sigma_min plus a final 0 (``iia``), or
+        K + 1 sigmas ending at sigma_min without a final denoise (``diff-sampler``)."""
         if nfe < 1:
             raise ConfigError(f"{self.name}: NFE must be at least 1, got {nfe}")
+        if self.convention == "diff-sampler":
+            return GridPlan(n_points=nfe + 1, append_zero=False)
         return GridPlan(n_points=nfe, append_zero=True)
 
     def nfe_of_grid(self, sigmas: torch.Tensor) -> int:

@@ -2,9 +2,17 @@
 
 * ``dpm-solver-2``: single-step second-order DPM-Solver, noise prediction, midpoint in lambda
   (Lu et al. 2022, Algorithm 1 with r1 = 1/2).
-* ``dpm-solver++-2m`` / ``dpm-solver++-3m``: multistep DPM-Solver++ with data prediction
-  (Lu et al. 2022b, Algorithm 2 and the third-order multistep update). Lower order at the first steps
-  (not enough history) and at the final steps before the denoise to sigma = 0.
+* ``dpm-solver++-2m``: multistep DPM-Solver++ with data prediction (Lu et al. 2022b, Algorithm 2).
+* ``dpm-solver++-3m``: the published third-order multistep DPM-Solver++(3M), as k-diffusion's
+  ``sample_dpmpp_3m_sde`` with eta = 0 computes it (Lu et al. 2022b, Appendix B): the second difference is
+  weighted by phi_3; the first step is first order, the second ``x' + phi_2 D1``, then full order up to the
+  final denoise.
+* ``dpm-solver++-3m-exact``: the second difference weighted by 2 phi_3, the exact integral of the quadratic
+  Newton interpolant of D in lambda (third order as steps shrink, where the public weighting is second
+  order); warm-up with DPM-Solver++(2M) and lower order at the last step before the final denoise.
+
+Under ``sampler.convention=diff-sampler`` both 3M forms warm up with the 2M update and lower their order at
+the last steps, ``min(order, steps left)``, as diff-sampler's and diffusers' DPM-Solver++ do.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ class DPMSolver2(Solver):
     time_variable = "lambda"
 
     def plan(self, nfe: int) -> GridPlan:
+        """Both conventions: NFE / 2 steps ending at sigma_min, no final denoise."""
         if nfe < 2 or nfe % 2:
             lo, hi = max(2, nfe - nfe % 2), nfe + 2 - nfe % 2
             near = f"{lo} or {hi}" if nfe % 2 else f"{hi}"
@@ -50,13 +59,14 @@ class DPMSolver2(Solver):
 
 
 def multistep_data_update(x: torch.Tensor, s: float, s_next: float, past: list[tuple[float, torch.Tensor]],
-                          order: int) -> torch.Tensor:
+                          order: int, second: str = "2m", d2_weight: float = 1.0) -> torch.Tensor:
     """One DPM-Solver++ multistep update of the given order.
 
-    ``past`` holds (lambda_j, D_j) pairs, most recent (the current point) first. Exact integration of
-    the Newton polynomial of D in lambda times e^lambda:
-    ``x' = (s'/s) x - phi_1 D_0 + phi_2 D1 - phi_3 D2`` with phi_1 = expm1(-h), phi_2 = phi_1/h + 1,
-    phi_3 = phi_2/h - 1/2. Order 2 uses DPM-Solver++(2M)'s form ``-phi_1 (D_0 + D1_0 / 2)``.
+    ``past`` holds (lambda_j, D_j) pairs, most recent (the current point) first. With phi_1 = expm1(-h),
+    phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2 and the divided differences D1, D2 of D in lambda:
+    order 1: ``x' = (s'/s) x - phi_1 D_0``; order 2: ``x' - phi_1 D1_0 / 2`` (``second="2m"``, DPM-Solver++(2M))
+    or ``x' + phi_2 D1_0`` (``second="phi2"``, k-diffusion's 3M warm-up); order 3:
+    ``x' + phi_2 D1 - d2_weight * phi_3 D2`` (1: the published 3M; 2: the exact integral of the quadratic).
     """
     lam_0, d_0 = past[0]
     if s_next == 0:
@@ -66,34 +76,52 @@ def multistep_data_update(x: torch.Tensor, s: float, s_next: float, past: list[t
     x_next = (s_next / s) * x - phi_1 * d_0
     if order == 1:
         return x_next
+    phi_2 = phi_1 / h + 1
     lam_1, d_1 = past[1]
     r0 = (lam_0 - lam_1) / h
     d1_0 = (d_0 - d_1) / r0
     if order == 2:
-        return x_next - phi_1 * 0.5 * d1_0
+        return x_next + phi_2 * d1_0 if second == "phi2" else x_next - phi_1 * 0.5 * d1_0
     lam_2, d_2 = past[2]
     r1 = (lam_1 - lam_2) / h
     d1_1 = (d_1 - d_2) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi_2 = phi_1 / h + 1
     phi_3 = phi_2 / h - 0.5
-    return x_next + phi_2 * d1 - 2 * phi_3 * d2
+    return x_next + phi_2 * d1 - d2_weight * phi_3 * d2
 
 
 class DPMSolverPPMultistep(Solver):
+    """``variant``: "public" (k-diffusion's 3M rules under the iia convention) or "exact" (2 phi_3)."""
+
     time_variable = "lambda"
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, variant: str = "public", convention: str = "iia",
+                 lower_final: bool = True) -> None:
         self.order = order
-        self.name = f"dpm-solver++-{order}m"
+        self.variant = variant
+        self.convention = convention
+        self.lower_final = lower_final  # False for IIA's fine reference on a sub-grid
+        self.name = f"dpm-solver++-{order}m" + ("-exact" if variant == "exact" else "")
+
+    def reference_solver(self) -> Solver:
+        return DPMSolverPPMultistep(self.order, self.variant, self.convention, lower_final=False)
+
+    def _order(self, sigmas: torch.Tensor, i: int, history: History) -> tuple[int, str]:
+        """The order of step i and the form of its second-order update."""
+        order = min(self.order, len(history) + 1)
+        if self.convention == "diff-sampler":  # diff-sampler / diffusers: min(order, steps left)
+            return (min(order, len(sigmas) - 1 - i) if self.lower_final else order), "2m"
+        if self.order == 3 and self.variant == "public":  # k-diffusion: full order up to the final denoise
+            return order, "phi2"
+        return int(min(order, steps_to_zero(sigmas, i))), "2m"
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
         denoised = denoise(x, s)
         lam = -math.log(s)
-        order = int(min(self.order, len(history) + 1, steps_to_zero(sigmas, i)))
-        past = [(lam, denoised)] + [(r["lambda"], r["denoised"]) for r in reversed(history[-(order - 1):])] \
+        order, second = self._order(sigmas, i, history)
+        past = [(lam, denoised)] + [(r["lambda"], r["denoised"]) for r in reversed(history[len(history) - order + 1:])] \
             if order > 1 else [(lam, denoised)]
-        x_next = multistep_data_update(x, s, s_next, past, order)
+        x_next = multistep_data_update(x, s, s_next, past, order, second, 2.0 if self.variant == "exact" else 1.0)
         return StepResult(x_next, {"denoised": denoised, "eps": (x - denoised) / s, "lambda": lam})

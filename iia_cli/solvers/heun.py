@@ -13,7 +13,8 @@ class Heun(Solver):
     """Heun steps; a step to sigma = 0 is Euler only (one call).
 
     Odd NFE K follows EDM: (K + 1) / 2 sigmas, (K - 1) / 2 Heun steps and a final Euler step to 0.
-    Even NFE K takes K / 2 Heun steps ending at sigma_min without a final denoise (diff-sampler).
+    Even NFE K takes K / 2 Heun steps ending at sigma_min without a final denoise (diff-sampler), under
+    either convention; ``sampler.convention=diff-sampler`` refuses odd K.
     """
 
     name = "edm"
@@ -22,6 +23,9 @@ class Heun(Solver):
     def plan(self, nfe: int) -> GridPlan:
         if nfe < 2:
             raise ConfigError(f"{self.name}: NFE must be at least 2, got {nfe}")
+        if self.convention == "diff-sampler" and nfe % 2:
+            raise ConfigError(f"{self.name} under sampler.convention=diff-sampler takes an even NFE (2 calls a step, "
+                              f"no final denoise); got {nfe}, nearest valid: {nfe - 1 if nfe > 2 else 4} or {nfe + 1}")
         if nfe % 2 == 1:
             return GridPlan(n_points=(nfe + 1) // 2, append_zero=True)
         return GridPlan(n_points=nfe // 2 + 1, append_zero=False)
