@@ -354,7 +354,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
             gathered_x = np.stack([gathered[s][0] for s in order])
         extra = {}
         if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
-            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order])
+            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order], dtype=str)
         savez_atomic(out_path, x=gathered_x, images=images,
                      seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
     if partial is not None:

@@ -175,8 +175,8 @@ def normalise_results(df: Any, where: str = "results") -> Any:
     if legacy.any():
         cols = [c for c in ("experiment", "model_sha256", "method", "method_params", "grid", "nfe", "seeds",
                             "metric", "M", "B", "reference_sha256", "coefficient_file") if c in df.columns]
-        df.loc[legacy, "identity"] = df.loc[legacy, cols].astype(str).agg("|".join, axis=1).map(
-            lambda t: "legacy-" + hashlib.sha256(t.encode()).hexdigest()[:9])
+        keys = df.loc[legacy, cols].apply(lambda r: "|".join(map(str, r.tolist())), axis=1)
+        df.loc[legacy, "identity"] = keys.map(lambda t: "legacy-" + hashlib.sha256(t.encode()).hexdigest()[:9])
     return df
 
 

@@ -194,6 +194,11 @@ def test_merge_and_report_reject_bad_files_in_one_line(cli, err_cfg, tmp_path):
     (tmp_path / "ok.csv").write_text("method,nfe,metric,value\nedm,6,fid,12.5\n")  # minimal foreign CSV: readable
     r = cli(["report", tmp_path / "ok.csv"])
     assert r.exit_code == 0 and "FID 12.50" in r.stdout
+    # the README's rows, written before rows had an identity, still report
+    from pathlib import Path
+
+    r = cli(["report", Path(__file__).resolve().parents[1] / "results" / "readme" / "mnist-gmm.csv"])
+    assert r.exit_code == 0 and "FID 248.32 / err 0.8035" in r.stdout
 
 
 def test_append_checks_identity_under_the_lock(tmp_path):
@@ -211,3 +216,62 @@ def test_append_checks_identity_under_the_lock(tmp_path):
     assert len(_rows(path)) == 1
     assert append_rows(path, [row], skip_done=True) == [] and len(_rows(path)) == 1
     assert len(append_rows(path, [row])) == 1 and len(_rows(path)) == 2  # --fresh appends
+
+
+COUNTING_MODEL = '''
+import torch
+class Counting:
+    shape = (1, 6, 6); sigma_min = 0.002; sigma_max = 80.0; dtype = torch.float64
+    def __init__(self, log):
+        self.log = log
+        self.mu = torch.linspace(-0.5, 0.5, 36, dtype=torch.float64).view(1, 1, 6, 6)
+    def fingerprint(self):
+        return "counting-v1"
+    def __call__(self, x, sigma, class_labels=None):
+        with open(self.log, "a") as f:
+            f.write(f"{x.shape[0]}\\n")
+        s2 = sigma.view(-1, 1, 1, 1).to(torch.float64) ** 2
+        return self.mu + 0.2 / (0.2 + s2) * (x - self.mu)
+def build(log):
+    return Counting(log)
+'''
+
+
+@pytest.mark.slow
+def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch):
+    from iia_cli.api import prepare
+    from iia_cli.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))
+    (tmp_path / "counting.py").write_text(COUNTING_MODEL)
+    log = tmp_path / "calls.txt"
+    cfg = {"experiment": "count", "model": {"kind": "python", "factory": f"{tmp_path / 'counting.py'}:build",
+                                            "kwargs": {"log": str(log)}},
+           "sampler": {"batch": 4}, "fid": {"reference": "builtin:mnist", "reference_samples": 12, "batch": 12},
+           "evaluate": {"methods": ["ddim", "dpm-solver++-2m"], "nfe": [5], "samples": 10, "error_samples": 6,
+                        "reference_nfe": 19}}
+    path = tmp_path / "count.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref_nfe = prepare(load_config(path), "edm", 19).nfe
+
+    def calls():
+        n = sum(int(v) for v in log.read_text().split()) if log.is_file() else 0
+        log.unlink(missing_ok=True)
+        return n
+
+    r = cli(["evaluate", "--config", path])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "results" / "count.csv")
+    assert sorted((r["method"], r["metric"]) for r in rows) == sorted(
+        (m, k) for m in ("ddim", "dpm-solver++-2m") for k in ("fid", "integration_rmse"))
+    # each seed sampled once per (method, NFE) for every metric, plus one reference solve of the error seeds
+    assert calls() == 2 * 10 * 5 + 6 * ref_nfe
+    # another FID reference: the FID rows are recomputed (the integration errors are skipped, no reference solve)
+    r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "results" / "count.csv")
+    assert [r["metric"] for r in rows[4:]] == ["fid", "fid"] and calls() == 2 * 10 * 5
+    assert rows[4]["reference_sha256"] != rows[0 if rows[0]["metric"] == "fid" else 1]["reference_sha256"]
+    r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
+    assert r.exit_code == 0 and r.output.count("already in") == 2 and calls() == 0
