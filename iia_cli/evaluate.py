@@ -308,7 +308,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
             cells.insert(0, Cell("integration_rmse", 0, err_seeds))
         coeffs = None
         if p.method.is_iia:
-            coeffs, why = find_coefficients(p, match_calibration=True)
+            coeffs, _ = find_coefficients(p, match_calibration=True)
         todo = _todo(cells, p, coeffs, setup, csv_path, fresh)
         if todo and p.method.is_iia and coeffs is None:
             coeffs = resolve_coefficients(p, calibrate_missing=True, log=log, match_calibration=True)

@@ -144,7 +144,8 @@ class ClipScoreAccumulator(Accumulator):
         super().__init__()
 
     def update(self, batch: Batch) -> None:
-        assert self.scorer is not None and self.prompt_of is not None
+        if self.scorer is None or self.prompt_of is None:
+            raise IIARuntimeError("internal: a CLIP-score accumulator built for merging cannot score images")
         scores = self.scorer(batch.images.numpy(), [self.prompt_of(s) for s in batch.seeds])
         self.state["n"] = self.state["n"] + scores.numel()
         self.state["total"] = self.state["total"] + float(scores.to(torch.float64).sum())
@@ -184,14 +185,13 @@ class IntegrationErrorAccumulator(Accumulator):
     def __init__(self, wanted: Sequence[int] = (), reference: ReferenceSolutions | None = None) -> None:
         self.wanted, self.reference = set(wanted), reference
         super().__init__()
-        if reference is not None:
-            reference.ensure(list(wanted))  # one batched reference solve before sampling starts
 
     def update(self, batch: Batch) -> None:
         idx = [k for k, s in enumerate(batch.seeds) if s in self.wanted]
         if not idx:
             return
-        assert self.reference is not None
+        if self.reference is None:
+            raise IIARuntimeError("internal: an integration-error accumulator built for merging has no reference")
         ref = self.reference.of([batch.seeds[k] for k in idx])
         diff = batch.x[idx].to(torch.float64).cpu() - ref
         self.state["sum_sq"] = self.state["sum_sq"] + float(diff.pow(2).sum())

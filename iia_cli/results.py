@@ -204,7 +204,7 @@ def identity_conflicts(df: Any) -> tuple[Any, list[str]]:
         if settings.nunique() <= 1:
             keep.append(part)
             continue
-        latest = settings.loc[part["timestamp"].idxmax()] if part["timestamp"].ne("").any() else settings.iloc[-1]
+        latest = settings.iloc[-1]  # rows are in timestamp order (latest_per_identity sorts them)
         variants = [json.loads(v) for v in dict.fromkeys(settings)]
         keys = sorted({k for v in variants for k in v})
         differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True) for v in variants}) > 1]
