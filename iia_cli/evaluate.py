@@ -20,7 +20,7 @@ from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoin
                   resolve_coefficients)
 from .atomic import savez_atomic
 from .config import ExperimentConfig
-from .errors import ConfigError, IIARuntimeError, MissingFileError
+from .errors import ConfigError, IIARuntimeError
 from .images import quantize
 from .metrics import (METRICS, Accumulator, Batch, ClipScoreAccumulator, FidAccumulator, IntegrationErrorAccumulator,
                       ReferenceSolutions, load_states, parse_metrics, save_states)
@@ -401,8 +401,6 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
     from .fid import load_reference
 
     shard_dir, csv_path = Path(shard_dir), Path(csv)
-    if not shard_dir.is_dir():
-        raise MissingFileError("shard directory", shard_dir, "written by iia evaluate --shard i/n")
     files = sorted(shard_dir.glob("*.shard-*-of-*.npz"))
     if not files:
         raise IIARuntimeError(f"no shard files (*.shard-i-of-n.npz) in {shard_dir}")

@@ -252,7 +252,7 @@ def test_unreadable_files_exit_1(cli, tmp_path, slow_cfg, monkeypatch):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not an npz")
     weights = tmp_path / "w.pth"
-    r = cli(["evaluate", "--config", slow_cfg(), "--inception-weights", weights])
+    r = cli(["evaluate", "--config", slow_cfg(fid={"reference": "builtin:mnist"}), "--inception-weights", weights])
     assert r.exit_code == 1 and str(weights) in r.output and "Traceback" not in r.output
     r = cli(["fid", "--images", tmp_path, "--ref", bad])
     assert r.exit_code == 1 and str(bad) in r.output
