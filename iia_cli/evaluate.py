@@ -106,6 +106,9 @@ def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: st
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
         **_generic(cfg.sampler, "sampler", _SAMPLER_NOT_IN_IDENTITY),
     }
+    prompts = getattr(p.model, "prompts", None)
+    if isinstance(prompts, (list, tuple)):  # text-to-image: the model fingerprint leaves the captions out
+        fields["prompts_sha256"] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
     if p.method.is_iia:
         if coeffs is None:
             raise IIARuntimeError("internal: the identity of an IIA row needs its coefficients")
