@@ -6,6 +6,7 @@ typed errors (``iia_cli.errors``) and never exit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import time
@@ -168,28 +169,87 @@ def _nansum(values: list[float | None]) -> float:
     return float(sum(v for v in values if v is not None and v == v))
 
 
-def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, calibrate_missing: bool = False,
-                         log: LogFn = default_log) -> tuple[Coefficients | None, Path | None]:
-    """Find the coefficient file of an IIA run (explicit path or the default name) and check it fits."""
-    if not p.method.is_iia:
-        if coeffs_path:
-            raise ConfigError(f"--coeffs given but method {p.method.name} is a base solver without coefficients")
-        return None, None
+@dataclass
+class ResolvedCoefficients:
+    """The IIA coefficients a run uses: their values, the file, its parsed content and its sha256."""
+
+    values: Coefficients
+    path: Path
+    cs: CoefficientSet
+    sha256: str
+
+
+# Calibration settings that do not change the coefficients (where they go, how the work is chunked, the
+# held-out validation) and the ones a coefficient file records under another name.
+_CALIBRATION_NOT_IN_COEFFICIENTS = ("out_dir", "batch", "val_samples", "val_seed_start")
+
+
+def calibration_mismatches(cs: CoefficientSet, cfg: ExperimentConfig) -> list[str]:
+    """How the calibration settings recorded in a coefficient file differ from ``cfg.calibration``: B, M,
+    ridge, seeds, and every other calibration setting that the file records under the same name."""
+    c = cfg.calibration
+    want = {"samples": c.samples, "substeps": c.substeps, "ridge": c.ridge,
+            "seeds": format_seeds(range(c.seed_start, c.seed_start + c.samples))}
+    for f in dataclasses.fields(c):
+        if f.name not in _CALIBRATION_NOT_IN_COEFFICIENTS and f.name not in want and f.name != "seed_start" \
+                and hasattr(cs, f.name):
+            want[f.name] = getattr(c, f.name)
+    return [f"calibration.{k} {getattr(cs, k)!r} in the file, {v!r} in the config"
+            for k, v in want.items() if getattr(cs, k, None) != v]
+
+
+def find_coefficients(p: Prepared, coeffs_path: str | Path | None = None,
+                      match_calibration: bool = False) -> tuple[ResolvedCoefficients | None, str]:
+    """The coefficient file of an IIA run (explicit path or the default name), if it exists and fits the run
+    (and, with ``match_calibration``, was calibrated with the config's calibration settings).
+    Returns (coefficients or None, why not)."""
     path = Path(coeffs_path) if coeffs_path else default_coefficient_path(p)
     if not path.is_file():
         if coeffs_path:
             raise MissingFileError("coefficient file", path)
-        if not calibrate_missing:
-            cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"
-            raise IIARuntimeError(f"no coefficients for {p.method.name} at NFE {p.nfe} on this model and grid "
-                                  f"(looked for {path}); create them with `{cmd}` or add --calibrate")
-        cs, path = calibrate(p.cfg, prepared=p, log=log, verbose=False)
-        return cs.coefficients, path
+        return None, f"no coefficient file {path}"
     cs = CoefficientSet.load(path)
     diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe)
-    if diff:
+    if diff and coeffs_path:
         raise ConfigError(f"coefficient file {path} does not fit this run: {'; '.join(diff)}")
-    return cs.coefficients, path
+    if not diff and match_calibration:
+        diff = calibration_mismatches(cs, p.cfg)
+    if diff:
+        return None, f"{path} does not fit this run ({'; '.join(diff)})"
+    return ResolvedCoefficients(cs.coefficients, path, cs, coefficient_digest(cs)), ""
+
+
+def coefficient_digest(cs: CoefficientSet) -> str:
+    """sha256 of a coefficient file's content without its creation time, timing and tool version: the same
+    for two calibrations that fit the same coefficients (e.g. SLURM array tasks calibrating independently)."""
+    import hashlib
+    import json
+
+    data = {k: v for k, v in dataclasses.asdict(cs).items() if k not in ("created", "calibration_seconds", "tool_version")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, calibrate_missing: bool = False,
+                         log: LogFn = default_log, match_calibration: bool = False) -> ResolvedCoefficients | None:
+    """The coefficients of an IIA run (None for a base solver): an explicit file, else the default file when
+    it fits, else (``calibrate_missing``) a fresh calibration written to the default file."""
+    if not p.method.is_iia:
+        if coeffs_path:
+            raise ConfigError(f"--coeffs given but method {p.method.name} is a base solver without coefficients")
+        return None
+    found, why = find_coefficients(p, coeffs_path, match_calibration)
+    if found is not None:
+        return found
+    if not calibrate_missing:
+        cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"
+        raise IIARuntimeError(f"no coefficients for {p.method.name} at NFE {p.nfe} on this model and grid "
+                              f"({why}); create them with `{cmd}` or add --calibrate")
+    log(f"{p.method.name} nfe={p.nfe}: calibrating ({why})")
+    _, path = calibrate(p.cfg, prepared=p, log=log, verbose=False)
+    found, why = find_coefficients(p, path, match_calibration)
+    if found is None:
+        raise IIARuntimeError(f"internal: fresh coefficients {path} do not fit the run ({why})")
+    return found
 
 
 @dataclass
@@ -234,7 +294,8 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         raise ConfigError(f"batch={batch} must be at least 1")
     out = out if out is not None else cfg.output.path
     grid_png = grid_png if grid_png is not None else cfg.output.grid_png
-    coeff_values, coeff_path = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
+    resolved = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
+    coeff_values, coeff_path = (resolved.values, resolved.path) if resolved else (None, None)
     out_path = Path(out) if out else None
     to_npz = out_path is not None and out_path.suffix == ".npz"
     if to_npz:
@@ -283,16 +344,23 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
              if s in gathered]
     images = np.stack([gathered[s][1] for s in order]) if order else None
     if to_npz and dist.context().is_main:
-        assert out_path is not None and images is not None
+        assert out_path is not None
+        if not order:  # a shard with no seeds of its own (more shards than seeds) writes an empty file
+            log(f"shard {dist.context().shard} has none of the {len(seed_list)} seeds: writing an empty {out_path}")
+            x0 = torch.zeros((1, *p.model.shape), dtype=p.state_dtype, device=p.device)
+            gathered_x = np.zeros((0, *p.model.shape), np.float32)
+            images = quantize(to_images(p.model, x0)).numpy()[:0]
+        else:
+            gathered_x = np.stack([gathered[s][0] for s in order])
         extra = {}
         if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
-            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order])
-        savez_atomic(out_path, x=np.stack([gathered[s][0] for s in order]), images=images,
+            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order], dtype=str)
+        savez_atomic(out_path, x=gathered_x, images=images,
                      seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
     if partial is not None:
         dist.barrier()
         partial.unlink(missing_ok=True)
-    if grid_png and images is not None and dist.context().is_main:
+    if grid_png and images is not None and len(images) and dist.context().is_main:
         save_grid_png(images[:64], Path(grid_png))
         log(f"wrote sample grid {grid_png}")
     if out_path is not None:

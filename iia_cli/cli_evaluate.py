@@ -22,7 +22,10 @@ def register(app: typer.Typer) -> None:
         seed_ranges: Optional[str] = typer.Option(None, "--seed-ranges", help="e.g. '0-49999;50000-99999' (one row each)."),
         csv: Optional[Path] = typer.Option(None, "--csv", help="Results CSV (default results/<experiment>.csv)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception weights file."),
-        no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID."),
+        no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID (= --metrics integration_rmse)."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics to compute: fid, "
+                                              "integration_rmse, clip_score (overrides evaluate.metrics; default: "
+                                              "fid, integration_rmse and, with CLIP weights, clip_score)."),
         fresh: bool = typer.Option(False, "--fresh", help="Recompute results already in the CSV (default: skip them, resume)."),
         shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this SLURM array task's share; combine with iia merge."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Network dtype: float32, float16 or bfloat16."),
@@ -48,7 +51,7 @@ def register(app: typer.Typer) -> None:
             from . import dist
 
             res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid,
-                               fresh=fresh)
+                               fresh=fresh, metrics=metrics)
             if dist.context().is_main and not dist.context().shard:
                 print_table(res.csv, cfg.experiment, only_rows=res.rows or None)
                 typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
@@ -71,9 +74,10 @@ def register(app: typer.Typer) -> None:
         csv: Path = typer.Argument(..., help="A results CSV written by iia evaluate."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Draw FID-vs-NFE curves into this PNG."),
         experiment: Optional[str] = typer.Option(None, "--experiment", help="Only rows of this experiment."),
-        metric: str = typer.Option("fid", "--metric", help="Metric to plot: fid or integration_rmse."),
+        metric: str = typer.Option("fid", "--metric", help="Metric to plot: fid, integration_rmse or clip_score."),
     ) -> None:
-        """Print the methods x NFE table of a results CSV again, and optionally plot it."""
+        """Print the methods x NFE table of a results CSV again (latest row per identity; a note where one
+        method, NFE and metric has rows of different settings), and optionally plot it."""
         from .evaluate import print_table
         from .results import plot_results, read_results
 

@@ -115,6 +115,7 @@ class EvaluateConfig:
     reference_method: str = "edm"
     reference_nfe: int = 999
     csv: str | None = None  # default results/<experiment>.csv
+    metrics: list[str] | None = None  # fid, integration_rmse, clip_score (default: fid, integration_rmse, clip_score where possible)
 
 
 @dataclass

@@ -1,11 +1,12 @@
-"""``iia evaluate``: for each (method, NFE) calibrate when needed, sample, compute FID per seed range and
-the integration error against a high-NFE reference, and append tidy rows to the results CSV."""
+"""``iia evaluate``: for each (method, NFE) find or fit the IIA coefficients, sample each seed range once
+and feed every metric from those samples (FID per seed range, the integration error against a high-NFE
+reference solve, the CLIP score), and append tidy rows, each with its identity, to the results CSV."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +16,19 @@ import numpy as np
 import torch
 
 from . import dist
-from .api import LogFn, Prepared, calibrate, checkpoint_interval, default_coefficient_path, prepare
+from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
+                  resolve_coefficients)
 from .atomic import savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
-from .iia import CoefficientSet
 from .images import quantize
+from .metrics import (METRICS, Accumulator, Batch, ClipScoreAccumulator, FidAccumulator, IntegrationErrorAccumulator,
+                      ReferenceSolutions, load_states, parse_metrics, save_states)
+from .models.base import model_dtype
 from .progress import ImageProgress, log as default_log
-from .results import append_rows, make_row, read_results, render_table
-from .sampling import format_seeds, parse_seeds, sample_batches, to_images
+from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
+                      normalise_results, read_results, render_table, row_identity)
+from .sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
 
 
 @dataclass
@@ -64,106 +69,217 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
     return (cached, *load_reference(cached))
 
 
-def _reference_solution(prepared: Prepared, cfg: ExperimentConfig, seeds: list[int], batch: int,
-                        cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
-    """A high-accuracy solve (default: EDM Heun at NFE 999) of the same noises, cached per seeds."""
-    nfe = cfg.evaluate.reference_nfe
-    if cfg.sampler.convention == "diff-sampler" and cfg.evaluate.reference_method in ("edm", "dpm-solver-2"):
-        nfe += nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
-    key = (tuple(seeds), cfg.evaluate.reference_method, nfe)
-    if key not in cache:
-        ref = prepare(cfg, cfg.evaluate.reference_method, nfe, model=prepared.model,
-                      fingerprint=prepared.fingerprint)
-        xs = [x for _, x in sample_batches(ref.model, ref.method, ref.sigmas, seeds, batch, None, ref.device,
-                                           ref.state_dtype, cfg.sampler.class_label)]
-        cache[key] = torch.cat(xs).to(torch.float64).cpu()
-    return cache[key]
+# ----------------------------------------------------------------------------------------------------------
+# Row identity
 
 
-def _row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a result: the same experiment, model, method, grid, NFE, seeds and metric."""
-    params = row["method_params"]
-    if isinstance(params, dict):
-        params = json.dumps(params, sort_keys=True)
-    return tuple(str(row[k]) for k in ("experiment", "model_sha256", "method")) + (str(params or "{}"),) + \
-        tuple(str(row[k]) for k in ("grid", "nfe", "seeds", "n_samples", "metric"))
+# Sampler settings that do not change a result (or that the row records elsewhere: method, NFE, seeds, the
+# method's parameters, dtypes). Every other sampler setting, including ones added later, enters the identity.
+_SAMPLER_NOT_IN_IDENTITY = ("method", "nfe", "seeds", "batch", "device", "compile", "channels_last", "coeffs", "dtype",
+                            "state_dtype", "r", "quantities")
+_CALIBRATION_NOT_IN_IDENTITY = ("out_dir", "batch", "val_samples", "val_seed_start", "samples", "substeps", "ridge",
+                                "seed_start")
 
 
-def _done_keys(csv_path: Path) -> set[tuple]:
-    if not csv_path.is_file():
-        return set()
-    import csv as _csv
-
-    with csv_path.open(newline="") as f:
-        return {_row_key(r) for r in _csv.DictReader(f)}
+def _generic(section: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
+    """``prefix.name: value`` of a config section's fields (None omitted), except ``skip``."""
+    return {f"{prefix}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.name not in skip and getattr(section, f.name) is not None}
 
 
-def _key_hash(key: tuple) -> str:
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+def _sigmas_sha256(sigmas: torch.Tensor) -> str:
+    return hashlib.sha256(sigmas.to(torch.float64).cpu().numpy().tobytes()).hexdigest()
 
 
-def _shard_file(cfg: ExperimentConfig, key: tuple) -> Path:
-    i, n = dist.context().shard  # type: ignore[misc]
-    return Path("results/shards") / cfg.experiment / f"{_key_hash(key)}.shard-{i}-of-{n}.npz"
+def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: str, seeds: list[int],
+                    metric_fields: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes a row's value, as flat readable fields (``results.row_identity`` hashes them):
+    model fingerprint, method and parameters, the exact sigma grid, NFE, seeds, metric, network and state
+    dtypes, sampler settings, the calibration actually used (from the coefficient file: B, M, seeds, ridge,
+    content hash) and the metric's reference (``metric_fields``)."""
+    cfg = p.cfg
+    fields: dict[str, Any] = {
+        "model": cfg.model.kind, "model_sha256": p.fingerprint, "method": p.method.name,
+        "method_params": dict(p.method.params), "grid": cfg.grid.kind, **{f"grid.{k}": v for k, v in _grid_params(cfg).items()},
+        "grid.sigmas_sha256": _sigmas_sha256(p.sigmas), "nfe": p.nfe, "seeds": format_seeds(seeds),
+        "n_samples": len(seeds), "metric": metric, "network_dtype": str(model_dtype(p.model)).removeprefix("torch."),
+        "state_dtype": str(p.state_dtype).removeprefix("torch."),
+        **_generic(cfg.sampler, "sampler", _SAMPLER_NOT_IN_IDENTITY),
+    }
+    prompts = getattr(p.model, "prompts", None)
+    if isinstance(prompts, (list, tuple)):  # text-to-image: the model fingerprint leaves the captions out
+        fields["prompts_sha256"] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    if p.method.is_iia:
+        if coeffs is None:
+            raise IIARuntimeError("internal: the identity of an IIA row needs its coefficients")
+        cs = coeffs.cs
+        fields.update({"calibration.substeps": cs.substeps, "calibration.samples": cs.samples,
+                       "calibration.seeds": cs.seeds, "calibration.ridge": cs.ridge,
+                       **_generic(cfg.calibration, "calibration", _CALIBRATION_NOT_IN_IDENTITY),
+                       "coefficients_sha256": coeffs.sha256})
+    fields.update(metric_fields)
+    return fields
 
 
-def _write_shard(cfg: ExperimentConfig, row: dict[str, Any], **arrays: Any) -> Path:
-    i, n = dist.context().shard  # type: ignore[misc]
-    meta = json.dumps({"row": row, "key": list(_row_key(row)), "shard": i, "shards": n})
-    return savez_atomic(_shard_file(cfg, _row_key(row)), meta=np.asarray(meta), **arrays)
+@dataclass
+class Cell:
+    """One result row to compute: a metric over the seeds of one seed range."""
+
+    metric: str
+    range_index: int
+    seeds: list[int]
+    identity: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _fid_of_range(model: Any, p: Prepared, seeds: list[int], coeffs: Any, batch: int, class_label: int | None,
-                  extractor: Any, partial: Path | None, progress: bool,
-                  clip: Any = None) -> tuple[Any, float, tuple[float, float]]:
-    """Feature sums of this process's share of ``seeds`` (and CLIP-score sums when ``clip`` scores images
-    against their prompts), checkpointed to ``partial`` so that an interrupted run resumes with
-    bit-identical sums. Returns (stats, sampling seconds, (clip images, clip score sum))."""
-    from .fid import FeatureStats
+# ----------------------------------------------------------------------------------------------------------
+# Metrics shared by every (method, NFE) of a run
 
+
+class MetricSetup:
+    """What each metric needs, set up once per run: FID's Inception and reference statistics, the CLIP
+    scorer, the reference solve of the integration-error seeds. Only the metrics asked for are set up."""
+
+    def __init__(self, cfg: ExperimentConfig, metrics: list[str], base: Prepared, model: Any, err_seeds: list[int],
+                 inception_weights: str | Path | None, log: LogFn) -> None:
+        self.cfg, self.metrics, self.model, self.err_seeds = cfg, metrics, model, err_seeds
+        self.fields: dict[str, dict[str, Any]] = {}
+        self.columns: dict[str, tuple[str, str]] = {}  # metric -> (reference, reference_sha256) columns
+        ev = cfg.evaluate
+        if "integration_rmse" in metrics:
+            ref_nfe = ev.reference_nfe
+            if cfg.sampler.convention == "diff-sampler" and ev.reference_method in ("edm", "dpm-solver-2"):
+                ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
+            ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
+            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
+            self.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
+            self.fields["integration_rmse"] = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
+                                                             "sigmas_sha256": _sigmas_sha256(ref.sigmas)}}
+            self.columns["integration_rmse"] = (ref_name, "")
+        if "fid" in metrics:
+            from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
+
+            if not cfg.fid.reference:
+                raise ConfigError("fid.reference is not set: give an .npz with mu/sigma (e.g. EDM's cifar10-32x32.npz) "
+                                  "or a data spec such as builtin:mnist, or leave fid out of --metrics")
+            weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
+            log(f"Inception weights: {weights} ({source})")
+            # rank 0 computes missing reference statistics, the others then read them
+            ref_stats = resolve_reference(cfg, weights, base.device, log) if dist.context().is_main else None
+            dist.barrier()
+            ref_path, self.ref_mu, self.ref_sigma, ref_sha = ref_stats or resolve_reference(cfg, weights, base.device, log)
+            self.extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+            self.fields["fid"] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": sha256_of_file(weights)}
+            self.columns["fid"] = (str(ref_path), ref_sha)
+        if "clip_score" in metrics:
+            from .clip_score import ClipScorer, resolve_clip_weights
+
+            clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
+            if clip_dir is None or not callable(getattr(model, "prompt_of", None)):
+                raise ConfigError("clip_score needs a text-to-image model (model.kind=diffusers-sd) and local CLIP "
+                                  "weights (fid.clip_weights or $IIA_CLIP_WEIGHTS)")
+            self.clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
+            log(f"CLIP score with {clip_dir}")
+            self.fields["clip_score"] = {"clip.weights": str(clip_dir.resolve())}
+            self.columns["clip_score"] = (str(clip_dir), "")
+
+    def accumulator(self, cell: Cell) -> Accumulator:
+        if cell.metric == "fid":
+            return FidAccumulator(self.ref_mu, self.ref_sigma, self.extractor)
+        if cell.metric == "clip_score":
+            return ClipScoreAccumulator(self.clip, self.model.prompt_of)
+        return IntegrationErrorAccumulator(dist.split(cell.seeds), self.reference)
+
+
+def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:
+    """Final states of the reference solve (float64, CPU) of ``seeds``."""
+    xs = [x.to(torch.float64).cpu() for _, x in sample_batches(
+        ref.model, ref.method, ref.sigmas, seeds, ref.batch, None, ref.device, ref.state_dtype,
+        ref.cfg.sampler.class_label)]
+    return torch.cat(xs)
+
+
+def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Any) -> list[str]:
+    """The metrics of a run: ``requested`` (``--metrics`` / ``evaluate.metrics``), else the default: FID,
+    the integration error (when evaluate.error_samples > 0) and, for text-to-image models with local CLIP
+    weights, the CLIP score."""
+    if requested is not None:
+        metrics = parse_metrics(requested)
+        if "integration_rmse" in metrics and cfg.evaluate.error_samples < 1:
+            raise ConfigError("integration_rmse needs evaluate.error_samples >= 1 (seeds compared with the reference solve)")
+        return metrics
+    metrics = ["fid"] + (["integration_rmse"] if cfg.evaluate.error_samples > 0 else [])
+    if callable(getattr(model, "prompt_of", None)):
+        from .clip_score import resolve_clip_weights
+
+        if resolve_clip_weights(cfg.fid.clip_weights) is not None:
+            metrics.append("clip_score")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _identify(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, setup: MetricSetup) -> None:
+    for c in cells:
+        c.fields = identity_fields(p, coeffs, c.metric, c.seeds, setup.fields[c.metric])
+        c.identity, _ = row_identity(c.fields)
+
+
+def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: list[Accumulator],
+              partial: Path | None, progress: bool, label: str) -> float:
+    """Sample this process's share of ``seeds`` once and feed every accumulator from those samples;
+    checkpoint the accumulators to ``partial`` so that an interrupted range resumes with bit-identical
+    sums. Returns the sampling seconds."""
     mine = dist.split(seeds)
-    stats, done, t_sample, clip_n, clip_sum = FeatureStats.empty(), 0, 0.0, 0.0, 0.0
+    done, t_sample = 0, 0.0
     if partial is not None and partial.is_file():
         with np.load(partial, allow_pickle=False) as data:
-            stats = FeatureStats(int(data["n"]), data["sum"].copy(), data["sum_outer"].copy())
             done, t_sample = int(data["done"]), float(data["sampling_seconds"])
-            clip_n, clip_sum = float(data["clip_n"]), float(data["clip_sum"])
-    todo = mine[done:]
+            load_states(accs, data)
+    model = p.model
     last = time.perf_counter()
-    with ImageProgress(len(mine), f"{p.method.name} nfe={p.nfe} FID", enabled=progress) as bar:
+    with ImageProgress(len(mine), label, enabled=progress) as bar:
         bar.advance(done)
         t0 = time.perf_counter()
-        for chunk, x in sample_batches(model, p.method, p.sigmas, todo, batch, coeffs, p.device, p.state_dtype,
-                                       class_label):
+        for chunk, x in sample_batches(model, p.method, p.sigmas, mine[done:], p.batch, coeffs, p.device,
+                                       p.state_dtype, p.cfg.sampler.class_label):
             t_sample += time.perf_counter() - t0
-            u8 = quantize(to_images(model, x))
-            stats.update(extractor(u8))
-            if clip is not None:
-                scores = clip(u8.numpy(), [model.prompt_of(s) for s in chunk])
-                clip_n, clip_sum = clip_n + len(chunk), clip_sum + float(scores.to(torch.float64).sum())
+            batch = Batch(chunk, x, lambda x: quantize(to_images(model, x)))
+            for acc in accs:
+                acc.update(batch)
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
-                savez_atomic(partial, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer,
-                             done=np.int64(done), sampling_seconds=np.float64(t_sample),
-                             clip_n=np.float64(clip_n), clip_sum=np.float64(clip_sum))
+                savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample), **save_states(accs))
                 last = time.perf_counter()
             t0 = time.perf_counter()
-    return stats, t_sample, (clip_n, clip_sum)
+    return t_sample
+
+
+def _shard_dir(cfg: ExperimentConfig) -> Path:
+    return Path("results/shards") / cfg.experiment
+
+
+def _shard_file(cfg: ExperimentConfig, identity: str) -> Path:
+    i, n = dist.context().shard  # type: ignore[misc]
+    return _shard_dir(cfg) / f"{identity}.shard-{i}-of-{n}.npz"
 
 
 def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list[str] | None = None,
              samples: int | None = None, seed_ranges: Any = None, csv: str | Path | None = None,
              inception_weights: str | Path | None = None, fid: bool = True, fresh: bool = False,
-             log: LogFn = default_log, progress: bool = True) -> EvaluateResult:
+             log: LogFn = default_log, progress: bool = True, metrics: Any = None) -> EvaluateResult:
     """Run the evaluation grid (methods x NFEs x seed ranges) and append rows to the results CSV.
 
-    Results already in the CSV are skipped (``fresh`` recomputes them) and an interrupted FID resumes from
-    its checkpoint, so rerunning an interrupted command ends with the rows of an uninterrupted run.
-    Under torchrun the seeds are split across ranks and the sums all-reduced; with ``--shard i/n`` each
-    process writes shard files under results/shards/<experiment>/ for ``iia merge``."""
-    from .fid import FeatureExtractor, FeatureStats, fid_from_stats, resolve_inception_weights
-
+    For each (method, NFE): prepare once, find or fit the coefficients once, then sample each seed range once
+    and feed every metric (``metrics``: fid, integration_rmse, clip_score) from those samples. A row whose
+    identity (:func:`identity_fields`) is already in the CSV is skipped (``fresh`` recomputes it); an
+    interrupted range resumes from its checkpoint, so rerunning an interrupted command ends with the rows of an
+    uninterrupted run. Under torchrun the seeds are split across ranks and the sums all-reduced; with
+    ``--shard i/n`` each process writes shard files under results/shards/<experiment>/ for ``iia merge``.
+    ``fid=False`` (``--no-fid``) means the integration error only."""
     ev = cfg.evaluate
     ctx = dist.context()
     nfes = [check_nfe(n, "--nfe") for n in (ev.nfe if nfes is None else nfes)]  # None = the config's; 0 is an error
@@ -178,191 +294,205 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if samples is not None and given is not None:
         ranges = [r[:n_samples] for r in ranges]
     csv_path = Path(csv or ev.csv or f"results/{cfg.experiment}.csv")
+    if not ctx.shard:
+        check_header(csv_path)  # before any work: rows that could not be appended would be lost
+    requested = metrics if metrics is not None else ev.metrics
+    if not fid:
+        if requested is not None and "fid" in parse_metrics(requested):
+            raise ConfigError("--no-fid contradicts --metrics/evaluate.metrics with fid; give one of them")
+        requested = requested if requested is not None else ["integration_rmse"]
     base = prepare(cfg, methods[0], nfes[0])  # loads the model once
-    model, fp, batch = base.model, base.fingerprint, base.batch
-    for m in methods:  # validate every (method, NFE) before any work
-        for n in nfes:
-            prepare(cfg, m, n, model=model, fingerprint=fp)
-    ref_path = ref_sha = None
-    extractor = ref_mu = ref_sigma = None
-    if fid:
-        weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
-        log(f"Inception weights: {weights} ({source})")
-        # rank 0 computes missing reference statistics, the others then read them
-        ref = resolve_reference(cfg, weights, base.device, log) if ctx.is_main else None
-        dist.barrier()
-        ref_path, ref_mu, ref_sigma, ref_sha = ref or resolve_reference(cfg, weights, base.device, log)
-        extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
-    clip = None
-    if fid and callable(getattr(model, "prompt_of", None)):
-        from .clip_score import ClipScorer, resolve_clip_weights
-
-        clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
-        if clip_dir is not None:
-            clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
-            log(f"CLIP score with {clip_dir}")
-    done_keys = set() if fresh or ctx.shard else _done_keys(csv_path)
-    ref_cache: dict[tuple, torch.Tensor] = {}
-    err_seeds = ranges[0][: max(0, ev.error_samples)]
+    model, fp = base.model, base.fingerprint
+    prepared = {(m, n): prepare(cfg, m, n, model=model, fingerprint=fp) for m in methods for n in nfes}  # validates all
+    chosen = choose_metrics(cfg, requested, model)
+    err_seeds = ranges[0][: max(0, ev.error_samples)] if "integration_rmse" in chosen else []
+    setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log)
     all_rows: list[dict[str, Any]] = []
-    for m in methods:
-        for n in nfes:
-            p = prepare(cfg, m, n, model=model, fingerprint=fp)
-            common = dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=fp, method=p.method.name,
-                          method_params=p.method.params, r=p.method.params.get("r", ""),
-                          M=cfg.calibration.substeps if p.method.is_iia else "",
-                          B=cfg.calibration.samples if p.method.is_iia else "", grid=cfg.grid.kind, nfe=p.nfe,
-                          device=str(p.device))
-            cells = []  # (metric, seeds) still to compute
-            if err_seeds:
-                cells.append(("integration_rmse", err_seeds))
-            if fid:
-                cells += [("fid", seeds) for seeds in ranges]
-
-            def todo(metric: str, seeds: list[int]) -> bool:
-                key = _row_key({**common, "seeds": format_seeds(seeds), "n_samples": len(seeds), "metric": metric})
-                if ctx.shard:
-                    return fresh or not _shard_file(cfg, key).is_file()
-                return key not in done_keys
-
-            cells = [c for c in cells if todo(*c)]
-            if not cells:
-                log(f"{p.method.name} nfe={p.nfe}: already in {csv_path}, skipped (--fresh recomputes)")
-                continue
-            coeffs, coeff_file, calib_s = None, "", 0.0
-            if p.method.is_iia:
-                path = default_coefficient_path(p)
-                cs = CoefficientSet.load(path) if path.is_file() else None
-                if cs is not None and not cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint,
-                                                         cfg.grid.kind, p.sigmas, p.nfe):
-                    log(f"{m} nfe={p.nfe}: reusing coefficients {path}")
-                else:
-                    cs, path = calibrate(cfg, prepared=p, log=log, verbose=False)
-                coeffs, coeff_file, calib_s = cs.coefficients, str(path), cs.calibration_seconds
-            common.update(coefficient_file=coeff_file, calibration_seconds=round(calib_s, 3))
-            rows = []
-            for metric, seeds in cells:
-                seeds_text = format_seeds(seeds)
-                if metric == "integration_rmse":
-                    mine = dist.split(seeds)
-                    t0 = time.perf_counter()
-                    xs = torch.cat([x for _, x in sample_batches(model, p.method, p.sigmas, mine, batch, coeffs,
-                                                                 p.device, p.state_dtype, cfg.sampler.class_label)])
-                    secs = time.perf_counter() - t0
-                    ref = _reference_solution(p, cfg, mine, batch, ref_cache)
-                    sq = float((xs.to(torch.float64).cpu() - ref).pow(2).sum())
-                    row = make_row(**common, seeds=seeds_text, n_samples=len(seeds), metric=metric, value="",
-                                   reference=f"{ev.reference_method}@nfe{ev.reference_nfe}",
-                                   sampling_seconds=round(secs, 3))
-                    if ctx.shard:
-                        _write_shard(cfg, row, sum_sq=np.float64(sq), count=np.int64(xs.numel()))
-                        continue
-                    sq, count = dist.all_reduce_floats(sq, xs.numel())
-                    row["value"] = math.sqrt(sq / count)
-                    log(f"{p.method.name} nfe={p.nfe}: integration RMSE vs {ev.reference_method}"
-                        f"@{ev.reference_nfe} = {row['value']:.5f} ({len(seeds)} seeds)")
-                    rows.append(row)
-                    continue
-                key = _row_key({**common, "seeds": seeds_text, "n_samples": len(seeds), "metric": metric})
-                tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
-                partial = Path("results/cache/partial") / f"{_key_hash(key)}-r{ctx.rank}of{ctx.world}{tag}.npz"
-                if fresh:
-                    partial.unlink(missing_ok=True)
-                stats, t_sample, (clip_n, clip_sum) = _fid_of_range(
-                    model, p, seeds, coeffs, batch, cfg.sampler.class_label, extractor, partial, progress, clip)
-                row = make_row(**common, seeds=seeds_text, n_samples=len(seeds), metric=metric, value="",
-                               reference=str(ref_path), reference_sha256=ref_sha, sampling_seconds=round(t_sample, 3))
-                clip_row = None
-                if clip is not None:
-                    clip_row = {**row, "metric": "clip_score", "reference": str(clip.folder), "reference_sha256": ""}
-                if ctx.shard:
-                    _write_shard(cfg, row, n=np.int64(stats.n), sum=stats.sum, sum_outer=stats.sum_outer)
-                    if clip_row is not None:
-                        _write_shard(cfg, clip_row, sum_sq=np.float64(clip_sum), count=np.int64(clip_n))
-                else:
-                    if clip_row is not None:
-                        clip_n, clip_sum = dist.all_reduce_floats(clip_n, clip_sum)
-                        clip_row["value"] = clip_sum / clip_n
-                        rows.append(clip_row)
-                        log(f"{p.method.name} nfe={p.nfe} seeds {seeds_text}: CLIP score {clip_row['value']:.3f}")
-                    total = FeatureStats(int(dist.all_reduce_floats(stats.n)[0]),
-                                         dist.all_reduce_sum(torch.from_numpy(stats.sum)).numpy(),
-                                         dist.all_reduce_sum(torch.from_numpy(stats.sum_outer)).numpy())
-                    row["value"] = fid_from_stats(total, ref_mu, ref_sigma)
-                    rows.append(row)
-                    log(f"{p.method.name} nfe={p.nfe} seeds {seeds_text}: FID {row['value']:.3f} "
-                        f"({len(seeds)} images, sampling {t_sample:.1f} s)")
-                dist.barrier()
-                partial.unlink(missing_ok=True)
-            if rows and ctx.is_main:
-                append_rows(csv_path, rows)  # after each (method, NFE): nothing is lost if a later one fails
-            all_rows.extend(rows)
+    for (m, n), p in prepared.items():
+        cells = [Cell(metric, k, seeds) for k, seeds in enumerate(ranges) for metric in chosen
+                 if metric != "integration_rmse"]
+        if err_seeds:
+            cells.insert(0, Cell("integration_rmse", 0, err_seeds))
+        coeffs = None
+        if p.method.is_iia:
+            coeffs, _ = find_coefficients(p, match_calibration=True)
+        todo = _todo(cells, p, coeffs, setup, csv_path, fresh)
+        if todo and p.method.is_iia and coeffs is None:
+            coeffs = resolve_coefficients(p, calibrate_missing=True, log=log, match_calibration=True)
+            todo = _todo(cells, p, coeffs, setup, csv_path, fresh)  # a recalibration can reproduce a done row
+        elif coeffs is not None and todo:
+            log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
+        if not todo:
+            log(f"{p.method.name} nfe={p.nfe}: already in {csv_path if not ctx.shard else _shard_dir(cfg)}, "
+                "skipped (--fresh recomputes)")
+            continue
+        rows = _evaluate_cells(p, coeffs, todo, ranges, setup, fresh, progress, log)
+        if rows and ctx.is_main and not ctx.shard:  # after each (method, NFE): nothing is lost if a later one fails
+            written = append_rows(csv_path, rows, skip_done=not fresh)
+            if len(written) < len(rows):
+                log(f"{p.method.name} nfe={p.nfe}: {len(rows) - len(written)} row(s) appeared in {csv_path} meanwhile "
+                    "(another run with the same settings); not appended twice")
+        all_rows.extend(rows)
     if ctx.shard:
-        log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in results/shards/{cfg.experiment}/; "
-            f"combine them with `iia merge results/shards/{cfg.experiment} --csv {csv_path}`")
+        log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in {_shard_dir(cfg)}/; "
+            f"combine them with `iia merge {_shard_dir(cfg)} --csv {csv_path}`")
     return EvaluateResult(csv_path, all_rows)
 
 
+def _todo(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, setup: MetricSetup, csv_path: Path,
+          fresh: bool) -> list[Cell]:
+    """The cells still to compute: all with ``fresh`` or while the coefficients are still to be fitted, else
+    those whose identity is not in the CSV (with --shard: whose shard file is missing)."""
+    if p.method.is_iia and coeffs is None:
+        return cells
+    _identify(cells, p, coeffs, setup)
+    if fresh:
+        return cells
+    ctx = dist.context()
+    if ctx.shard:
+        return [c for c in cells if not _shard_file(p.cfg, c.identity).is_file()]
+    done = dist.gather_objects(done_identities(csv_path))[0]  # rank 0's view: every rank takes the same cells
+    return [c for c in cells if c.identity not in done]
+
+
+def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list[Cell], ranges: list[list[int]],
+                    setup: MetricSetup, fresh: bool, progress: bool, log: LogFn) -> list[dict[str, Any]]:
+    """Sample each seed range once for the cells of this (method, NFE), then finish every cell generically:
+    a shard file (--shard), or all-reduced state -> value -> row."""
+    cfg, ctx = p.cfg, dist.context()
+    cs = coeffs.cs if coeffs is not None else None
+    common = dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=p.fingerprint, method=p.method.name,
+                  method_params=p.method.params, r=p.method.params.get("r", ""), M=cs.substeps if cs else "",
+                  B=cs.samples if cs else "", grid=cfg.grid.kind, nfe=p.nfe, device=str(p.device),
+                  coefficient_file=str(coeffs.path) if coeffs else "",
+                  calibration_seconds=round(cs.calibration_seconds, 3) if cs else 0.0)
+    rows = []
+    for k, seeds in enumerate(ranges):
+        cells = [c for c in todo if c.range_index == k]
+        if not cells:
+            continue
+        # the integration-error seeds are the first seeds of range 0: sampled with the range when another
+        # metric needs the range, else alone
+        pass_seeds = seeds if any(c.metric != "integration_rmse" for c in cells) else cells[0].seeds
+        accs = [setup.accumulator(c) for c in cells]
+        key = hashlib.sha256("|".join(c.identity for c in cells).encode()).hexdigest()[:16]
+        tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
+        partial = Path("results/cache/partial") / f"{key}-r{ctx.rank}of{ctx.world}{tag}.npz"
+        if fresh:
+            partial.unlink(missing_ok=True)
+        label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)
+        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label)
+        for cell, acc in zip(cells, accs):
+            reference, reference_sha = setup.columns[cell.metric]
+            identity, text = row_identity(cell.fields)
+            row = make_row(**common, seeds=format_seeds(cell.seeds), n_samples=len(cell.seeds), metric=cell.metric,
+                           value="", reference=reference, reference_sha256=reference_sha,
+                           sampling_seconds=round(secs, 3), identity=identity, identity_fields=text)
+            if ctx.shard:
+                meta = json.dumps({"row": row, "shard": ctx.shard[0], "shards": ctx.shard[1]})
+                savez_atomic(_shard_file(cfg, identity), meta=np.asarray(meta), **acc.state)
+                continue
+            acc.all_reduce()
+            row["value"] = acc.value()
+            rows.append(row)
+            log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {row['value']:.5g} "
+                f"({len(cell.seeds)} seeds" + (f", sampling {secs:.1f} s)" if cell.metric != "integration_rmse" else ")"))
+        dist.barrier()
+        partial.unlink(missing_ok=True)
+    return rows
+
+
 def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_log) -> EvaluateResult:
-    """Combine complete sets of shard files into result rows (FID from merged feature sums, RMSE from
-    summed squared errors); incomplete sets are reported and left for later."""
-    from .fid import FeatureStats, fid_from_stats, load_reference
+    """Combine complete sets of shard files (same identity, shards 0..n-1) into result rows through the
+    metrics' generic merge (sums added, then the value); incomplete sets are reported and left for later."""
+    from .fid import load_reference
 
     shard_dir, csv_path = Path(shard_dir), Path(csv)
     files = sorted(shard_dir.glob("*.shard-*-of-*.npz"))
     if not files:
         raise IIARuntimeError(f"no shard files (*.shard-i-of-n.npz) in {shard_dir}")
-    groups: dict[str, list[tuple[dict[str, Any], Path]]] = {}
+    check_header(csv_path)
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, np.ndarray], Path]]] = {}
     for f in files:
-        try:
-            with np.load(f, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-        except (OSError, KeyError, ValueError):
-            raise IIARuntimeError(f"shard file {f} is unreadable") from None
-        groups.setdefault(_key_hash(tuple(meta["key"])), []).append((meta, f))
-    done = _done_keys(csv_path)
+        meta, arrays = _read_shard(f)
+        groups.setdefault(meta["row"]["identity"], []).append((meta, arrays, f))
+    done = done_identities(csv_path)
     rows, incomplete = [], 0
-    for parts in groups.values():
+    for identity, parts in groups.items():
         meta = parts[0][0]
-        row = meta["row"]
-        if tuple(meta["key"]) in done:
+        row = dict(meta["row"])
+        if identity in done:
             continue
-        have = {m["shard"] for m, _ in parts}
-        if have != set(range(meta["shards"])):
+        n_shards = {m["shards"] for m, _, _ in parts}
+        have = sorted(m["shard"] for m, _, _ in parts)
+        if len(n_shards) > 1:
+            raise IIARuntimeError(f"shard files of {row['method']} nfe={row['nfe']} {row['metric']} in {shard_dir} "
+                                  f"come from runs with different shard counts {sorted(n_shards)}; remove the stale ones")
+        if have != list(range(meta["shards"])):
             incomplete += 1
             log(f"incomplete: {row['method']} nfe={row['nfe']} {row['metric']} seeds {row['seeds']}: shards "
-                f"{sorted(have)} of {meta['shards']}")
+                f"{have} of {meta['shards']}")
             continue
         if row["metric"] == "fid":
-            stats = FeatureStats.merge_all(FeatureStats.load(f) for _, f in parts)
-            mu, sigma, _ = load_reference(row["reference"])
-            row["value"] = fid_from_stats(stats, mu, sigma)
-        else:  # integration_rmse: sqrt of summed squared errors; clip_score: mean of summed scores
-            sq = count = 0.0
-            for _, f in parts:
-                with np.load(f, allow_pickle=False) as data:
-                    sq += float(data["sum_sq"])
-                    count += float(data["count"])
-            row["value"] = sq / count if row["metric"] == "clip_score" else math.sqrt(sq / count)
-        row["sampling_seconds"] = round(sum(float(m["row"]["sampling_seconds"] or 0) for m, _ in parts), 3)
+            mu, sigma, sha = load_reference(row["reference"])
+            if sha != row["reference_sha256"]:
+                raise IIARuntimeError(f"reference statistics {row['reference']} changed since the shards were "
+                                      f"written (sha256 {sha[:12]} != {row['reference_sha256'][:12]})")
+            acc: Accumulator = FidAccumulator(mu, sigma)
+        elif row["metric"] == "clip_score":
+            acc = ClipScoreAccumulator()
+        else:
+            acc = IntegrationErrorAccumulator()
+        for _, arrays, f in parts:
+            try:
+                acc.merge(arrays)
+            except IIARuntimeError as exc:
+                raise IIARuntimeError(f"shard file {f}: {exc}") from None
+        row["value"] = acc.value()
+        row["sampling_seconds"] = round(sum(float(m["row"]["sampling_seconds"] or 0) for m, _, _ in parts), 3)
         rows.append(row)
         log(f"merged {len(parts)} shards: {row['method']} nfe={row['nfe']} {row['metric']} = {row['value']:.5g}")
     if rows:
-        append_rows(csv_path, rows)
+        rows = append_rows(csv_path, rows, skip_done=True)
     if not rows and incomplete:
         raise IIARuntimeError(f"no complete shard set in {shard_dir} ({incomplete} incomplete); "
                               "run the missing shards first")
     return EvaluateResult(csv_path, rows)
 
 
+def _read_shard(f: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(metadata, float64 state arrays) of a shard file; a one-line error for a truncated or foreign file."""
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in data.files if k != "meta"}
+    except Exception as exc:  # zipfile, OSError, EOFError, KeyError, ValueError, ...: all mean unreadable
+        raise IIARuntimeError(f"shard file {f} is unreadable ({type(exc).__name__}); delete it and rerun its "
+                              "shard") from None
+    row = meta.get("row") if isinstance(meta, dict) else None
+    ok = (isinstance(row, dict) and all(isinstance(row.get(k), str) and row.get(k) for k in ("identity", "metric"))
+          and row["metric"] in METRICS and set(COLUMNS) <= set(row)
+          and isinstance(meta.get("shard"), int) and isinstance(meta.get("shards"), int)
+          and 0 <= meta["shard"] < meta["shards"])
+    if not ok:
+        raise IIARuntimeError(f"shard file {f} has no valid iia_cli metadata (row with identity and metric, shard "
+                              "i of n); it was not written by this version of iia evaluate --shard")
+    return meta, arrays
+
+
 def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[dict[str, Any]] | None = None) -> None:
+    """The methods x NFE table of a results CSV (or of the rows just computed), then a note for every
+    (method, NFE, metric) whose rows have different settings."""
     import pandas as pd
     from rich.console import Console
 
-    df = pd.DataFrame(only_rows) if only_rows is not None else read_results(csv_path)
-    if only_rows is not None and len(df):
-        df["value"] = df["value"].astype(float)
-        df["nfe"] = df["nfe"].astype(int)
+    if only_rows is not None:
+        df = normalise_results(pd.DataFrame(only_rows), "results")
+    else:
+        df = read_results(csv_path)
     if experiment and "experiment" in df:
         df = df[df["experiment"] == experiment]
-    Console().print(render_table(df, title=f"{experiment or csv_path}: FID min (mean over seed ranges) / integration RMSE"))
+    console = Console()
+    console.print(render_table(df, title=f"{experiment or csv_path}: FID min (mean over seed ranges) / integration RMSE"))
+    for note in identity_conflicts(df)[1]:
+        console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)

@@ -2,12 +2,18 @@
 
 Appending never rewrites earlier rows, and several processes (SLURM array tasks) may append to one
 file at once: each append takes an exclusive lock and writes whole rows in one write.
+
+Every row carries its *identity*: the settings that change its value (model fingerprint, method and
+parameters, the exact sigma grid, NFE, seeds, metric, calibration settings and coefficient file, references,
+dtypes), as readable JSON in ``identity_fields`` and a short hash of it in ``identity``. A rerun skips a row
+only when a row of the same identity is already in the file, and ``report`` shows the latest row per identity.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import datetime as _dt
 import io
 import json
@@ -25,8 +31,15 @@ from .errors import IIARuntimeError, MissingFileError
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
     "n_samples", "metric", "value", "reference", "reference_sha256", "coefficient_file", "calibration_seconds",
-    "sampling_seconds", "device", "tool_version", "git_revision", "host", "timestamp",
+    "sampling_seconds", "device", "tool_version", "git_revision", "host", "timestamp", "identity", "identity_fields",
 ]
+REQUIRED_FOR_REPORT = ("method", "nfe", "metric", "value")
+
+
+def row_identity(fields: dict[str, Any]) -> tuple[str, str]:
+    """(short hash, readable JSON) of a row's identity fields (see the module docstring)."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,18 +72,52 @@ def make_row(**fields: Any) -> dict[str, Any]:
     return row
 
 
-def append_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows (header first if the file is new) under an exclusive lock, in one write."""
+def check_header(path: str | Path) -> None:
+    """Raise unless ``path`` is missing, empty or a results CSV with this tool's columns (checked before any
+    work, so that rows are never computed for a file they cannot be appended to)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IIARuntimeError(f"results file {path} is a directory; give a .csv file path with --csv")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IIARuntimeError(f"results file {path} cannot be read ({exc})") from None
+    if header != COLUMNS:
+        why = "it has no identity column (written by an older iia_cli)" if "identity" not in header else \
+            "its columns differ from the ones this tool writes"
+        raise IIARuntimeError(f"cannot append to results file {path}: {why}; write to a new file with --csv")
+
+
+def done_identities(path: str | Path) -> set[str]:
+    """Identities of the rows with a value in a results CSV (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    try:
+        with path.open(newline="") as f:
+            return {r["identity"] for r in csv.DictReader(f) if r.get("identity") and r.get("value") not in (None, "")}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IIARuntimeError(f"results file {path} cannot be read ({exc})") from None
+
+
+def append_rows(path: str | Path, rows: Sequence[dict[str, Any]], skip_done: bool = False) -> list[dict[str, Any]]:
+    """Append rows (header first if the file is new) under an exclusive lock, in one write.
+
+    With ``skip_done``, rows whose identity is already in the file are dropped under the same lock, so two
+    identical runs at once append each result once. Returns the rows written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=600):
+        check_header(path)
         new = not path.exists() or path.stat().st_size == 0
-        if not new:
-            with path.open(newline="") as f:
-                header = next(csv.reader(f), [])
-            if header != COLUMNS:
-                raise IIARuntimeError(f"results file {path} has other columns than this tool writes; "
-                                      f"write to a new file with --csv")
+        if skip_done and not new:
+            done = done_identities(path)
+            rows = [r for r in rows if not r.get("identity") or r["identity"] not in done]
+        if not rows:
+            return []
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         if new:
@@ -79,27 +126,110 @@ def append_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
         with path.open("a", newline="") as f:
             f.write(buf.getvalue())
             f.flush()
+    return list(rows)
 
 
 def read_results(path: str | Path) -> Any:
+    """A results CSV as a DataFrame, checked: the columns a table needs, numeric NFE and values."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("results file", path)
     try:
-        return pd.read_csv(path, dtype={"seeds": str, "method_params": str})
+        df = pd.read_csv(path, dtype={"seeds": str, "method_params": str, "identity": str, "identity_fields": str})
+    except pd.errors.EmptyDataError:
+        raise IIARuntimeError(f"results file {path} is empty; run iia evaluate first") from None
     except Exception as exc:  # pandas raises many kinds
-        raise IIARuntimeError(f"results file {path} cannot be read as CSV ({exc})") from None
+        msg = " ".join(str(exc).split())[:200]
+        raise IIARuntimeError(f"results file {path} cannot be read as CSV ({msg})") from None
+    return normalise_results(df, f"results file {path}")
+
+
+def normalise_results(df: Any, where: str = "results") -> Any:
+    """Check and type a results table: the columns a table needs, numeric NFE and values, an identity per
+    row (rows of an older iia_cli without one are identified by what their columns record)."""
+    import pandas as pd
+
+    missing = [c for c in REQUIRED_FOR_REPORT if c not in df.columns]
+    if missing:
+        raise IIARuntimeError(f"{where} lacks the column(s) {', '.join(missing)}; "
+                              "give a CSV written by iia evaluate")
+    for col in ("value", "nfe"):
+        num = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col][num.isna() & df[col].notna()]
+        if len(bad):
+            raise IIARuntimeError(f"{where}: column {col} holds a non-numeric value "
+                                  f"{str(bad.iloc[0])[:40]!r} (row {int(bad.index[0]) + 2}); expected numbers")
+        df[col] = num
+    df = df[df["value"].notna() & df["nfe"].notna()].copy()
+    df["nfe"] = df["nfe"].astype(int)
+    for col in ("method_params", "timestamp", "seeds", "grid", "identity", "identity_fields"):
+        if col not in df.columns:
+            df[col] = ""
+        df[col] = df[col].fillna("").astype(str)
+    df["method"] = df["method"].astype(str)
+    df["metric"] = df["metric"].astype(str)
+    # rows of an older iia_cli (no identity column): identify them by what their columns record
+    legacy = df["identity"] == ""
+    if legacy.any():
+        cols = [c for c in ("experiment", "model_sha256", "method", "method_params", "grid", "nfe", "seeds",
+                            "metric", "M", "B", "reference_sha256", "coefficient_file") if c in df.columns]
+        keys = df.loc[legacy, cols].apply(lambda r: "|".join(map(str, r.tolist())), axis=1)
+        df.loc[legacy, "identity"] = keys.map(lambda t: "legacy-" + hashlib.sha256(t.encode()).hexdigest()[:9])
+    return df
+
+
+def latest_per_identity(df: Any) -> Any:
+    """The latest row of each identity (a rerun with --fresh supersedes the earlier row)."""
+    return df.sort_values("timestamp", kind="stable").drop_duplicates(["identity"], keep="last")
+
+
+def _settings(fields: str) -> dict[str, Any]:
+    """Identity fields of a row minus the seeds: the settings two seed ranges of one experiment share."""
+    try:
+        data = json.loads(fields) if fields else {}
+    except json.JSONDecodeError:
+        return {}
+    return {k: v for k, v in data.items() if k not in ("seeds", "n_samples")} if isinstance(data, dict) else {}
+
+
+def identity_conflicts(df: Any) -> tuple[Any, list[str]]:
+    """Rows to show and notes: when one (method, parameters, NFE, metric) has rows of different settings
+    (identities that differ in more than the seeds), say which settings differ and keep the latest ones."""
+    df = latest_per_identity(df)
+    keep, notes = [], []
+    for (method, params, nfe, metric), part in df.groupby(["method", "method_params", "nfe", "metric"], sort=False):
+        settings = part["identity_fields"].map(lambda t: json.dumps(_settings(t), sort_keys=True))
+        if settings.nunique() <= 1:
+            keep.append(part)
+            continue
+        latest = settings.iloc[-1]  # rows are in timestamp order (latest_per_identity sorts them)
+        variants = [json.loads(v) for v in dict.fromkeys(settings)]
+        keys = sorted({k for v in variants for k in v})
+        differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True) for v in variants}) > 1]
+        shown = json.loads(latest)
+        notes.append(f"{method}{_params_label(params)} nfe={nfe} {metric}: rows of {len(variants)} different settings "
+                     f"(differing: {', '.join(differ)}); the table shows the latest: "
+                     + ", ".join(f"{k}={_short(shown.get(k))}" for k in differ))
+        keep.append(part[settings == latest])
+    import pandas as pd
+
+    return (pd.concat(keep) if keep else df.iloc[0:0]), notes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:36] + "..."
 
 
 def summary_table(df: Any, metric: str = "fid") -> Any:
-    """methods x NFE table of 'min / mean' over seed ranges for one metric (last run of each cell)."""
+    """methods x NFE table of 'min / mean' over seed ranges for one metric (latest row per identity; where
+    settings differ, the latest settings: see :func:`identity_conflicts`)."""
     sub = df[df["metric"] == metric]
     if sub.empty:
         return None
-    # keep the latest experiment run per (method, params, nfe, seeds)
-    sub = sub.sort_values("timestamp").drop_duplicates(["method", "method_params", "nfe", "seeds", "grid"], keep="last")
+    sub, _ = identity_conflicts(sub)
     sub = sub.assign(label=sub["method"] + sub["method_params"].fillna("").map(_params_label))
     g = sub.groupby(["label", "nfe"], sort=False)["value"].agg(["min", "mean", "count"]).reset_index()
     return g

@@ -1,7 +1,10 @@
 """iia evaluate end to end through the CLI: calibrate-or-reuse, FID per seed range, tidy CSV, report."""
 
 import csv
+import json
+import multiprocessing as mp
 
+import numpy as np
 import pytest
 import yaml
 
@@ -74,3 +77,201 @@ def test_evaluate_without_weights_fails_fast(cli, eval_cfg, tmp_path, monkeypatc
 def test_evaluate_bad_method_exits_2(cli, eval_cfg):
     r = cli(["evaluate", "--config", eval_cfg, "--methods", "edm,nope", "--no-fid"])
     assert r.exit_code == 2 and "unknown method 'nope'" in r.output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row identity, metrics, shards (fast: integration error on the Gaussian model unless marked slow)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def err_cfg(tmp_path, monkeypatch):
+    """Integration error only: no FID reference and no Inception weights anywhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IIA_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    cfg = {"experiment": "ident", "model": {"kind": "gaussian", "shape": [1, 4, 4]}, "sampler": {"batch": 3},
+           "calibration": {"samples": 8, "val_samples": 0, "substeps": 2},
+           "evaluate": {"methods": ["iia-ddim"], "nfe": [5], "samples": 6, "error_samples": 4, "reference_nfe": 19,
+                        "metrics": ["integration_rmse"]}}
+    path = tmp_path / "ident.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_identity_skips_identical_reruns_and_recomputes_changed_settings(cli, err_cfg, tmp_path):
+    csv_path = tmp_path / "results" / "ident.csv"
+    r = cli(["evaluate", "--config", err_cfg])
+    assert r.exit_code == 0, r.output
+    first = _rows(csv_path)
+    assert len(first) == 1 and first[0]["metric"] == "integration_rmse" and len(first[0]["identity"]) == 16
+    fields = json.loads(first[0]["identity_fields"])
+    assert fields["calibration.substeps"] == 2 and fields["calibration.samples"] == 8 and fields["reference"]["nfe"] == 19
+    before = csv_path.read_bytes()
+    r = cli(["evaluate", "--config", err_cfg])  # identical: skipped, nothing appended, no calibration
+    assert r.exit_code == 0 and "already in" in r.output and "calibrat" not in r.output
+    assert csv_path.read_bytes() == before
+    changes = [["--set", "calibration.substeps=3"], ["--set", "calibration.samples=6"],
+               ["--set", "calibration.ridge=0.001"], ["--set", "grid.rho=3"], ["--set", "evaluate.reference_nfe=29"]]
+    for extra in changes:
+        r = cli(["evaluate", "--config", err_cfg, *extra])
+        assert r.exit_code == 0 and "already in" not in r.output, (extra, r.output)
+    rows = _rows(csv_path)
+    assert len(rows) == 1 + len(changes) and len({r["identity"] for r in rows}) == len(rows)
+    # the row records B and M of the coefficient file actually used
+    assert [r["B"] for r in rows] == ["8", "8", "6", "8", "8", "8"] and rows[1]["M"] == "3"
+    assert json.loads(rows[3]["identity_fields"])["calibration.ridge"] == 0.001
+    # --fresh recomputes an identical row and appends it
+    r = cli(["evaluate", "--config", err_cfg, "--fresh"])
+    assert r.exit_code == 0 and len(_rows(csv_path)) == len(rows) + 1
+    # report: one row per identity, and a note naming the settings that differ for one (method, NFE, metric)
+    r = cli(["report", csv_path])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    assert "iia-ddim nfe=5 integration_rmse: rows of 6 different settings" in out
+    for name in ("calibration.substeps", "calibration.samples", "calibration.ridge", "grid.rho", "reference"):
+        assert name in out
+
+
+def test_metrics_option_and_errors(cli, err_cfg, tmp_path):
+    r = cli(["evaluate", "--config", err_cfg, "--metrics", "fid"])
+    assert r.exit_code == 2 and "fid.reference is not set" in r.output and "Traceback" not in r.output
+    r = cli(["evaluate", "--config", err_cfg, "--metrics", "fid,bogus"])
+    assert r.exit_code == 2 and "unknown metric 'bogus'" in r.output
+    r = cli(["evaluate", "--config", err_cfg, "--metrics", "clip_score"])
+    assert r.exit_code == 2 and "clip_score needs a text-to-image model" in r.output
+    r = cli(["evaluate", "--config", err_cfg, "--no-fid", "--metrics", "fid"])
+    assert r.exit_code == 2 and "--no-fid contradicts" in r.output
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--metrics", "integration_rmse"])
+    assert r.exit_code == 0 and {r["method"] for r in _rows(tmp_path / "results" / "ident.csv")} == {"ddim"}
+    assert not (tmp_path / "results" / "cache").exists()  # no FID reference was computed
+
+
+def test_empty_shards_write_empty_sums_and_merge_equals_single_process(cli, err_cfg, tmp_path):
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--csv", "single.csv"])
+    assert r.exit_code == 0, r.output
+    for i in range(8):  # 4 error seeds over 8 shards: shards 4..7 have no seed of their own
+        r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--shard", f"{i}/8"])
+        assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "results" / "shards" / "ident").glob("*.npz"))) == 8
+    r = cli(["merge", "results/shards/ident", "--csv", "merged.csv"])
+    assert r.exit_code == 0, r.output
+    single, merged = _rows(tmp_path / "single.csv"), _rows(tmp_path / "merged.csv")
+    assert len(single) == len(merged) == 1 and merged[0]["identity"] == single[0]["identity"]
+    assert float(merged[0]["value"]) == pytest.approx(float(single[0]["value"]), rel=1e-12)
+    r = cli(["merge", "results/shards/ident", "--csv", "merged.csv"])  # merged twice: nothing appended twice
+    assert r.exit_code == 0 and len(_rows(tmp_path / "merged.csv")) == 1
+    # sample: a shard without seeds writes an empty .npz
+    r = cli(["sample", "--config", err_cfg, "--method", "ddim", "--seeds", "0-1", "--shard", "5/8", "--out", "s.npz"])
+    assert r.exit_code == 0, r.output
+    data = np.load(tmp_path / "s.shard-5-of-8.npz")
+    assert data["x"].shape == (0, 1, 4, 4) and data["images"].shape == (0, 4, 4, 1) and len(data["seeds"]) == 0
+
+
+def test_merge_and_report_reject_bad_files_in_one_line(cli, err_cfg, tmp_path):
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--shard", "0/2"])
+    assert r.exit_code == 0, r.output
+    shard = next((tmp_path / "results" / "shards" / "ident").glob("*.npz"))
+    good = shard.read_bytes()
+    for bad in (good[: len(good) // 2], b"", b"PK\x03\x04garbage"):
+        shard.write_bytes(bad)
+        r = cli(["merge", shard.parent, "--csv", "m.csv"])
+        assert r.exit_code == 1 and "unreadable" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    np.savez(shard, meta=np.asarray(json.dumps({"row": {"metric": "fid"}, "shard": 0, "shards": 2})))
+    r = cli(["merge", shard.parent, "--csv", "m.csv"])
+    assert r.exit_code == 1 and "no valid iia_cli metadata" in r.output and len(r.output.strip().splitlines()) == 1
+    odd = {"empty.csv": "", "nocols.csv": "a,b\n1,2\n", "text.csv": "method,nfe,metric,value\nedm,6,fid,abc\n",
+           "nfe.csv": "method,nfe,metric,value\nedm,six,fid,1.0\n"}
+    for name, text in odd.items():
+        (tmp_path / name).write_text(text)
+        r = cli(["report", tmp_path / name])
+        assert r.exit_code == 1 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert name in r.output
+    (tmp_path / "ok.csv").write_text("method,nfe,metric,value\nedm,6,fid,12.5\n")  # minimal foreign CSV: readable
+    r = cli(["report", tmp_path / "ok.csv"])
+    assert r.exit_code == 0 and "FID 12.50" in r.stdout
+    # the README's rows, written before rows had an identity, still report
+    from pathlib import Path
+
+    r = cli(["report", Path(__file__).resolve().parents[1] / "results" / "readme" / "mnist-gmm.csv"])
+    assert r.exit_code == 0 and "FID 248.32 / err 0.8035" in r.stdout
+
+
+def test_append_checks_identity_under_the_lock(tmp_path):
+    from iia_cli.results import append_rows, make_row, row_identity
+
+    ident, text = row_identity({"method": "edm", "nfe": 6})
+    row = make_row(method="edm", nfe=6, metric="fid", value=1.0, identity=ident, identity_fields=text)
+    path = tmp_path / "r.csv"
+    procs = [mp.get_context("spawn").Process(target=append_rows, args=(path, [row]), kwargs={"skip_done": True})
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert len(_rows(path)) == 1
+    assert append_rows(path, [row], skip_done=True) == [] and len(_rows(path)) == 1
+    assert len(append_rows(path, [row])) == 1 and len(_rows(path)) == 2  # --fresh appends
+
+
+COUNTING_MODEL = '''
+import torch
+class Counting:
+    shape = (1, 6, 6); sigma_min = 0.002; sigma_max = 80.0; dtype = torch.float64
+    def __init__(self, log):
+        self.log = log
+        self.mu = torch.linspace(-0.5, 0.5, 36, dtype=torch.float64).view(1, 1, 6, 6)
+    def fingerprint(self):
+        return "counting-v1"
+    def __call__(self, x, sigma, class_labels=None):
+        with open(self.log, "a") as f:
+            f.write(f"{x.shape[0]}\\n")
+        s2 = sigma.view(-1, 1, 1, 1).to(torch.float64) ** 2
+        return self.mu + 0.2 / (0.2 + s2) * (x - self.mu)
+def build(log):
+    return Counting(log)
+'''
+
+
+@pytest.mark.slow
+def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch):
+    from iia_cli.api import prepare
+    from iia_cli.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))
+    (tmp_path / "counting.py").write_text(COUNTING_MODEL)
+    log = tmp_path / "calls.txt"
+    cfg = {"experiment": "count", "model": {"kind": "python", "factory": f"{tmp_path / 'counting.py'}:build",
+                                            "kwargs": {"log": str(log)}},
+           "sampler": {"batch": 4}, "fid": {"reference": "builtin:mnist", "reference_samples": 12, "batch": 12},
+           "evaluate": {"methods": ["ddim", "dpm-solver++-2m"], "nfe": [5], "samples": 10, "error_samples": 6,
+                        "reference_nfe": 19}}
+    path = tmp_path / "count.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref_nfe = prepare(load_config(path), "edm", 19).nfe
+
+    def calls():
+        n = sum(int(v) for v in log.read_text().split()) if log.is_file() else 0
+        log.unlink(missing_ok=True)
+        return n
+
+    r = cli(["evaluate", "--config", path])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "results" / "count.csv")
+    assert sorted((r["method"], r["metric"]) for r in rows) == sorted(
+        (m, k) for m in ("ddim", "dpm-solver++-2m") for k in ("fid", "integration_rmse"))
+    # each seed sampled once per (method, NFE) for every metric, plus one reference solve of the error seeds
+    assert calls() == 2 * 10 * 5 + 6 * ref_nfe
+    # another FID reference: the FID rows are recomputed (the integration errors are skipped, no reference solve)
+    r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "results" / "count.csv")
+    assert [r["metric"] for r in rows[4:]] == ["fid", "fid"] and calls() == 2 * 10 * 5
+    assert rows[4]["reference_sha256"] != rows[0 if rows[0]["metric"] == "fid" else 1]["reference_sha256"]
+    r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
+    assert r.exit_code == 0 and r.output.count("already in") == 2 and calls() == 0
