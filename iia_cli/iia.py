@@ -25,8 +25,8 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import Method
-from .sampling import BoundDenoiser, Coefficients, apply_correction, noise_and_conditioning
-from .solvers import History, push
+from .sampling import BoundDenoiser, Coefficients, advance, commit, noise_and_conditioning, propose
+from .solvers import History
 
 FORMAT_VERSION = 1
 
@@ -71,9 +71,9 @@ def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigm
     variable = "t" if getattr(model, "discrete_sigmas", None) is not None else method.solver.time_variable
     sub = subdivide(float(sigmas[i]), float(sigmas[i + 1]), substeps, variable, model)
     solver = method.solver.reference_solver()
+    reference = Method(solver.name, solver)
     for j in range(substeps):
-        res = solver.step(denoise, x, sub, j, history)
-        history, x = push(history, res.record), res.x_next
+        x, history, _ = advance(reference, denoise, x, sub, j, history)
     return x
 
 
@@ -116,18 +116,18 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         stash = []
         for k in range(len(chunks)):
             x, den, hist = states[k], denoisers[k], histories[k]
-            res = method.solver.step(den, x, sig, i, hist)
-            q = method.quantities(x, res.record, hist, sig, i)
+            step = propose(method, den, x, sig, i, hist)
+            q = step.quantities
             target = None
             if q is not None:
-                target = fine_reference(method, den, x, sig, i, hist, substeps, model) - res.x_next
+                target = fine_reference(method, den, x, sig, i, hist, substeps, model) - step.x_base
                 if coeffs is None:
                     if G is None:
                         G = torch.zeros(len(q), len(q), dtype=torch.float64)
                         g = torch.zeros(len(q), dtype=torch.float64)
                     accumulate_normal_equations(q, target, G, g)
-            stash.append((res, q, target))
-        corrected = stash[0][1] is not None
+            stash.append((step, target))
+        corrected = stash[0][0].quantities is not None
         if coeffs is None and corrected:
             G, g = dist.all_reduce_sum(G), dist.all_reduce_sum(g)
             c_i = solve_least_squares(G, g, ridge, step=i, warn=warn).tolist()
@@ -137,12 +137,11 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
             c_i = list(coeffs[i])
         fitted.append(c_i)
         rb = ri = 0.0
-        for k, (res, q, target) in enumerate(stash):
-            states[k] = apply_correction(res.x_next, q, c_i) if corrected else res.x_next
-            histories[k] = push(histories[k], res.record)
+        for k, (step, target) in enumerate(stash):
+            states[k], histories[k] = commit(step, histories[k], c_i)
             if corrected:
                 rb += float(target.to(torch.float64).flatten(1).pow(2).sum(1).sum())
-                ri += float((states[k] - res.x_next - target).to(torch.float64).flatten(1).pow(2).sum(1).sum())
+                ri += float((states[k] - step.x_base - target).to(torch.float64).flatten(1).pow(2).sum(1).sum())
         rb, ri = dist.all_reduce_floats(rb, ri) if corrected else (rb, ri)
         res_base.append(rb / n if corrected else float("nan"))
         res_iia.append(ri / n if corrected else float("nan"))
