@@ -75,6 +75,10 @@ class CalibrationConfig:
     val_seed_start: int = 2_000_000_000
     batch: int | None = None  # chunk size for model calls (default: sampler.batch)
     out_dir: str = "results/coefficients"
+    target: str = "local"  # local: M fine sub-steps from the coarse state (paper) | trajectory: the teacher's state
+    teacher: str = "edm"  # teacher of trajectory targets, the guard and validation: a base solver (edm = Heun) or exact
+    teacher_substeps: int = 10  # teacher steps per coarse interval, uniform in log sigma
+    guard: bool = True  # shrink the corrections (one factor in [0, 1]) so the final error is never above the base's
 
 
 @dataclass
@@ -302,5 +306,10 @@ def validate(cfg: ExperimentConfig) -> None:
     c = cfg.calibration
     if c.samples < 1 or c.substeps < 1 or c.val_samples < 0 or c.ridge < 0:
         raise ConfigError("calibration needs samples >= 1, substeps >= 1, val_samples >= 0 and ridge >= 0")
+    from .iia import TARGETS, Teacher
+
+    if c.target not in TARGETS:
+        raise ConfigError(f"calibration.target={c.target!r} is not valid; choose one of {', '.join(TARGETS)}")
+    c.teacher = Teacher(c.teacher, c.teacher_substeps).name  # checks the name and the sub-steps
     cfg.evaluate.methods = [canonical_method(m) for m in cfg.evaluate.methods]
     cfg.evaluate.reference_method = canonical_method(cfg.evaluate.reference_method)

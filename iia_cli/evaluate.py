@@ -226,8 +226,10 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
                 path = default_coefficient_path(p)
                 cs = CoefficientSet.load(path) if path.is_file() else None
                 if cs is not None and not cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint,
-                                                         cfg.grid.kind, p.sigmas, p.nfe):
+                                                         cfg.grid.kind, p.sigmas, p.nfe, cfg.calibration):
                     log(f"{m} nfe={p.nfe}: reusing coefficients {path}")
+                    if cs.warning:
+                        log(cs.warning)
                 else:
                     cs, path = calibrate(cfg, prepared=p, log=log, verbose=False)
                 coeffs, coeff_file, calib_s = cs.coefficients, str(path), cs.calibration_seconds
