@@ -96,12 +96,14 @@ def calibrate(
                                          "on its trajectory from the same noise)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="calibration.teacher: the high-accuracy solve "
                                           "through the coarse sigmas for the trajectory target, the guard and the "
-                                          "validation: a base solver (default edm = Heun) or exact (closed-form models)."),
+                                          "validation: a base solver (default edm = Heun) or exact (closed-form "
+                                          "models)."),
     teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps", help="calibration.teacher_substeps: "
                                                    "teacher steps per coarse interval (default 10)."),
     guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help="calibration.guard (default on): shrink all "
                                          "corrections by one factor in [0, 1] chosen by the final error against the "
-                                         "teacher on the calibration noises, so IIA is never worse than its base there."),
+                                         "teacher on the calibration noises (the worst of 4 folds), so IIA is never "
+                                         "worse than its base there."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),

@@ -313,8 +313,9 @@ def fold_rmse(finals: list[torch.Tensor], references: list[torch.Tensor], seeds:
     return [math.sqrt(a / b) if b else 0.0 for a, b in zip(sq, count)] + [math.sqrt(sum(sq) / sum(count))]
 
 
-def sample_finals(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], chunk: int, device: torch.device,
-                  state_dtype: torch.dtype, coeffs: Coefficients | None, class_label: int | None = None) -> list[torch.Tensor]:
+def sample_finals(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], chunk: int,
+                  device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None,
+                  class_label: int | None = None) -> list[torch.Tensor]:
     """Final states of a plain sampling pass over this process's ``seeds``, in the greedy pass's chunks."""
     return [x for _, x in sample_batches(model, method, sigmas, seeds, chunk, coeffs, device, state_dtype, class_label)]
 
@@ -341,7 +342,8 @@ def choose_alpha(final_error: Callable[[float], list[float]], base_folds: list[f
     passes = 0
 
     def score(a: float) -> tuple[float, float]:
-        return (max(e / b if b else (1.0 if e == 0 else math.inf) for e, b in zip(folds[a][:-1], base_folds[:-1])), -a)
+        ratios = [e / b if b else (1.0 if e == 0 else math.inf) for e, b in zip(folds[a][:-1], base_folds[:-1])]
+        return (max(ratios), -a)
 
     for a in GUARD_GRID:
         folds[a] = final_error(a)
@@ -426,7 +428,8 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
             out.val_calls += nfe * V
             validation.update(noises=V, rmse_base=vb, rmse_iia=vi)
             if out.alpha != 1.0:
-                raw = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, fit.coeffs, class_label)
+                raw = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, fit.coeffs,
+                                    class_label)
                 validation["rmse_unguarded"] = final_rmse(raw, val.teacher_finals)
                 out.val_calls += nfe * V
             else:
