@@ -322,6 +322,8 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
             todo = _todo(cells, p, coeffs, setup, csv_path, fresh)  # a recalibration can reproduce a done row
         elif coeffs is not None and todo:
             log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
+            if coeffs.cs.warning:
+                log(coeffs.cs.warning)
         if not todo:
             log(f"{p.method.name} nfe={p.nfe}: already in {csv_path if not ctx.shard else _shard_dir(cfg)}, "
                 "skipped (--fresh recomputes)")
