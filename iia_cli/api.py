@@ -188,7 +188,9 @@ class ResolvedCoefficients:
 
 # Calibration settings that do not change the coefficients (where they go, how the work is chunked, the
 # held-out validation) and the ones a coefficient file records under another name.
-_CALIBRATION_NOT_IN_COEFFICIENTS = ("out_dir", "batch", "val_samples", "val_seed_start")
+# target, teacher and guard are compared by ``CoefficientSet.mismatches`` (the file stores the teacher's tag).
+_CALIBRATION_NOT_IN_COEFFICIENTS = ("out_dir", "batch", "val_samples", "val_seed_start", "target", "teacher",
+                                    "teacher_substeps", "guard")
 
 
 def calibration_mismatches(cs: CoefficientSet, cfg: ExperimentConfig) -> list[str]:

@@ -151,7 +151,7 @@ def test_coefficient_file_records_target_teacher_guard_and_validation(tmp_path, 
     assert v["calibration_rmse_iia"] <= v["calibration_rmse_base"]
     # the same run finds and accepts it; another target, teacher or guard setting refuses it (exit 2)
     p = api.prepare(cfg)
-    assert api.resolve_coefficients(p, path)[1] == path
+    assert api.resolve_coefficients(p, path).path == path
     for key, value, what in [("target", "local", "calibration.target trajectory != local"),
                              ("teacher_substeps", 8, "calibration.teacher edm4 != edm8"),
                              ("guard", False, "calibration.guard on != off")]:
@@ -176,7 +176,7 @@ def test_old_coefficient_files_are_refused_by_the_guarded_default(tmp_path):
     path.write_text(json.dumps(data))
     old = CoefficientSet.load(path)
     assert old.target == "local" and old.guard is False
-    assert api.resolve_coefficients(api.prepare(cfg), path)[1] == path
+    assert api.resolve_coefficients(api.prepare(cfg), path).path == path
     with pytest.raises(ConfigError, match="calibration.guard off != on"):
         api.resolve_coefficients(api.prepare(_cfg(tmp_path)), path)
 
