@@ -167,6 +167,18 @@ def _nansum(values: list[float | None]) -> float:
     return float(sum(v for v in values if v is not None and v == v))
 
 
+class MissingCoefficientsError(IIARuntimeError):
+    """No coefficient file for an IIA run; the CLI replaces ``command`` by the one the user typed."""
+
+    def __init__(self, method: str, nfe: int, path: Path, command: str) -> None:
+        self.method, self.nfe, self.path = method, nfe, path
+        super().__init__(self.with_command(command))
+
+    def with_command(self, command: str) -> str:
+        return (f"no coefficients for {self.method} at NFE {self.nfe} on this model and grid "
+                f"(looked for {self.path}); create them with `{command}` or add --calibrate")
+
+
 def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, calibrate_missing: bool = False,
                          log: LogFn = default_log) -> tuple[Coefficients | None, Path | None]:
     """Find the coefficient file of an IIA run (explicit path or the default name) and check it fits."""
@@ -180,8 +192,7 @@ def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, cal
             raise MissingFileError("coefficient file", path)
         if not calibrate_missing:
             cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"
-            raise IIARuntimeError(f"no coefficients for {p.method.name} at NFE {p.nfe} on this model and grid "
-                                  f"(looked for {path}); create them with `{cmd}` or add --calibrate")
+            raise MissingCoefficientsError(p.method.name, p.nfe, path, cmd)
         cs, path = calibrate(p.cfg, prepared=p, log=log, verbose=False)
         return cs.coefficients, path
     cs = CoefficientSet.load(path)
@@ -284,7 +295,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         extra = {}
         if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
             extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order])
-        savez_atomic(out_path, x=np.stack([gathered[s][0] for s in order]), images=images,
+        savez_atomic(out_path, rescue=True, what=f"{len(order)} samples", x=np.stack([gathered[s][0] for s in order]), images=images,
                      seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
     if partial is not None:
         dist.barrier()

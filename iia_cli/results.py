@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from . import __version__
+from .atomic import write_rescue_copy
 from .errors import IIARuntimeError, MissingFileError
+from .paths import csv_lock
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
@@ -60,10 +60,23 @@ def make_row(**fields: Any) -> dict[str, Any]:
 
 
 def append_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows (header first if the file is new) under an exclusive lock, in one write."""
+    """Append rows (header first if the file is new) under an exclusive lock, in one write. If that fails,
+    the rows go to a rescue CSV beside it (or under ./iia-rescued) and the error names it."""
     path = Path(path)
+    try:
+        _append_rows(path, rows)
+    except (OSError, IIARuntimeError) as exc:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore").writeheader()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore").writerows(rows)
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        write_rescue_copy(path.with_suffix(".unsaved.csv"), lambda tmp: tmp.write_text(buf.getvalue()), reason,
+                          f"{len(rows)} result rows", first=[path.parent])
+
+
+def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=600):
+    with csv_lock(path):
         new = not path.exists() or path.stat().st_size == 0
         if not new:
             with path.open(newline="") as f:
