@@ -75,7 +75,7 @@ def rescue_dirs(path: Path) -> list[Path]:
     out = []
     for base in (Path.cwd(), Path(tempfile.gettempdir())):
         d = (base / "iia-rescued").absolute()
-        if d not in out and d.parent != path.parent.absolute():
+        if d not in out:
             out.append(d)
     return out
 

@@ -50,10 +50,13 @@ def handle_errors() -> Iterator[None]:
         sys.stdout.flush()
 
 
-def usage_message(exc: Exception, args: Sequence[str]) -> str:
+def usage_message(exc: Exception, args: Sequence[str], prog: str = "iia", commands: Sequence[str] = ()) -> str:
     """One line for a Typer/Click usage error: the command, what is wrong, and where to look."""
     ctx = getattr(exc, "ctx", None)
-    command = ctx.command_path if ctx is not None else "iia"
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # errors raised while parsing options carry no context
+        command = f"{prog} {args[0]}" if args and args[0] in commands else prog
     fmt = getattr(exc, "format_message", None)
     msg = one_line(fmt() if callable(fmt) else str(exc)).rstrip(".")
     if "unexpected extra argument" in msg:
@@ -79,7 +82,7 @@ class OneLineErrorGroup(TyperGroup):
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `iia`: the help, as Click prints it
                 echo_err(exc.format_message())
             else:
-                echo_err(usage_message(exc, argv))
+                echo_err(usage_message(exc, argv, prog_name or "iia", list(self.commands)))
             rv = getattr(exc, "exit_code", 2)
         except typer.Abort:
             echo_err("error: aborted")
