@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .atomic import remove_stale_temps
+from .atomic import remove_stale_temps, temp_prefix
 from .errors import ConfigError, IIARuntimeError
 
 LOCK_TIMEOUT_S = 600.0
@@ -50,9 +50,13 @@ def _nearest_existing(path: Path) -> tuple[Path, list[Path]]:
     return p, missing
 
 
+def _kind(path: Path) -> str:
+    return "a symbolic link that leads nowhere" if path.is_symlink() and not path.exists() else "a file"
+
+
 def _probe_dir(directory: Path, option: str, path: Path, name: str) -> None:
     """Create and delete a file in ``directory``: the only check that root, /proc and read-only mounts obey."""
-    probe = directory / f".{name}.iia-probe-{os.getpid()}.tmp"
+    probe = directory / f"{temp_prefix(Path(name))}probe.tmp"  # as long as the temporary names of atomic writes
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -70,7 +74,7 @@ def _check_parent(path: Path, option: str, what: str) -> list[Path]:
     parent = path.parent
     existing, missing = _nearest_existing(parent)
     if not existing.is_dir():
-        raise ConfigError(f"{_label(option, path)}: {existing} is a file, not a directory; "
+        raise ConfigError(f"{_label(option, path)}: {existing} is {_kind(existing)}, not a directory; "
                           f"choose a {what} inside a directory")
     _probe_dir(existing, option, path, path.name)
     return missing
@@ -134,7 +138,8 @@ class OutputPlan:
             hint = " (an .npz output must end in .npz)" if what == "PNG directory" else ""
             raise ConfigError(f"{_label(option, path)} exists and is not a directory{hint}; give a {what} path")
         if not existing.is_dir():
-            raise ConfigError(f"{_label(option, path)}: {existing} is a file, not a directory; give a {what} path")
+            raise ConfigError(f"{_label(option, path)}: {existing} is {_kind(existing)}, not a directory; "
+                              f"give a {what} path")
         _probe_dir(existing, option, path, path.name)
         self.to_create += missing
         if not missing:
