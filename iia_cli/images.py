@@ -34,5 +34,6 @@ def save_grid_png(images: np.ndarray, path: Path, ncols: int | None = None) -> N
     for k in range(n):
         r, q = divmod(k, ncols)
         grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images[k]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, Path(path))
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda tmp: save_png(grid, tmp, "PNG"), rescue=True, what="sample grid")
