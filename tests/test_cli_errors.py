@@ -184,7 +184,7 @@ def test_failed_csv_append_keeps_the_rows(tmp_path, monkeypatch):
     from iia_cli import results
     from iia_cli.atomic import OutputRescued
 
-    def full(path, rows):
+    def full(path, rows, skip_done=False):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(results, "_append_rows", full)
