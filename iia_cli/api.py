@@ -117,7 +117,8 @@ def default_coefficient_path(p: Prepared) -> Path:
 
 def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, out: str | Path | None = None,
               prepared: Prepared | None = None, log: LogFn = default_log, verbose: bool = True) -> tuple[CoefficientSet, Path]:
-    """Fit IIA coefficients by one greedy pass (METHOD.md section 1), validate on held-out noises and
+    """Fit IIA coefficients by one greedy pass (the per-step least squares of
+    the paper's eqs. (14) and (19)), validate on held-out noises and
     write the coefficient file. Returns the set and its path."""
     p = prepared or prepare(cfg, method, nfe)
     if not p.method.is_iia:

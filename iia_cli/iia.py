@@ -1,4 +1,4 @@
-"""IIA calibration (METHOD.md section 1): one greedy least-squares pass, and the coefficient files.
+"""IIA calibration (Zhang, Niwa, Kleijn, ICLR 2024, eqs. (14), (19)): one greedy least-squares pass, and the coefficient files.
 
 At step i the quantities q_k are computed from the current states z_i, the base solver is run over M
 sub-steps of [sigma_i, sigma_{i+1}] from the same states (the fine reference), and the correction
