@@ -75,6 +75,16 @@ def compute_stats(
     return stats
 
 
+def _source_stats(
+    spec: str | Path, weights_path: str | Path, device: str, batch_size: int, limit: int | None,
+    progress: ProgressFn | None,
+) -> FeatureStats:
+    """Statistics of the first ``limit`` images (all when None) of an image source."""
+    batches = iter_image_batches(spec, batch_size)  # validates the source before Inception loads
+    extractor = FeatureExtractor(weights_path, device=device, batch_size=batch_size)
+    return compute_stats(_take(batches, limit), extractor, progress)
+
+
 def compute_reference(
     data_spec: str | Path,
     out_path: str | Path,
@@ -87,10 +97,7 @@ def compute_reference(
     """Write reference statistics (``mu``, ``sigma``) of the first ``limit`` images of ``data_spec``."""
     if limit is not None and limit < 2:
         raise ConfigError(f"--limit must be at least 2 images, got {limit}")
-    batches = iter_image_batches(data_spec, batch_size)  # validates the source before Inception loads
-    extractor = FeatureExtractor(weights_path, device=device, batch_size=batch_size)
-    stats = compute_stats(_take(batches, limit), extractor, progress)
-    return stats.to_reference_npz(out_path)
+    return _source_stats(data_spec, weights_path, device, batch_size, limit, progress).to_reference_npz(out_path)
 
 
 def fid_from_stats(stats: FeatureStats, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
@@ -111,8 +118,6 @@ def fid_of_images(
 ) -> tuple[float, int]:
     """``(FID, number of images)`` of an image source against reference statistics in ``ref_path``."""
     ref_mu, ref_sigma, _ = load_reference(ref_path)  # fail on a bad reference before any Inception work
-    batches = iter_image_batches(images_spec, batch_size)
-    extractor = FeatureExtractor(weights_path, device=device, batch_size=batch_size)
-    stats = compute_stats(batches, extractor, progress)
+    stats = _source_stats(images_spec, weights_path, device, batch_size, None, progress)
     return fid_from_stats(stats, ref_mu, ref_sigma), stats.n
 
