@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import ConfigError, IIARuntimeError
 from ..hashing import sha256_of_file
 from .features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
@@ -49,8 +50,8 @@ __all__ = [
     "TORCH_FIDELITY_WEIGHTS_FILENAME", "FeatureExtractor", "FeatureStats", "ProgressFn", "WeightsSource",
     "check_reference_stats", "compute_reference", "compute_stats", "convert_fid_helper_state_dict",
     "fid_from_stats", "fid_helper_network_path", "fid_of_images", "frechet_distance", "install_fid_helper_weights",
-    "iter_image_batches", "list_image_files", "load_inception_state", "load_reference", "resolve_inception_weights",
-    "sha256_of_file", "torch_fidelity_weights_path",
+    "iter_image_batches", "list_image_files", "load_inception_state", "load_reference", "resolve_device",
+    "resolve_inception_weights", "sha256_of_file", "torch_fidelity_weights_path",
 ]
 
 
