@@ -39,7 +39,8 @@ except ImportError:
     HAS_TRANSFORMERS = False
 
 pytestmark = [  # one list: a second assignment would replace the skip
-    pytest.mark.skipif(not (HAS_DIFFUSERS and HAS_TRANSFORMERS), reason="Stable Diffusion needs diffusers and transformers"),
+    pytest.mark.skipif(not (HAS_DIFFUSERS and HAS_TRANSFORMERS),
+                       reason="Stable Diffusion needs diffusers and transformers"),
     pytest.mark.usefixtures("one_thread"),
 ]
 
@@ -240,7 +241,8 @@ def test_guidance_matches_independent_unet_calls(sd: dict[str, Path], ref: Refer
     model = load_sd_pipeline(sd[prediction_type], guidance_scale=GUIDANCE, prompts=sd["prompts"])
     assert model.shape == LATENT and model.guided is True and model.label_dim == 0 and model.evals_per_call == 2
     assert model.prediction_type.value == prediction_type and model.image_size == IMAGE[:2]
-    torch.testing.assert_close(model.discrete_sigmas, ((1 - ref.abar) / ref.abar).sqrt(), rtol=1e-6, atol=0)  # diffusers: float32 betas
+    sigmas = ((1 - ref.abar) / ref.abar).sqrt()
+    torch.testing.assert_close(model.discrete_sigmas, sigmas, rtol=1e-6, atol=0)  # diffusers' betas are float32
 
     # Per-prompt seeds: seed k uses prompt k mod P; the embeddings are the text encoder's last hidden state.
     seeds = [0, 1, 2, 3, 5]

@@ -121,4 +121,3 @@ def fid_of_images(
     ref_mu, ref_sigma, _ = load_reference(ref_path)  # fail on a bad reference before any Inception work
     stats = _source_stats(images_spec, weights_path, device, batch_size, None, progress)
     return fid_from_stats(stats, ref_mu, ref_sigma), stats.n
-

@@ -64,4 +64,3 @@ class FeatureExtractor:
                 (features,) = self.net(batch)  # float32 [B, 2048]
                 out.append(features.to("cpu", torch.float64))
         return torch.cat(out)
-

