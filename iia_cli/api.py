@@ -119,9 +119,9 @@ def default_coefficient_path(p: Prepared) -> Path:
 
 def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, out: str | Path | None = None,
               prepared: Prepared | None = None, log: LogFn = default_log, verbose: bool = True) -> tuple[CoefficientSet, Path]:
-    """Fit IIA coefficients by one greedy pass against the configured target (the paper's local fine reference
-    or the teacher's trajectory), shrink them by the guard, validate end to end on held-out noises and write
-    the coefficient file. Returns the set and its path."""
+    """Fit IIA coefficients by one greedy pass of per-step least squares (the paper's eqs. 14 and 19) against the
+    configured target (the paper's local fine reference or the teacher's trajectory), shrink them by the guard,
+    validate end to end on held-out noises and write the coefficient file. Returns the set and its path."""
     p = prepared or prepare(cfg, method, nfe)
     if not p.method.is_iia:
         raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "

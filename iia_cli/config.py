@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, MissingFileError
+from .layout import coefficients_dir
 from .grids import DISCRETE_SPACINGS, GRID_KINDS
 
 MODEL_KINDS: dict[str, dict[str, Any]] = {
@@ -86,7 +87,7 @@ class CalibrationConfig:
     val_samples: int = 100
     val_seed_start: int = 2_000_000_000
     batch: int | None = None  # chunk size for model calls (default: sampler.batch)
-    out_dir: str = "results/coefficients"
+    out_dir: str = str(coefficients_dir())
     target: str = "local"  # local: M fine sub-steps from the coarse state (paper) | trajectory: the teacher's state
     teacher: str = "edm"  # teacher of trajectory targets, the guard and validation: a base solver (edm = Heun) or exact
     teacher_substeps: int = 10  # teacher steps per coarse interval, uniform in log sigma

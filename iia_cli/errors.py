@@ -35,3 +35,12 @@ class MissingFileError(IIARuntimeError):
             msg += f" ({hint})"
         super().__init__(msg)
         self.path = path
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A foreign exception's message as one short line (CLI errors are one line). For torch's weights-only
+    refusals, the line that names the refused global."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = next((line for line in lines if "unsupported global" in line.lower()), " ".join(lines))
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, layout
 from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
                   resolve_coefficients)
 from .atomic import savez_atomic
@@ -61,7 +61,7 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
         return (path, *load_reference(path))
     key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
-    cached = Path("results/cache") / f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}.npz"
+    cached = layout.reference_cache_dir() / f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}.npz"
     if not cached.is_file():
         log(f"computing reference statistics of {spec} ({cfg.fid.reference_samples or 'all'} images) -> {cached}")
         compute_reference(spec, cached, weights, device=str(device), batch_size=cfg.fid.batch,
@@ -259,7 +259,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
 
 
 def _shard_dir(cfg: ExperimentConfig) -> Path:
-    return Path("results/shards") / cfg.experiment
+    return layout.shard_dir(cfg.experiment)
 
 
 def _shard_file(cfg: ExperimentConfig, identity: str) -> Path:
@@ -293,7 +293,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     ranges = parse_seed_ranges(given if given is not None else f"0-{n_samples - 1}")
     if samples is not None and given is not None:
         ranges = [r[:n_samples] for r in ranges]
-    csv_path = Path(csv or ev.csv or f"results/{cfg.experiment}.csv")
+    csv_path = Path(csv or ev.csv or layout.results_csv(cfg.experiment))
     if not ctx.shard:
         check_header(csv_path)  # before any work: rows that could not be appended would be lost
     requested = metrics if metrics is not None else ev.metrics
@@ -379,7 +379,7 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
         accs = [setup.accumulator(c) for c in cells]
         key = hashlib.sha256("|".join(c.identity for c in cells).encode()).hexdigest()[:16]
         tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
-        partial = Path("results/cache/partial") / f"{key}-r{ctx.rank}of{ctx.world}{tag}.npz"
+        partial = layout.partial_dir() / f"{key}-r{ctx.rank}of{ctx.world}{tag}.npz"
         if fresh:
             partial.unlink(missing_ok=True)
         label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)

@@ -1,5 +1,5 @@
-"""IIA calibration (Zhang, Niwa, Kleijn, ICLR 2024): one greedy least-squares pass, a guard on the final
-error, end-to-end validation, and the coefficient files.
+"""IIA calibration (Zhang, Niwa, Kleijn, ICLR 2024, eqs. 14 and 19): one greedy least-squares pass, a guard on
+the final error, end-to-end validation, and the coefficient files.
 
 At step i the quantities q_k are computed from the current states z_i and the coefficients solve
 ``min_c sum_b || sum_k c_k q_k^b - (x_target^b - x_base^b) ||^2`` through the normal equations ``G c = g``

@@ -1,4 +1,6 @@
-"""Sampling methods: a base solver, optionally with IIA basis quantities (METHOD.md sections 3-6).
+"""Sampling methods: a base solver, optionally with IIA basis quantities (Zhang, Niwa, Kleijn,
+ICLR 2024: IIA-EDM/BIIA-EDM eq. (18) and Algorithms 1-2, IIA-DDIM eqs. (6) and (8), IIA-DPM-Solver eq. (23),
+the PNDM family Appendix G).
 
 An IIA step is ``x_{i+1} = base_update + sum_k c[i, k] q_k``: the coefficients are corrections on top
 of the base solver, so zero coefficients reproduce it exactly. For IIA-EDM this is eq. (18) with

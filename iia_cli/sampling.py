@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import devices
 from .config import SEED_LIMIT
 from .errors import ConfigError, IIARuntimeError
 from .methods import Method
@@ -80,15 +81,8 @@ def format_seeds(seeds: Sequence[int]) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":  # under torchrun each rank uses the GPU that dist.setup selected
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --set sampler.device=cpu")
-    return dev
+    """``sampler.device`` as a torch device (:func:`iia_cli.devices.resolve_device`)."""
+    return devices.resolve_device(device, "use --set sampler.device=cpu")
 
 
 def resolve_state_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -72,3 +72,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def unet_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny diffusers ``UNet2DModel`` directories of one random UNet (seed 0): ``bare`` (config and weights, no
+    scheduler: DDPM defaults) and a ``DDPMPipeline`` layout per prediction type (``epsilon``, ``v_prediction``,
+    ``sample``; a DDIMScheduler config with linear betas 1e-4..0.02, T = 1000)."""
+    pytest.importorskip("diffusers")
+    from ckpt_builders import tiny_unet, write_unet_dir
+
+    root = tmp_path_factory.mktemp("unets")
+    unet = tiny_unet(seed=0)
+    dirs = {"bare": write_unet_dir(root / "bare", unet=unet)}
+    for pred in ("epsilon", "v_prediction", "sample"):
+        dirs[pred] = write_unet_dir(root / pred, layout="pipeline", prediction_type=pred, unet=unet)
+    return dirs

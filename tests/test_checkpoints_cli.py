@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from ckpt_builders import HAS_DIFFUSERS, LABEL_LOG_ENV, write_edm_pickle, write_unet_dir
+from ckpt_builders import HAS_DIFFUSERS, LABEL_LOG_ENV, write_edm_pickle
 
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
 
@@ -197,20 +197,7 @@ def test_edm_pickle_bfloat16(cli, edm_pkls: dict[str, Path], tmp_path: Path) -> 
 # diffusers UNet2DModel directories.
 
 
-@pytest.fixture(scope="module")
-def unet_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ckpt_builders import tiny_unet
-
-    root = tmp_path_factory.mktemp("unets")
-    unet = tiny_unet(seed=0)
-    return {
-        "bare": write_unet_dir(root / "bare", unet=unet),
-        "pipeline": write_unet_dir(root / "pipeline", layout="pipeline", unet=unet),
-        "pipeline-v": write_unet_dir(root / "pipeline-v", layout="pipeline", prediction_type="v_prediction", seed=1),
-    }
-
-
-PREDICTION = {"bare": "epsilon", "pipeline": "epsilon", "pipeline-v": "v_prediction"}
+PREDICTION = {"bare": "epsilon", "epsilon": "epsilon", "v_prediction": "v_prediction"}  # unet_dirs: conftest.py
 
 
 def _diffusers_ddim(path: Path, prediction_type: str, seeds: list[int], steps: int) -> torch.Tensor:
@@ -236,7 +223,7 @@ def _diffusers_ddim(path: Path, prediction_type: str, seeds: list[int], steps: i
 
 
 @needs_diffusers
-@pytest.mark.parametrize("layout", ["bare", "pipeline", "pipeline-v"])
+@pytest.mark.parametrize("layout", ["bare", "epsilon", "v_prediction"])
 def test_diffusers_discrete_ddim_matches_diffusers(cli, unet_dirs: dict[str, Path], tmp_path: Path,
                                                    layout: str) -> None:
     from iia_cli.models.diffusers_unet import load_diffusers_unet
@@ -260,7 +247,7 @@ def test_diffusers_discrete_ddim_matches_diffusers(cli, unet_dirs: dict[str, Pat
 
 @needs_diffusers
 def test_diffusers_iia_ddim_calibrate_sample(cli, unet_dirs: dict[str, Path], tmp_path: Path) -> None:
-    cfg = _write_cfg(tmp_path, {"kind": "diffusers", "path": unet_dirs["pipeline"]}, grid={"kind": "discrete"})
+    cfg = _write_cfg(tmp_path, {"kind": "diffusers", "path": unet_dirs["epsilon"]}, grid={"kind": "discrete"})
     r = _ok(cli(["calibrate", "--config", cfg, "--method", "iia-ddim", "--nfe", 10]))
     coeff_path = Path(r.stdout.strip().splitlines()[-1])
     data = json.loads(coeff_path.read_text())

@@ -2,13 +2,23 @@
 
 import csv
 import json
+import math
 import multiprocessing as mp
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from iia_cli.results import COLUMNS
+
+
+def _revision() -> str:
+    """The checkout the tested code comes from, asked of git independently of iia_cli.results."""
+    rev = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short=12", "HEAD"],
+                         capture_output=True, text=True)
+    return rev.stdout.strip() if rev.returncode == 0 else "unknown"
 
 
 @pytest.fixture
@@ -40,11 +50,14 @@ def test_evaluate_writes_tidy_csv_and_report(cli, eval_cfg, tmp_path, inception_
     assert len(rows) == 2 * (1 + 2)  # per method: one integration error row, one FID row per seed range
     fid_rows = [row for row in rows if row["metric"] == "fid"]
     assert {row["seeds"] for row in fid_rows} == {"0-14", "15-29"}
+    revision = _revision()
     for row in rows:
         assert row["experiment"] == "tiny" and row["model"] == "gaussian" and len(row["model_sha256"]) == 64
         assert row["nfe"] == "5" and row["grid"] == "karras" and row["tool_version"] and row["timestamp"]
-        assert row["git_revision"]
-        assert float(row["value"]) >= 0
+        assert row["git_revision"] in (revision, revision + "-dirty")
+    values = {(row["method"], row["seeds"]): float(row["value"]) for row in fid_rows}
+    assert all(math.isfinite(v) and v > 0 for v in values.values())  # 15 samples never match the reference
+    assert all(values[m, "0-14"] != values[m, "15-29"] for m in ("edm", "iia-edm"))  # each range its own samples
     iia = [row for row in fid_rows if row["method"] == "iia-edm"][0]
     assert iia["r"] == "1" and iia["M"] == "4" and iia["B"] == "16" and iia["coefficient_file"].endswith(".json")
     assert iia["reference"].endswith(".npz") and len(iia["reference_sha256"]) == 64 and iia["n_samples"] == "15"

@@ -145,7 +145,7 @@ def test_edm_pickle_errors(edm_pickle: dict, tmp_path: Path) -> None:
 
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
 if HAS_DIFFUSERS:
-    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from iia_cli.models.diffusers_unet import (  # noqa: E402
     PredictionType,
@@ -153,20 +153,6 @@ from iia_cli.models.diffusers_unet import (  # noqa: E402
     make_betas,
     make_discrete_sigmas,
 )
-
-@pytest.fixture(scope="module")
-def unet_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A bare UNet directory without scheduler, and pipeline layouts for each prediction type."""
-    root = tmp_path_factory.mktemp("diffusers")
-    unet = _tiny_unet()
-    unet.save_pretrained(root / "bare")
-    dirs = {"bare": root / "bare"}
-    for pred in ("epsilon", "v_prediction", "sample"):
-        scheduler = DDIMScheduler(prediction_type=pred, clip_sample=False, set_alpha_to_one=False)
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / pred)
-        dirs[pred] = root / pred
-    return dirs
-
 
 @needs_diffusers
 def test_default_schedule_sigma_range(unet_dirs: dict[str, Path]) -> None:
@@ -177,19 +163,47 @@ def test_default_schedule_sigma_range(unet_dirs: dict[str, Path]) -> None:
     assert den.sigma_min == pytest.approx(0.0100, rel=1e-3) and den.sigma_max == pytest.approx(157.4, rel=1e-3)
 
 
+def _textbook_betas(config: dict, num_t: int = 1000) -> torch.Tensor:
+    """The published schedules in float64, independent of diffusers: linear (Ho et al. 2020), scaled_linear
+    (latent diffusion), squaredcos_cap_v2 (Nichol & Dhariwal 2021, eq. 17)."""
+    kind = config.get("beta_schedule", "linear")
+    start, end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    if kind == "linear":
+        return torch.linspace(start, end, num_t, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, num_t, dtype=torch.float64) ** 2
+    s = torch.arange(num_t + 1, dtype=torch.float64) / num_t
+    abar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+
+
 @needs_diffusers
 @pytest.mark.parametrize(
     "config",
     [
         dict(beta_schedule="linear"),
-        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, _class_name="PNDMScheduler"),
+        dict(beta_schedule="squaredcos_cap_v2", _class_name="DDIMScheduler"),
     ],
 )
-def test_betas_match_diffusers(config: dict) -> None:
+def test_betas_match_published_schedules(config: dict) -> None:
     ours, _ = make_discrete_sigmas(make_betas({"num_train_timesteps": 1000, **config}))
-    theirs = DDPMScheduler(num_train_timesteps=1000, **config).alphas_cumprod.double()
-    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    expected = torch.cumprod(1 - _textbook_betas(config), 0)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+@needs_diffusers
+def test_betas_follow_the_configured_scheduler() -> None:
+    trained = [0.001, 0.002, 0.5]
+    torch.testing.assert_close(make_betas({"trained_betas": trained}), torch.tensor(trained, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    sigmoid = make_betas({"beta_schedule": "sigmoid"})  # DDPMScheduler knows it: from diffusers, not our code
+    torch.testing.assert_close(sigmoid, DDPMScheduler(beta_schedule="sigmoid").betas.double())
+    assert 1e-4 < float(sigmoid[0]) < float(sigmoid[500]) < float(sigmoid[-1]) < 0.02
+    with pytest.raises(IIARuntimeError, match="unsupported beta_schedule 'sigmoid' for DDIMScheduler"):
+        make_betas({"_class_name": "DDIMScheduler", "beta_schedule": "sigmoid"})
+    with pytest.raises(IIARuntimeError, match="'NoSuchScheduler', not a scheduler of diffusers"):
+        make_betas({"_class_name": "NoSuchScheduler"})
 
 
 def _direct_x0(unet: UNet2DModel, z: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, pred: str,
@@ -320,8 +334,6 @@ def test_diffusers_errors(unet_dirs: dict[str, Path], tmp_path: Path, monkeypatc
         load_diffusers_unet(unet_dirs["bare"], prediction_type="eps")
     with pytest.raises(ConfigError, match="interp, nearest"):
         load_diffusers_unet(unet_dirs["bare"], timestep_lookup="linear")
-    with pytest.raises(IIARuntimeError, match="unsupported beta_schedule 'sigmoid'"):
-        make_betas({"beta_schedule": "sigmoid"})
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(IIARuntimeError, match=r"pip install 'iia_cli\[diffusers\]'"):
         load_diffusers_unet(unet_dirs["bare"])

@@ -274,7 +274,7 @@ def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path):
     np.testing.assert_allclose(outs["fast"], outs["plain"], rtol=1e-6, atol=1e-6)
 
 
-def test_speed_option_errors_and_auto_batch(cli, tmp_path):
+def test_speed_option_errors_and_auto_batch(cli, tmp_path, monkeypatch):
     from iia_cli import api
     from iia_cli.config import load_config
 
@@ -286,4 +286,11 @@ def test_speed_option_errors_and_auto_batch(cli, tmp_path):
     assert r.exit_code == 2 and "sampler.dtype='float8' is not valid" in r.output
     r = cli(["sample", "--config", cfg, "--batch", "lots", "--out", tmp_path / "x.npz"])
     assert r.exit_code == 2 and "positive integer or auto" in r.output
-    assert api.prepare(load_config(cfg)).batch == 64  # auto on the CPU
+    # sampler.batch: auto asks the probe once per model; an explicit batch never probes
+    probes = []
+    monkeypatch.setattr(api, "auto_batch", lambda model, device: probes.append(device.type) or 24)
+    p = api.prepare(load_config(cfg))
+    assert p.batch == 24 and probes == ["cpu"]
+    assert api.prepare(load_config(cfg), model=p.model, fingerprint=p.fingerprint).batch == 24 and len(probes) == 1
+    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}, "sampler": {"batch": 5}}))
+    assert api.prepare(load_config(cfg)).batch == 5 and len(probes) == 1

@@ -137,6 +137,16 @@ def test_grids_are_descending_and_clipped():
     cfg = GridConfig(kind="karras", sigma_min=0.001, sigma_max=500)
     sig = make_grid(cfg, make_method("ddim").solver.plan(10), MODEL)
     assert float(sig[0]) == 80.0 and abs(float(sig[-2]) - 0.002) < 1e-12 and float(sig[-1]) == 0
+    # every interior point follows EDM eq. (5) (Karras et al. 2022), evaluated here point by point in floats
+    for rho in (7.0, 3.0):
+        sig = make_grid(GridConfig(kind="karras", rho=rho), make_method("ddim").solver.plan(10), MODEL)[:-1]
+        n, lo, hi = len(sig), 0.002 ** (1 / rho), 80.0 ** (1 / rho)
+        expected = [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
+        assert n == 10 and sig.tolist() == pytest.approx(expected, rel=1e-12)
+    # rho = 1 spaces sigma uniformly; rho = 2 uniformly in sqrt(sigma): the midpoints by hand
+    assert make_karras_grid(3, 0.002, 80.0, rho=1.0).tolist() == pytest.approx([80.0, 40.001, 0.002], rel=1e-12)
+    mid = float(make_karras_grid(3, 0.002, 80.0, rho=2.0)[1])
+    assert mid == pytest.approx(((80.0**0.5 + 0.002**0.5) / 2) ** 2, rel=1e-12)
     for kind in ("logsnr", "time-uniform"):
         s = make_grid(GridConfig(kind=kind), make_method("ddim").solver.plan(12), MODEL)
         assert bool((s[:-1] > s[1:]).all()) and abs(float(s[0]) - 80) < 1e-9 and abs(float(s[-2]) - 0.002) < 1e-9

@@ -1,7 +1,7 @@
 """Stable Diffusion (a local diffusers pipeline directory) as a classifier-free-guided latent denoiser.
 
 The latent UNet is a discrete-time VP model, so it maps into EDM's space exactly as
-:mod:`iia_cli.models.diffusers_unet` describes (METHOD.md section 2), on latents:
+:mod:`iia_cli.models.diffusers_unet` describes (Karras et al. 2022, Table 1, "VP"), on latents:
 
 * state ``x = z / sqrt(abar)`` of shape (unet.in_channels, H / f, W / f), f the VAE's scale factor
   ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD), H, W by default ``unet.sample_size * f``;
@@ -20,7 +20,8 @@ The latent UNet is a discrete-time VP model, so it maps into EDM's space exactly
 * ``decode(x)``: final latents (sigma = 0, so z = x) -> ``vae.decode(z / scaling_factor)`` -> images in
   [-1, 1]. The VAE always runs in float32 (one call per image; half-precision VAEs can overflow).
 
-Coefficients are specific to guidance scale, resolution and prompts (METHOD.md section 7): all of them
+Coefficients are specific to guidance scale, resolution and prompts (the paper fits them per
+model, grid, NFE and guidance scale): all of them
 enter :meth:`SDDenoiser.fingerprint`. diffusers and transformers are imported lazily.
 """
 

@@ -1,7 +1,7 @@
 """diffusers ``UNet2DModel`` checkpoints (e.g. DDPM CIFAR-10) as denoisers in EDM's space.
 
 A discrete-time VP model with training schedule ``abar_t`` (t = 0..T-1) maps into EDM's parameterisation
-exactly (METHOD.md section 2; Karras et al. 2022, Table 1, "VP"):
+exactly (Karras et al. 2022, Table 1, "VP"):
 
 * noise level ``sigma_t = sqrt((1 - abar_t) / abar_t)`` (``discrete_sigmas``, ascending in t);
 * state ``x = z / sqrt(abar)``, so the network input is ``z = x / sqrt(1 + sigma^2)``;
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import inspect
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -72,29 +72,35 @@ def _parse_enum(enum_cls: type[enum.Enum], value: Any, what: str, error: type[Ex
 
 
 def make_betas(schedule: dict[str, Any]) -> torch.Tensor:
-    """float64 betas [T] from a diffusers scheduler config.
+    """Betas [T] (float64) from a diffusers scheduler config, computed by diffusers itself.
 
-    linear: ``linspace(beta_start, beta_end, T)`` (Ho et al. 2020); scaled_linear:
-    ``linspace(sqrt(beta_start), sqrt(beta_end), T)^2`` (latent diffusion); squaredcos_cap_v2: the cosine
-    schedule ``abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)``, ``beta_i = min(1 - abar((i+1)/T) / abar(i/T),
-    0.999)`` (Nichol & Dhariwal 2021, eq. 17); ``trained_betas``: the listed values.
+    The scheduler class named by the config's ``_class_name`` (DDPMScheduler when absent: a bare UNet
+    directory) is built from the config's schedule keys (``num_train_timesteps``, ``beta_start``,
+    ``beta_end``, ``beta_schedule``, ``trained_betas``) and its ``betas`` are returned, so every schedule that
+    scheduler knows (linear, scaled_linear, squaredcos_cap_v2, sigmoid, ...) is the checkpoint's own.
     """
-    num_t = int(schedule.get("num_train_timesteps", 1000))
-    if schedule.get("trained_betas") is not None:
-        return torch.tensor(schedule["trained_betas"], dtype=torch.float64)
+    try:
+        import diffusers
+    except ImportError as err:
+        raise IIARuntimeError("diffusers is not installed: pip install 'iia_cli[diffusers]'") from err
+    name = str(schedule.get("_class_name") or "DDPMScheduler")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and name.endswith("Scheduler")):
+        raise IIARuntimeError(f"scheduler config names {name!r}, not a scheduler of diffusers {diffusers.__version__}")
+    accepted = inspect.signature(cls.__init__).parameters
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    kwargs = {k: schedule[k] for k in keys if k in schedule and k in accepted}
     kind = schedule.get("beta_schedule", "linear")
-    start, end = float(schedule.get("beta_start", 1e-4)), float(schedule.get("beta_end", 0.02))
-    if kind == "linear":
-        return torch.linspace(start, end, num_t, dtype=torch.float64)
-    if kind == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, num_t, dtype=torch.float64) ** 2
-    if kind == "squaredcos_cap_v2":
-        s = torch.arange(num_t + 1, dtype=torch.float64) / num_t
-        abar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-    raise IIARuntimeError(
-        f"unsupported beta_schedule {kind!r}; valid: linear, scaled_linear, squaredcos_cap_v2 (or trained_betas)"
-    )
+    try:
+        scheduler = cls(**kwargs)
+    except NotImplementedError as err:  # diffusers' answer to an unknown beta_schedule
+        raise IIARuntimeError(f"unsupported beta_schedule {kind!r} for {name}: {describe_error(err)}") from None
+    except Exception as err:  # noqa: BLE001 -- bad values in a foreign config
+        raise IIARuntimeError(f"cannot build {name} from the scheduler config: {describe_error(err)}") from None
+    betas = getattr(scheduler, "betas", None)
+    if not isinstance(betas, torch.Tensor) or betas.ndim != 1:
+        raise IIARuntimeError(f"{name} has no discrete betas: only discrete-time (VP) schedulers are supported")
+    return betas.to(torch.float64)
 
 
 def make_discrete_sigmas(betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

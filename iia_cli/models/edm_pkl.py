@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.hashing import sha256_of_file as sha256_file  # re-exported for the diffusers adapters
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -53,7 +54,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
-_CHUNK = 1 << 20  # 1 MiB
 _PERSISTENCE_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 _STANDIN_ROOTS = ("torch_utils", "dnnlib")
 _REQUIRED_ATTRS = ("img_resolution", "img_channels", "sigma_min", "sigma_max")
@@ -93,15 +93,6 @@ def describe_error(err: BaseException, limit: int = 400) -> str:
     raise multi-line messages (e.g. a state-dict size mismatch per parameter) and CLI errors are one line."""
     text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

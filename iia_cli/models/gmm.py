@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import savez_atomic
 from ..data import load_mnist_5k, mnist_5k_path
 from ..errors import ConfigError, IIARuntimeError
+from ..hashing import sha256_of_file
+from ..layout import model_cache_dir
 
 CACHE_FORMAT_VERSION = 2
 DEFAULT_COMPONENTS = 10
@@ -138,20 +139,6 @@ def fit_ppca_mixture(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$IIA_CACHE_DIR`` or ``~/.cache/iia_cli``."""
-    env = os.environ.get("IIA_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "iia_cli"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gmm_cache_path(
     cache_dir: Path, components: int, rank: int, tau2: float, mle_noise: bool, data_sha256: str
 ) -> Path:
@@ -162,16 +149,8 @@ def gmm_cache_path(
 
 
 def _save_params(path: Path, params: dict[str, torch.Tensor]) -> None:
-    """Write ``params`` as .npz atomically (temporary file in the same directory, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: params[name].cpu().numpy() for name in _PARAM_NAMES})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``params`` as .npz atomically."""
+    savez_atomic(path, **{name: params[name].cpu().numpy() for name in _PARAM_NAMES})
 
 
 def _load_params(path: Path) -> dict[str, torch.Tensor] | None:
@@ -260,8 +239,8 @@ class GMMDenoiser:
         if not tau2 > 0:
             raise ConfigError(f"GMM tau2 (isotropic variance) must be > 0, got {tau2}")
         path = gmm_cache_path(
-            Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-            components, rank, tau2, mle_noise, _sha256_file(mnist_5k_path()),
+            Path(cache_dir) if cache_dir is not None else model_cache_dir(),
+            components, rank, tau2, mle_noise, sha256_of_file(mnist_5k_path()),
         )  # fmt: skip
         params = _load_params(path) if path.is_file() else None
         if params is None:

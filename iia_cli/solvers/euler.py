@@ -1,4 +1,5 @@
-"""DDIM (eta = 0), which in EDM's x-space is exactly Euler in sigma (METHOD.md section 2)."""
+"""DDIM (eta = 0), which in EDM's x-space is exactly Euler in sigma (Karras et al. 2022, Table 1;
+the IIA paper's eq. (6) corrects this step)."""
 
 from __future__ import annotations
 

