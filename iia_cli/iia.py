@@ -122,6 +122,10 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         histories.append(())
     fitted: Coefficients = []
     res_base, res_iia = [], []
+    from .progress import ImageProgress
+
+    bar = ImageProgress(n_steps, f"{'calibrating' if coeffs is None else 'validating'} {method.name} "
+                        f"({n} noises)", unit="steps").__enter__()  # ends itself after the last step
     for i in range(n_steps):
         G = g = None
         stash = []
@@ -160,6 +164,7 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         if log is not None and corrected:
             log(f"  step {i:2d}  sigma {float(sig[i]):9.4f} -> {float(sig[i + 1]):9.4f}  "
                 f"c = [{', '.join(f'{v:+.4f}' for v in c_i)}]  residual base {res_base[-1]:.4g} -> iia {res_iia[-1]:.4g}")
+        bar.advance(1)
     for s in states:
         if not bool(torch.isfinite(s).all()):
             raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")
