@@ -17,6 +17,7 @@ import hashlib
 import datetime as _dt
 import io
 import json
+import math
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -425,9 +426,8 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
         vals = g["value"][g["value"] > 0]
         if len(vals) == len(g) and vals.max() / vals.min() > 10:
             ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
         nfes = sorted({int(n) for n in g["nfe"]})
         if len(nfes) <= 12:
             ax.set_xticks(nfes)
@@ -444,6 +444,14 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
                frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _minor_log_label(v: float, _: Any = None) -> str:
+    """Label the minor ticks 2 and 5 of each decade of a log axis (plain numbers), leave the rest blank."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v))
+    return f"{v:g}" if min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
 
 
 def plot_results(df: Any, out: str | Path, metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
