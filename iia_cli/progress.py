@@ -45,6 +45,7 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+@atexit.register
 def _stop_live() -> None:
     global _live, _live_tasks
     if _live is not None:
@@ -81,7 +82,6 @@ class ImageProgress:
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console, transient=True)
                 _live.start()
-                atexit.register(_stop_live)
             _live_tasks += 1
             self._task = _live.add_task(self.description, total=self.total, rate="")
         elif self.enabled:
@@ -146,6 +146,12 @@ class ImageProgress:
                                              or time.perf_counter() - self._start >= 1.0):
             log(f"{self.description}: {self.done} {self.unit} in {duration(time.perf_counter() - self._start)}"
                 + (f" ({self.rate_text()})" if self.rate_text() else ""))
+
+    def __del__(self) -> None:  # a step abandoned by an exception (no ``with``) leaves no stale bar behind
+        try:
+            self.close(completed=False)
+        except Exception:  # noqa: BLE001 -- never raise from a finaliser (interpreter shutdown)
+            pass
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close(completed=et is None)

@@ -67,6 +67,11 @@ def test_progress_on_a_terminal_uses_one_live_display_for_nested_steps(monkeypat
         assert progress._live is not None
         outer.advance(4)
     assert progress._live is None
+    bar = progress.ImageProgress(3, "abandoned by an exception").__enter__()  # as in the calibration pass
+    bar.advance(1)
+    assert progress._live is not None
+    del bar
+    assert progress._live is None
 
 
 def _write(path, rows):
