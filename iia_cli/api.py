@@ -23,7 +23,8 @@ from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
-from .iia import CoefficientSet, coefficient_filename, greedy_pass, paper_coefficients
+from .iia import (CoefficientSet, Teacher, calibrate_coefficients, calibration_tag, coefficient_filename,
+                  paper_coefficients)
 from .images import quantize, save_grid_png, save_png
 from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
@@ -110,53 +111,59 @@ def _grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def default_coefficient_path(p: Prepared) -> Path:
     c = p.cfg.calibration
+    tag = calibration_tag(c.target, c.substeps, c.guard, Teacher(c.teacher, c.teacher_substeps).tag)
     name = coefficient_filename(p.cfg.model.kind, p.fingerprint, p.method.name, p.method.params, p.cfg.grid.kind,
-                                p.nfe, c.substeps, p.sigmas)
+                                p.nfe, c.substeps, p.sigmas, tag=tag)
     return Path(c.out_dir) / name
 
 
 def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, out: str | Path | None = None,
               prepared: Prepared | None = None, log: LogFn = default_log, verbose: bool = True) -> tuple[CoefficientSet, Path]:
-    """Fit IIA coefficients by one greedy pass (METHOD.md section 1), validate on held-out noises and
-    write the coefficient file. Returns the set and its path."""
+    """Fit IIA coefficients by one greedy pass against the configured target (the paper's local fine reference
+    or the teacher's trajectory), shrink them by the guard, validate end to end on held-out noises and write
+    the coefficient file. Returns the set and its path."""
     p = prepared or prepare(cfg, method, nfe)
     if not p.method.is_iia:
         raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "
                           f"({', '.join(IIA_METHODS)})")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
+    val_seeds = list(range(c.val_seed_start, c.val_seed_start + c.val_samples)) if c.val_samples > 0 else []
     chunk = int(p.batch if c.batch is None else c.batch)
+    teacher = Teacher(c.teacher, c.teacher_substeps)
     log(f"calibrating {p.method.name} {p.method.params or ''} at NFE {p.nfe} on {cfg.model.kind}: "
-        f"B={c.samples} noises, M={c.substeps} sub-steps, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
+        f"B={c.samples} noises, target {c.target} ("
+        + (f"M={c.substeps} sub-steps" if c.target == "local" else f"teacher {teacher.tag}")
+        + f"), guard {'on' if c.guard else 'off'}, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
         + (f"; {p.note}" if p.note else ""))
-    fit = greedy_pass(p.method, p.model, p.sigmas, seeds, c.substeps, chunk, p.device, p.state_dtype,
-                      ridge=c.ridge, class_label=cfg.sampler.class_label, log=log if verbose else None,
-                      warn=log)
-    log(f"calibration: {fit.calls * len(seeds)} denoiser calls ({fit.calls} per noise x {len(seeds)}), "
-        f"{fit.seconds:.1f} s")
-    val_seeds: list[int] = []
-    val = None
-    if c.val_samples > 0:
-        val_seeds = list(range(c.val_seed_start, c.val_seed_start + c.val_samples))
-        val = greedy_pass(p.method, p.model, p.sigmas, val_seeds, c.substeps, chunk, p.device, p.state_dtype,
-                          coeffs=fit.coeffs, class_label=cfg.sampler.class_label)
+    res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
+                                 p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
+                                 teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log)
+    fit, val = res.fit, res.val
+    if val is not None:
         tb, ti = _nansum(val.residual_base), _nansum(val.residual_iia)
-        log(f"held-out residual (sum over steps of mean ||x - x_fine||^2, {len(val_seeds)} noises): "
+        log(f"held-out per-step residual (sum over steps of mean ||x - x_target||^2, {len(val_seeds)} noises): "
             f"base {tb:.4g} -> iia {ti:.4g} (x{ti / tb if tb else float('nan'):.3f}); "
             f"calibration set: base {_nansum(fit.residual_base):.4g} -> iia {_nansum(fit.residual_iia):.4g}")
+    teacher_used = c.target == "trajectory" or c.guard or bool(val_seeds)
     cs = CoefficientSet(
         method=p.method.name, method_params=dict(p.method.params), model_kind=cfg.model.kind,
         model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
         convention=p.method.convention,
         sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
-        seeds=format_seeds(seeds), ridge=c.ridge, coefficients=fit.coeffs,
-        paper_coefficients=paper_coefficients(p.method.name, p.sigmas, fit.coeffs),
+        seeds=format_seeds(seeds), ridge=c.ridge, coefficients=res.coeffs,
+        paper_coefficients=paper_coefficients(p.method.name, p.sigmas, res.coeffs),
         residual_base=fit.residual_base, residual_iia=fit.residual_iia,
         val_seeds=format_seeds(val_seeds) if val_seeds else "",
         val_residual_base=val.residual_base if val else [], val_residual_iia=val.residual_iia if val else [],
-        calibration_calls=fit.calls * len(seeds), calibration_seconds=round(fit.seconds, 3),
+        calibration_calls=res.calls, calibration_seconds=round(res.seconds, 3),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        target=c.target, teacher=teacher.tag if teacher_used else "", guard=c.guard, guard_alpha=res.alpha,
+        guard_errors={f"{a:g}": e for a, e in res.guard_errors.items()}, fitted_coefficients=fit.coeffs,
+        validation=res.validation,
     )
+    if cs.warning:
+        log(cs.warning)
     path = Path(out) if out else default_coefficient_path(p)
     if dist.context().is_main:
         cs.save(path)
@@ -181,7 +188,9 @@ class ResolvedCoefficients:
 
 # Calibration settings that do not change the coefficients (where they go, how the work is chunked, the
 # held-out validation) and the ones a coefficient file records under another name.
-_CALIBRATION_NOT_IN_COEFFICIENTS = ("out_dir", "batch", "val_samples", "val_seed_start")
+# target, teacher and guard are compared by ``CoefficientSet.mismatches`` (the file stores the teacher's tag).
+_CALIBRATION_NOT_IN_COEFFICIENTS = ("out_dir", "batch", "val_samples", "val_seed_start", "target", "teacher",
+                                    "teacher_substeps", "guard")
 
 
 def calibration_mismatches(cs: CoefficientSet, cfg: ExperimentConfig) -> list[str]:
@@ -209,7 +218,8 @@ def find_coefficients(p: Prepared, coeffs_path: str | Path | None = None,
             raise MissingFileError("coefficient file", path)
         return None, f"no coefficient file {path}"
     cs = CoefficientSet.load(path)
-    diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe)
+    diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe,
+                         calibration=p.cfg.calibration)
     if diff and coeffs_path:
         raise ConfigError(f"coefficient file {path} does not fit this run: {'; '.join(diff)}")
     if not diff and match_calibration:
@@ -239,6 +249,8 @@ def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, cal
         return None
     found, why = find_coefficients(p, coeffs_path, match_calibration)
     if found is not None:
+        if found.cs.warning:
+            log(found.cs.warning)
         return found
     if not calibrate_missing:
         cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"

@@ -87,6 +87,10 @@ class CalibrationConfig:
     val_seed_start: int = 2_000_000_000
     batch: int | None = None  # chunk size for model calls (default: sampler.batch)
     out_dir: str = "results/coefficients"
+    target: str = "local"  # local: M fine sub-steps from the coarse state (paper) | trajectory: the teacher's state
+    teacher: str = "edm"  # teacher of trajectory targets, the guard and validation: a base solver (edm = Heun) or exact
+    teacher_substeps: int = 10  # teacher steps per coarse interval, uniform in log sigma
+    guard: bool = True  # shrink the corrections (one factor in [0, 1]) so the final error is never above the base's
 
 
 @dataclass
@@ -364,5 +368,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"fid.batch={f.batch} must be at least 1")
     if f.reference_samples is not None and f.reference_samples < 2:
         raise ConfigError(f"fid.reference_samples={f.reference_samples} must be at least 2 (or unset: all images)")
+    from .iia import TARGETS, Teacher
+
+    if c.target not in TARGETS:
+        raise ConfigError(f"calibration.target={c.target!r} is not valid; choose one of {', '.join(TARGETS)}")
+    c.teacher = Teacher(c.teacher, c.teacher_substeps).name  # checks the name and the sub-steps
     cfg.evaluate.methods = [canonical_method(m) for m in cfg.evaluate.methods]
     cfg.evaluate.reference_method = canonical_method(cfg.evaluate.reference_method)

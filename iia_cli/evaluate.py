@@ -329,6 +329,8 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
             todo = _todo(cells, p, coeffs, setup, csv_path, fresh)  # a recalibration can reproduce a done row
         elif coeffs is not None and todo:
             log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
+            if coeffs.cs.warning:
+                log(coeffs.cs.warning)
         identities += [c.identity for c in cells if c.identity]
         skipped += len(cells) - len(todo)
         if not todo:

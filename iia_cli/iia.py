@@ -1,10 +1,19 @@
-"""IIA calibration (METHOD.md section 1): one greedy least-squares pass, and the coefficient files.
+"""IIA calibration (Zhang, Niwa, Kleijn, ICLR 2024): one greedy least-squares pass, a guard on the final
+error, end-to-end validation, and the coefficient files.
 
-At step i the quantities q_k are computed from the current states z_i, the base solver is run over M
-sub-steps of [sigma_i, sigma_{i+1}] from the same states (the fine reference), and the correction
-coefficients solve ``min_c sum_b || sum_k c_k q_k^b - (x_fine^b - x_base^b) ||^2`` through the normal
-equations ``G c = g`` accumulated in float64 over chunks of the batch. The coefficients are applied and
-the pass goes on: B x (NFE + fine NFE) denoiser calls in all, never a re-simulation from noise.
+At step i the quantities q_k are computed from the current states z_i and the coefficients solve
+``min_c sum_b || sum_k c_k q_k^b - (x_target^b - x_base^b) ||^2`` through the normal equations ``G c = g``
+accumulated in float64 over chunks of the batch (and over torchrun ranks). The target ``x_target`` is
+
+* ``local`` (the paper's fine-grained reference, eqs. 14 and 19): the same base solver over M sub-steps of
+  [sigma_i, sigma_{i+1}] from the same coarse state;
+* ``trajectory``: the teacher's state at sigma_{i+1} on its trajectory from the same noise (a high-accuracy
+  solve through the coarse sigmas), so that a step also removes the error accumulated before it.
+
+The coefficients are applied and the pass goes on: B x (NFE + fine or teacher NFE) denoiser calls, never a
+re-simulation from noise. The guard then shrinks all corrections by one factor alpha in [0, 1], chosen by the
+final samples' error against the teacher on the calibration noises (alpha = 0 is the base solver, so the
+result is never worse than the base there), and the held-out noises report base and IIA honestly.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +35,89 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import Method
-from .sampling import BoundDenoiser, Coefficients, apply_correction, noise_and_conditioning
-from .solvers import History, push
+from .sampling import (BoundDenoiser, Coefficients, advance, commit, noise_and_conditioning, propose,
+                       sample_batches)
+from .solvers import BASE_SOLVER_NAMES, SOLVER_ALIASES, History, make_solver
 
-FORMAT_VERSION = 2  # 2: dpm-solver++-3m is the published 3M; version 1 files had the exact-integral form
+FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
+                    # 3: target, teacher, guard and end-to-end validation
+TARGETS = ("local", "trajectory")
+GUARD_GRID = (0.25, 0.5, 0.75)  # alphas tried between 0 (base) and 1 (the fit), then +-0.125 around the best
+
+
+def teacher_choices() -> tuple[str, ...]:
+    return tuple(BASE_SOLVER_NAMES) + ("exact",)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A high-accuracy solve through the coarse sigmas: ``substeps`` steps of a base solver per coarse interval,
+    uniform in lambda = -log sigma (uniform in sigma on the last interval when it ends at 0), or ``exact``: the
+    model's closed-form probability-flow solution (``model.exact_solution``, e.g. the Gaussian test model)."""
+
+    name: str = "edm"
+    substeps: int = 10
+
+    def __post_init__(self) -> None:
+        name = SOLVER_ALIASES.get(self.name, self.name)
+        if name not in teacher_choices():
+            raise ConfigError(f"calibration.teacher={self.name!r} is not valid; choose one of "
+                              f"{', '.join(teacher_choices())} (aliases heun=edm, euler=ddim)")
+        if self.substeps < 1:
+            raise ConfigError(f"calibration.teacher_substeps={self.substeps} must be at least 1")
+        object.__setattr__(self, "name", name)
+
+    @property
+    def tag(self) -> str:
+        return "exact" if self.name == "exact" else f"{self.name}{self.substeps}"
+
+    def check(self, model: Any) -> None:
+        if self.name == "exact" and not callable(getattr(model, "exact_solution", None)):
+            raise ConfigError("calibration.teacher=exact needs a model with a closed-form solution "
+                              "(exact_solution, e.g. model.kind=gaussian); use calibration.teacher=edm")
+
+    def run(self, model: Any, denoise: Any, x: torch.Tensor, history: History, s0: float,
+            s1: float) -> tuple[torch.Tensor, History]:
+        """The teacher from state x at sigma s0 to s1 (its own history carried along)."""
+        if self.name == "exact":
+            return model.exact_solution(x, s0, s1).to(x.dtype), history
+        method = Method(self.name, make_solver(self.name))
+        sub = subdivide(s0, s1, self.substeps, "lambda")
+        for j in range(self.substeps):
+            x, history, _ = advance(method, denoise, x, sub, j, history)
+        return x, history
+
+
+_TEACHER_CACHE: dict[tuple, tuple[list[list[torch.Tensor]], int]] = {}
+_TEACHER_CACHE_SIZE = 4
+
+
+def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
+                       starts: list[torch.Tensor], labels: list[torch.Tensor | None],
+                       class_label: int | None = None) -> tuple[list[list[torch.Tensor]], int]:
+    """The teacher's states at every coarse sigma (``[step][chunk]``, step 0 = the noise) and its denoiser calls
+    per noise. Kept for the last few (model, grid, noises, teacher), so that calibrating several methods or
+    targets on one grid (``iia evaluate``, the benchmarks) solves the teacher once."""
+    key = (id(model), teacher.tag, sig.numpy().tobytes(), tuple(map(tuple, chunks)), str(starts[0].dtype),
+           str(starts[0].device), class_label)
+    if key not in _TEACHER_CACHE:
+        states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
+        calls = 0
+        from .progress import ImageProgress
+
+        bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises)",
+                            unit="steps").__enter__()  # ends itself after the last step
+        for k, x in enumerate(starts):
+            den, hist = BoundDenoiser(model, labels[k]), ()
+            for i in range(len(sig) - 1):
+                x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
+                states[i + 1].append(x)
+                bar.advance(1)
+            calls = calls or den.calls
+        while len(_TEACHER_CACHE) >= _TEACHER_CACHE_SIZE:
+            _TEACHER_CACHE.pop(next(iter(_TEACHER_CACHE)))
+        _TEACHER_CACHE[key] = (states, calls)
+    return _TEACHER_CACHE[key]
 
 
 class IllConditionedWarning(UserWarning):
@@ -82,29 +171,42 @@ def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigm
     variable = "t" if getattr(model, "discrete_sigmas", None) is not None else method.solver.time_variable
     sub = subdivide(float(sigmas[i]), float(sigmas[i + 1]), substeps, variable, model)
     solver = method.solver.reference_solver()
+    reference = Method(solver.name, solver)
     for j in range(substeps):
-        res = solver.step(denoise, x, sub, j, history)
-        history, x = push(history, res.record), res.x_next
+        x, history, _ = advance(reference, denoise, x, sub, j, history)
     return x
 
 
 @dataclass
 class PassResult:
     coeffs: Coefficients
-    residual_base: list[float]  # per step: mean over samples of ||x_base - x_fine||^2
-    residual_iia: list[float]  # per step: mean over samples of ||x_iia - x_fine||^2
-    calls: int  # denoiser calls per sample (coarse + fine)
+    residual_base: list[float]  # per step: mean over samples of ||x_base - x_target||^2
+    residual_iia: list[float]  # per step: mean over samples of ||x_iia - x_target||^2
+    calls: int  # denoiser calls per sample of the coarse steps and the local fine reference
     seconds: float
+    teacher_calls: int = 0  # denoiser calls per sample of the teacher
+    seeds: list[int] = field(default_factory=list)  # this process's noises, in chunk order
+    finals: list[torch.Tensor] = field(default_factory=list)  # final IIA states per chunk
+    teacher_finals: list[torch.Tensor] = field(default_factory=list)  # the teacher's final states per chunk
 
 
 def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], substeps: int,
                 chunk: int, device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None = None,
                 ridge: float = 1e-8, class_label: int | None = None, log: Any = None,
-                warn: Any = None) -> PassResult:
+                warn: Any = None, target: str = "local", teacher: Teacher | None = None) -> PassResult:
     """One greedy pass over the noises of ``seeds``: fits coefficients step by step (``coeffs`` None) or
-    applies given ones (validation), recording per-step residuals against the fine reference."""
+    applies given ones (validation), recording per-step residuals against the ``target`` (``local``: M fine
+    sub-steps of the base solver from the coarse state; ``trajectory``: the teacher's state at sigma_{i+1}).
+    A ``teacher`` (required for ``trajectory``) runs along in the same pass from the same noises; its final
+    states are returned for the end-to-end error."""
     if not method.is_iia:
         raise ConfigError(f"method {method.name} has no IIA coefficients to calibrate")
+    if target not in TARGETS:
+        raise ConfigError(f"calibration.target={target!r} is not valid; choose one of {', '.join(TARGETS)}")
+    if target == "trajectory" and teacher is None:
+        raise ConfigError("calibration.target=trajectory needs a teacher (calibration.teacher)")
+    if teacher is not None:
+        teacher.check(model)
     n = len(seeds)
     seeds = dist.split(seeds, by_shard=False)  # under torchrun: this rank's noises; G, g are all-reduced
     if not seeds:
@@ -114,12 +216,15 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
     sig = sigmas.to(torch.float64)
     # All states stay in memory (B x d); model calls go chunk by chunk.
     chunks = [seeds[k : k + chunk] for k in range(0, len(seeds), chunk)]
-    states, denoisers, histories = [], [], []
+    states, denoisers, histories, labels = [], [], [], []
     for c in chunks:
-        noise, labels = noise_and_conditioning(model, c, device, class_label)
+        noise, lab = noise_and_conditioning(model, c, device, class_label)
         states.append(noise.to(state_dtype) * float(sig[0]))
-        denoisers.append(BoundDenoiser(model, labels))
+        denoisers.append(BoundDenoiser(model, lab))
         histories.append(())
+        labels.append(lab)
+    teacher_states, teacher_calls = (teacher_trajectory(teacher, model, sig, chunks, states, labels, class_label)
+                                     if teacher is not None else ([], 0))
     fitted: Coefficients = []
     res_base, res_iia = [], []
     from .progress import ImageProgress
@@ -131,18 +236,19 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         stash = []
         for k in range(len(chunks)):
             x, den, hist = states[k], denoisers[k], histories[k]
-            res = method.solver.step(den, x, sig, i, hist)
-            q = method.quantities(x, res.record, hist, sig, i)
-            target = None
-            if q is not None:
-                target = fine_reference(method, den, x, sig, i, hist, substeps, model) - res.x_next
+            step = propose(method, den, x, sig, i, hist)
+            residual = None
+            if step.quantities is not None:
+                reference = (fine_reference(method, den, x, sig, i, hist, substeps, model) if target == "local"
+                             else teacher_states[i + 1][k])
+                residual = reference - step.x_base
                 if coeffs is None:
                     if G is None:
-                        G = torch.zeros(len(q), len(q), dtype=torch.float64)
-                        g = torch.zeros(len(q), dtype=torch.float64)
-                    accumulate_normal_equations(q, target, G, g)
-            stash.append((res, q, target))
-        corrected = stash[0][1] is not None
+                        G = torch.zeros(len(step.quantities), len(step.quantities), dtype=torch.float64)
+                        g = torch.zeros(len(step.quantities), dtype=torch.float64)
+                    accumulate_normal_equations(step.quantities, residual, G, g)
+            stash.append((step, residual))
+        corrected = stash[0][0].quantities is not None
         if coeffs is None and corrected:
             G, g = dist.all_reduce_sum(G), dist.all_reduce_sum(g)
             c_i = solve_least_squares(G, g, ridge, step=i, warn=warn).tolist()
@@ -152,12 +258,11 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
             c_i = list(coeffs[i])
         fitted.append(c_i)
         rb = ri = 0.0
-        for k, (res, q, target) in enumerate(stash):
-            states[k] = apply_correction(res.x_next, q, c_i) if corrected else res.x_next
-            histories[k] = push(histories[k], res.record)
+        for k, (step, residual) in enumerate(stash):
+            states[k], histories[k] = commit(step, histories[k], c_i)
             if corrected:
-                rb += float(target.to(torch.float64).flatten(1).pow(2).sum(1).sum())
-                ri += float((states[k] - res.x_next - target).to(torch.float64).flatten(1).pow(2).sum(1).sum())
+                rb += float(residual.to(torch.float64).flatten(1).pow(2).sum(1).sum())
+                ri += float((states[k] - step.x_base - residual).to(torch.float64).flatten(1).pow(2).sum(1).sum())
         rb, ri = dist.all_reduce_floats(rb, ri) if corrected else (rb, ri)
         res_base.append(rb / n if corrected else float("nan"))
         res_iia.append(ri / n if corrected else float("nan"))
@@ -168,8 +273,177 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
     for s in states:
         if not bool(torch.isfinite(s).all()):
             raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")
-    calls = denoisers[0].calls
-    return PassResult(fitted, res_base, res_iia, calls, time.perf_counter() - t0)
+    return PassResult(fitted, res_base, res_iia, denoisers[0].calls, time.perf_counter() - t0, teacher_calls,
+                      seeds, states, teacher_states[-1] if teacher is not None else [])
+
+
+def final_rmse(finals: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """RMSE over every pixel of every sample (all processes) between final states and the teacher's."""
+    sq = sum(float((a.to(torch.float64) - b.to(torch.float64)).pow(2).sum()) for a, b in zip(finals, references))
+    count = sum(a.numel() for a in finals)
+    sq, count = dist.all_reduce_floats(sq, float(count))
+    return math.sqrt(sq / count)
+
+
+GUARD_FOLDS = 4
+
+
+def fold_rmse(finals: list[torch.Tensor], references: list[torch.Tensor], seeds: list[int]) -> list[float]:
+    """The RMSE on each of GUARD_FOLDS folds of the noises (seed mod GUARD_FOLDS), over all processes, and
+    last the RMSE over all of them."""
+    sq = [0.0] * GUARD_FOLDS
+    count = [0.0] * GUARD_FOLDS
+    per = torch.cat([(a.to(torch.float64) - b.to(torch.float64)).flatten(1).pow(2).sum(1)
+                     for a, b in zip(finals, references)]).tolist()
+    d = finals[0][0].numel()
+    for seed, v in zip(seeds, per):
+        sq[seed % GUARD_FOLDS] += v
+        count[seed % GUARD_FOLDS] += d
+    sums = dist.all_reduce_floats(*sq, *count)
+    sq, count = sums[:GUARD_FOLDS], sums[GUARD_FOLDS:]
+    return [math.sqrt(a / b) if b else 0.0 for a, b in zip(sq, count)] + [math.sqrt(sum(sq) / sum(count))]
+
+
+def sample_finals(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], chunk: int,
+                  device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None,
+                  class_label: int | None = None) -> list[torch.Tensor]:
+    """Final states of a plain sampling pass over this process's ``seeds``, in the greedy pass's chunks."""
+    return [x for _, x in sample_batches(model, method, sigmas, seeds, chunk, coeffs, device, state_dtype, class_label)]
+
+
+def scale_coefficients(coeffs: Coefficients, alpha: float) -> Coefficients:
+    return [[alpha * c for c in step] for step in coeffs]
+
+
+@dataclass
+class GuardResult:
+    alpha: float
+    errors: dict[float, float]  # alpha -> final RMSE against the teacher on the calibration noises
+    passes: int  # extra sampling passes over the calibration noises
+    worst_fold: dict[float, float] = field(default_factory=dict)  # alpha -> max over folds of RMSE / base RMSE
+
+
+def choose_alpha(final_error: Callable[[float], list[float]], base_folds: list[float],
+                 fit_folds: list[float]) -> GuardResult:
+    """The guard: the shrink factor alpha in [0, 1] of all corrections whose final error, relative to the base
+    solver's, is smallest on the worst of the folds of the calibration noises (so an alpha that helps only a
+    part of them is not taken). alpha = 0 (the base solver) scores 1 on every fold, so the chosen alpha is
+    never worse than the base on any fold. ``final_error(alpha)`` returns :func:`fold_rmse`'s list."""
+    folds = {0.0: base_folds, 1.0: fit_folds}
+    passes = 0
+
+    def score(a: float) -> tuple[float, float]:
+        ratios = [e / b if b else (1.0 if e == 0 else math.inf) for e, b in zip(folds[a][:-1], base_folds[:-1])]
+        return (max(ratios), -a)
+
+    for a in GUARD_GRID:
+        folds[a] = final_error(a)
+        passes += 1
+    best = min(folds, key=score)
+    for a in (best - 0.125, best + 0.125):
+        if 0 < a < 1 and a not in folds:
+            folds[a] = final_error(a)
+            passes += 1
+    best = min(folds, key=score)
+    overall = {a: f[-1] for a, f in sorted(folds.items())}
+    return GuardResult(best, overall, passes, {a: score(a)[0] for a in sorted(folds)})
+
+
+@dataclass
+class CalibrationOutcome:
+    fit: PassResult  # the greedy pass on the calibration noises (unguarded coefficients)
+    coeffs: Coefficients  # after the guard
+    alpha: float = 1.0
+    guard_errors: dict[float, float] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)  # end-to-end final-sample RMSE vs the teacher
+    val: PassResult | None = None  # the held-out greedy pass (per-step residuals)
+    calls: int = 0  # denoiser calls on the calibration noises: fit, teacher, guard passes (all processes)
+    val_calls: int = 0
+    seconds: float = 0.0
+
+
+def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
+                           substeps: int, chunk: int, device: torch.device, state_dtype: torch.dtype,
+                           ridge: float = 1e-8, class_label: int | None = None, target: str = "local",
+                           teacher: Teacher | None = None, guard: bool = True, log: Callable[[str], None] | None = None,
+                           verbose: bool = False, warn: Any = None) -> CalibrationOutcome:
+    """Fit (one greedy pass against ``target``), guard (shrink by the final error on the calibration noises)
+    and validate end to end on the held-out ``val_seeds``. The teacher runs only when the target, the guard
+    or the validation needs it."""
+    say = log or (lambda m: None)
+    t0 = time.perf_counter()
+    nfe = method.solver.nfe_of_grid(sigmas)
+    use_teacher = teacher if (target == "trajectory" or guard or val_seeds) else None
+    fit = greedy_pass(method, model, sigmas, seeds, substeps, chunk, device, state_dtype, ridge=ridge,
+                      class_label=class_label, log=say if verbose else None, warn=warn, target=target,
+                      teacher=use_teacher)
+    B = len(seeds)
+    calls = (fit.calls + fit.teacher_calls) * B
+    what = f"M={substeps} fine sub-steps" if target == "local" else f"teacher {use_teacher.tag if use_teacher else ''}"
+    say(f"calibration ({target} target, {what}): {fit.calls * B} denoiser calls ({fit.calls} per noise x {B})"
+        + (f" + teacher {use_teacher.tag}: {fit.teacher_calls * B} ({fit.teacher_calls} per noise x {B})"
+           if use_teacher else "") + f", {fit.seconds:.1f} s")
+    out = CalibrationOutcome(fit, fit.coeffs)
+    validation: dict[str, Any] = {}
+    if use_teacher is not None:
+        base = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype, None, class_label)
+        e0, e1 = final_rmse(base, fit.teacher_finals), final_rmse(fit.finals, fit.teacher_finals)
+        calls += nfe * B
+        validation.update(calibration_rmse_base=e0, calibration_rmse_unguarded=e1, calibration_rmse_iia=e1)
+        say(f"final-sample RMSE vs the teacher on the {B} calibration noises: base {e0:.5g}, iia {e1:.5g} "
+            f"(x{e1 / e0 if e0 else float('nan'):.3f})")
+        if guard:
+            def error_at(alpha: float) -> list[float]:
+                xs = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype,
+                                   scale_coefficients(fit.coeffs, alpha), class_label)
+                return fold_rmse(xs, fit.teacher_finals, fit.seeds)
+
+            g = choose_alpha(error_at, fold_rmse(base, fit.teacher_finals, fit.seeds),
+                             fold_rmse(fit.finals, fit.teacher_finals, fit.seeds))
+            calls += g.passes * nfe * B
+            out.alpha, out.guard_errors = g.alpha, g.errors
+            out.coeffs = fit.coeffs if g.alpha == 1.0 else scale_coefficients(fit.coeffs, g.alpha)
+            validation["calibration_rmse_iia"] = g.errors[g.alpha]
+            say(f"guard: alpha = {g.alpha:g} on all corrections (alpha: final RMSE on the calibration noises, worst "
+                f"fold / base: " + ", ".join(f"{a:g}: {e:.5g} {g.worst_fold[a]:.3f}" for a, e in g.errors.items())
+                + f"); {g.passes} extra sampling passes ({g.passes * nfe * B} denoiser calls)")
+    if val_seeds:
+        val = greedy_pass(method, model, sigmas, val_seeds, substeps, chunk, device, state_dtype, coeffs=out.coeffs,
+                          class_label=class_label, target=target, teacher=use_teacher)
+        out.val = val
+        V = len(val_seeds)
+        out.val_calls = (val.calls + val.teacher_calls) * V
+        if use_teacher is not None:
+            base = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, None, class_label)
+            vb, vi = final_rmse(base, val.teacher_finals), final_rmse(val.finals, val.teacher_finals)
+            out.val_calls += nfe * V
+            validation.update(noises=V, rmse_base=vb, rmse_iia=vi)
+            if out.alpha != 1.0:
+                raw = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, fit.coeffs,
+                                    class_label)
+                validation["rmse_unguarded"] = final_rmse(raw, val.teacher_finals)
+                out.val_calls += nfe * V
+            else:
+                validation["rmse_unguarded"] = vi
+            validation["iia_worse"] = bool(vi > vb)
+            say(f"held-out final-sample RMSE vs the teacher ({V} noises): base {vb:.5g}, iia {vi:.5g} "
+                f"(x{vi / vb if vb else float('nan'):.3f})"
+                + (f"; without the guard {validation['rmse_unguarded']:.5g}" if out.alpha != 1.0 else ""))
+    out.validation = validation
+    out.calls = int(calls)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def worse_warning(method: str, nfe: int, validation: dict[str, Any]) -> str | None:
+    """The plain warning when IIA's final samples are worse than the base solver's on the held-out noises."""
+    if not validation or not validation.get("iia_worse"):
+        return None
+    vb, vi = validation["rmse_base"], validation["rmse_iia"]
+    ratio = f" (x{vi / vb:.2f})" if vb else ""
+    return (f"warning: {method} at NFE {nfe} is WORSE than its base solver on {validation.get('noises', '?')} held-out "
+            f"noises: final-sample RMSE vs the teacher {vi:.4g} against {vb:.4g}{ratio}; use the base "
+            f"solver, or recalibrate with calibration.guard=true / calibration.target=trajectory")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,6 +475,13 @@ class CoefficientSet:
     val_residual_base: list[float | None] = field(default_factory=list)
     val_residual_iia: list[float | None] = field(default_factory=list)
     paper_coefficients: Coefficients = field(default_factory=list)  # (b)iia-edm: the paper's b / g per step
+    target: str = "local"  # local (the paper's fine reference) | trajectory (the teacher's trajectory)
+    teacher: str = ""  # the teacher's tag (e.g. edm10: Heun, 10 sub-steps per interval; exact); "" = none ran
+    guard: bool = False
+    guard_alpha: float = 1.0  # coefficients = guard_alpha x fitted_coefficients
+    guard_errors: dict[str, float] = field(default_factory=dict)  # alpha -> final RMSE on the calibration noises
+    fitted_coefficients: Coefficients = field(default_factory=list)  # the least-squares fit before the guard
+    validation: dict[str, Any] = field(default_factory=dict)  # end-to-end: final-sample RMSE vs the teacher
     calibration_calls: int = 0
     calibration_seconds: float = 0.0
     tool_version: str = __version__
@@ -231,10 +512,23 @@ class CoefficientSet:
             msg = " ".join(str(exc).split())[:200]
             raise IIARuntimeError(f"coefficient file {path} is not a valid iia_cli coefficient file ({msg})") from None
 
+    @property
+    def warning(self) -> str | None:
+        """The plain warning when the held-out validation found IIA worse than its base solver."""
+        return worse_warning(self.method, self.nfe, self.validation)
+
     def mismatches(self, method: str, method_params: dict[str, Any], model_sha256: str, grid_kind: str,
-                   sigmas: torch.Tensor, nfe: int) -> list[str]:
-        """What differs between this file and the run that wants to use it (empty = it fits)."""
+                   sigmas: torch.Tensor, nfe: int, calibration: Any = None) -> list[str]:
+        """What differs between this file and the run that wants to use it (empty = it fits). With the run's
+        ``calibration`` config, also the calibration target, the guard and the teacher they used."""
         out = []
+        if calibration is not None:
+            want = coefficient_identity(calibration.target, calibration.guard,
+                                        Teacher(calibration.teacher, calibration.teacher_substeps).tag)
+            have = coefficient_identity(self.target, self.guard, self.teacher)
+            for key in want:
+                if want[key] != have[key]:
+                    out.append(f"calibration.{key} {have[key] or 'none'} != {want[key] or 'none'}")
         if self.method != method:
             out.append(f"method {self.method} != {method}")
         elif method == "iia-dpm-solver++-3m" and self.format_version < 2:
@@ -299,13 +593,31 @@ def paper_coefficients(method: str, sigmas: torch.Tensor, coeffs: Coefficients) 
     return out
 
 
+def coefficient_identity(target: str, guard: bool, teacher_tag: str) -> dict[str, Any]:
+    """What of the calibration settings (besides M) changes the coefficients: the target, the guard, and the
+    teacher when the target or the guard uses it."""
+    return {"target": target, "guard": "on" if guard else "off",
+            "teacher": teacher_tag if (target == "trajectory" or guard) else ""}
+
+
+def calibration_tag(target: str, substeps: int, guard: bool, teacher_tag: str) -> str:
+    """The file-name part for the calibration settings: ``M10``, ``traj-edm20``, ``M10_guard-edm20``,
+    ``traj-edm20_guard``."""
+    tag = f"M{substeps}" if target == "local" else f"traj-{teacher_tag}"
+    if guard:
+        tag += "_guard" if target == "trajectory" else f"_guard-{teacher_tag}"
+    return tag
+
+
 def coefficient_filename(model_kind: str, model_sha256: str, method: str, method_params: dict[str, Any],
-                         grid_kind: str, nfe: int, substeps: int, sigmas: torch.Tensor | None = None) -> str:
-    """``{model}-{sha8}_{method}[-r1]_{grid}-{gridsha6}_nfe{K}_M{M}.json``."""
+                         grid_kind: str, nfe: int, substeps: int, sigmas: torch.Tensor | None = None,
+                         tag: str | None = None) -> str:
+    """``{model}-{sha8}_{method}[-r1]_{grid}-{gridsha6}_nfe{K}_{tag}.json``, tag from :func:`calibration_tag`
+    (default ``M{M}``)."""
     extra = "".join(f"-{k[0]}{v}" for k, v in sorted(method_params.items()))
     grid_tag = grid_kind
     if sigmas is not None:
         import hashlib
 
         grid_tag += "-" + hashlib.sha256(sigmas.to(torch.float64).numpy().tobytes()).hexdigest()[:6]
-    return f"{model_kind}-{model_sha256[:8]}_{method}{extra}_{grid_tag}_nfe{nfe}_M{substeps}.json"
+    return f"{model_kind}-{model_sha256[:8]}_{method}{extra}_{grid_tag}_nfe{nfe}_{tag or f'M{substeps}'}.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from .config import SEED_LIMIT
 from .errors import ConfigError, IIARuntimeError
 from .methods import Method
 from .models.base import label_dim, model_dtype
-from .solvers import History, push
+from .solvers import History, Record, push
 
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
 
@@ -168,19 +169,50 @@ def apply_correction(x_next: torch.Tensor, quantities: list[torch.Tensor] | None
     return x_next
 
 
-def run_steps(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
+@dataclass
+class Step:
+    """One proposed step from state x_i: the base solver's update, its record (what later steps and the IIA
+    quantities read) and the IIA quantities q_k (None: an uncorrected step, or quantities not asked for)."""
+
+    x_base: torch.Tensor
+    record: Record
+    quantities: list[torch.Tensor] | None
+
+
+def propose(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History,
+            with_quantities: bool = True) -> Step:
+    """Step i of ``method`` from state x: the base update and (for IIA methods) the quantities of its correction."""
+    res = method.solver.step(denoise, x, sigmas, i, history)
+    q = method.quantities(x, res.record, history, sigmas, i) if with_quantities and method.is_iia else None
+    return Step(res.x_next, res.record, q)
+
+
+def commit(step: Step, history: History, coeffs_i: Sequence[float] | None = None) -> tuple[torch.Tensor, History]:
+    """The IIA update ``x_{i+1} = base update + sum_k c_k q_k`` (the base update when ``coeffs_i`` is None
+    or the step is uncorrected) and the history with this step's record."""
+    x_next = step.x_base if coeffs_i is None else apply_correction(step.x_base, step.quantities, coeffs_i)
+    return x_next, push(history, step.record)
+
+
+def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History,
+            coeffs: Coefficients | None = None) -> tuple[torch.Tensor, History, Step]:
+    """One step: base solver step -> IIA quantities -> correction -> history. Sampling, the calibration pass,
+    its fine reference and its teacher all go through this sequence (calibration splits it into
+    :func:`propose` and :func:`commit` to fit the coefficients in between).
+    Returns (x_{i+1}, history after the step, the proposed step)."""
+    step = propose(method, denoise, x, sigmas, i, history, with_quantities=coeffs is not None)
+    x_next, history = commit(step, history, coeffs[i] if coeffs is not None and method.is_iia else None)
+    return x_next, history, step
+
+
+def run_steps(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
               coeffs: Coefficients | None = None, history: History = (), start: int = 0,
               stop: int | None = None) -> torch.Tensor:
     """The sampling loop: steps ``start .. stop - 1`` of ``sigmas`` from state x. IIA methods add their
     correction when ``coeffs`` are given (None = zero coefficients = the base solver)."""
     stop = len(sigmas) - 1 if stop is None else stop
     for i in range(start, stop):
-        res = method.solver.step(denoise, x, sigmas, i, history)
-        x_next = res.x_next
-        if coeffs is not None and method.is_iia:
-            x_next = apply_correction(x_next, method.quantities(x, res.record, history, sigmas, i), coeffs[i])
-        history = push(history, res.record)
-        x = x_next
+        x, history, _ = advance(method, denoise, x, sigmas, i, history, coeffs)
     return x
 
 
