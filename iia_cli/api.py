@@ -176,6 +176,18 @@ def _nansum(values: list[float | None]) -> float:
     return float(sum(v for v in values if v is not None and v == v))
 
 
+class MissingCoefficientsError(IIARuntimeError):
+    """No coefficient file for an IIA run; the CLI replaces ``command`` by the one the user typed."""
+
+    def __init__(self, method: str, nfe: int, path: Path, command: str, why: str = "") -> None:
+        self.method, self.nfe, self.path, self.why = method, nfe, path, why or f"looked for {path}"
+        super().__init__(self.with_command(command))
+
+    def with_command(self, command: str) -> str:
+        return (f"no coefficients for {self.method} at NFE {self.nfe} on this model and grid "
+                f"({self.why}); create them with `{command}` or add --calibrate")
+
+
 @dataclass
 class ResolvedCoefficients:
     """The IIA coefficients a run uses: their values, the file, its parsed content and its sha256."""
@@ -254,8 +266,8 @@ def resolve_coefficients(p: Prepared, coeffs_path: str | Path | None = None, cal
         return found
     if not calibrate_missing:
         cmd = f"iia calibrate{' --config ' + p.cfg.source if p.cfg.source else ''} --method {p.method.name} --nfe {p.nfe}"
-        raise IIARuntimeError(f"no coefficients for {p.method.name} at NFE {p.nfe} on this model and grid "
-                              f"({why}); create them with `{cmd}` or add --calibrate")
+        raise MissingCoefficientsError(p.method.name, p.nfe, default_coefficient_path(p) if not coeffs_path
+                                       else Path(coeffs_path), cmd, why)
     log(f"{p.method.name} nfe={p.nfe}: calibrating ({why})")
     _, path = calibrate(p.cfg, prepared=p, log=log, verbose=False)
     found, why = find_coefficients(p, path, match_calibration)
@@ -367,7 +379,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         extra = {}
         if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
             extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order], dtype=str)
-        savez_atomic(out_path, x=gathered_x, images=images,
+        savez_atomic(out_path, rescue=True, what=f"{len(order)} samples", x=gathered_x, images=images,
                      seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
     if partial is not None:
         dist.barrier()

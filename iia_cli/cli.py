@@ -10,9 +10,11 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import handle_errors
+from .cli_common import OneLineErrorGroup, handle_errors
 from .config import ExperimentConfig, load_config, parse_set
+from .errors import ConfigError, IIARuntimeError
 from .methods import METHOD_NAMES
+from .paths import OutputPlan
 
 app = typer.Typer(
     name="iia",
@@ -24,6 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags read as flags (no `<bool>`), no boxes
+    cls=OneLineErrorGroup,  # usage errors are one line `error: ...`, exit 2
 )
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
@@ -43,13 +47,33 @@ def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, 
     from . import dist
 
     dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
-    if config is None:  # the built-in default: gmm-mnist, the same file as configs/mnist-gmm.yaml
-        config = DEFAULT_CONFIG
-        from .progress import log
-
-        log(f"no --config: using the built-in default {config}")
     overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
-    return load_config(config, overrides)
+    if config is not None:
+        return load_config(config, overrides)
+    from .progress import log
+
+    log("no --config: using the built-in default (configs/mnist-gmm.yaml, shipped in the package)")
+    cfg = load_config(DEFAULT_CONFIG, overrides)  # the same file as configs/mnist-gmm.yaml
+    cfg.source = None  # suggestions name no internal path
+    return cfg
+
+
+def _calibrate_command(config: Optional[Path], method: str, nfe: Optional[int], sets: Optional[list[str]],
+                       **options: Any) -> str:
+    """The `iia calibrate` command that matches what the user typed for `iia sample`."""
+    import shlex
+
+    parts = ["iia", "calibrate"]
+    if config is not None:
+        parts += ["--config", str(config)]
+    parts += ["--method", method] + (["--nfe", str(nfe)] if nfe is not None else [])
+    for name, value in options.items():
+        if value is not None:
+            parts += [f"--{name}", str(value)]
+    for item in sets or []:  # what shapes the coefficients; not where samples go
+        if not item.split("=", 1)[0].strip().startswith(("output.", "sampler.seeds", "sampler.batch", "sampler.coeffs")):
+            parts += ["--set", item]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @app.command()
@@ -69,12 +93,12 @@ def sample(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for the network."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
     from . import api
 
-    with handle_errors():
+    with handle_errors(), OutputPlan() as plan:
         cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
                                      "sampler.batch": batch, "sampler.class_label": class_label,
                                      "sampler.device": device, "sampler.dtype": dtype,
@@ -82,7 +106,22 @@ def sample(
                       shard)
         if out is None and cfg.output.path is None and grid_png is None and cfg.output.grid_png is None:
             raise_usage("nothing to write: give --out DIR|FILE.npz and/or --grid-png PATH")
-        res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
+        target = out if out is not None else cfg.output.path
+        label = "--out" if out is not None else "output.path"
+        if target is not None and Path(target).suffix == ".npz":
+            plan.file(target, label, ".npz file")
+        else:
+            plan.directory(target, label, "PNG directory", clean_depth=1)
+        plan.file(grid_png if grid_png is not None else cfg.output.grid_png,
+                  "--grid-png" if grid_png is not None else "output.grid_png", "grid image", suffixes=(".png",))
+        if calibrate_missing:
+            plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
+        try:
+            res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
+        except api.MissingCoefficientsError as exc:
+            cl = None if class_label is None else f"sampler.class_label={class_label}"
+            raise IIARuntimeError(exc.with_command(_calibrate_command(
+                config, exc.method, nfe, [*([cl] if cl else []), *(sets or [])], device=device, dtype=dtype))) from None
         typer.echo(f"{res.method} nfe={res.nfe}: {len(res.seeds)} images in {res.seconds:.2f} s"
                    + (f" -> {res.out}" if res.out else ""))
 
@@ -110,26 +149,36 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Fit IIA coefficients by least squares, one greedy pass against the target (local fine reference or the
     teacher's trajectory), apply the guard, and report the final-sample error of base and IIA against the
     teacher on held-out noises (a plain warning when IIA is worse)."""
     from . import api
 
-    with handle_errors():
+    with handle_errors(), OutputPlan() as plan:
         cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
                                      "calibration.substeps": substeps, "sampler.device": device,
                                      "sampler.dtype": dtype, "calibration.target": target,
                                      "calibration.teacher": teacher, "calibration.teacher_substeps": teacher_substeps,
                                      "calibration.guard": guard})
-        _, path = api.calibrate(cfg, out=out)
-        typer.echo(str(path))
+        if out is not None:
+            plan.file(out, "--out", "coefficient file")
+        else:
+            plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
+        _, path = api.calibrate(cfg, out=out, log=_log_except_wrote)
+        typer.echo(str(path))  # the path once, on stdout
+
+
+def _log_except_wrote(msg: str) -> None:
+    """The library's log without its closing `wrote <path>` line, which the command prints on stdout."""
+    from .progress import log
+
+    if not msg.startswith("wrote "):
+        log(msg)
 
 
 def raise_usage(msg: str) -> None:
-    from .errors import ConfigError
-
     raise ConfigError(msg)
 
 

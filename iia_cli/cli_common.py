@@ -1,18 +1,28 @@
-"""Shared CLI plumbing: typed library errors become one-line messages and exit codes."""
+"""Shared CLI plumbing: typed library errors and usage errors become one-line messages and exit codes."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-from collections.abc import Iterator
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import IIAError
+
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
 
 
 def echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 @contextlib.contextmanager
@@ -21,7 +31,7 @@ def handle_errors() -> Iterator[None]:
     try:
         yield
     except IIAError as exc:
-        echo_err(f"error: {exc}")
+        echo_err(f"error: {one_line(str(exc))}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         echo_err("interrupted")
@@ -32,5 +42,59 @@ def handle_errors() -> Iterator[None]:
     except MemoryError:
         echo_err("error: out of memory; lower --batch")
         raise typer.Exit(1) from None
+    except OSError as exc:  # a write refused by the system after the up-front checks (disk full, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        echo_err(f"error: {one_line(exc.strerror or str(exc))}{where}")
+        raise typer.Exit(1) from None
     finally:
         sys.stdout.flush()
+
+
+def usage_message(exc: Exception, args: Sequence[str], prog: str = "iia", commands: Sequence[str] = ()) -> str:
+    """One line for a Typer/Click usage error: the command, what is wrong, and where to look."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # errors raised while parsing options carry no context
+        command = f"{prog} {args[0]}" if args and args[0] in commands else prog
+    fmt = getattr(exc, "format_message", None)
+    msg = one_line(fmt() if callable(fmt) else str(exc)).rstrip(".")
+    if "unexpected extra argument" in msg:
+        extra = [a for a in args if a.lower() in BOOL_WORDS]
+        flag = next((args[i - 1] for i, a in enumerate(args) if i and a in extra and args[i - 1].startswith("--")),
+                    None)
+        if flag:
+            msg += f"; {flag} is a flag and takes no value: write {flag} alone"
+    return f"error: {command}: {msg}; see '{command} --help'"
+
+
+class OneLineErrorGroup(TyperGroup):
+    """The ``iia`` command group: usage errors (unknown option, missing or extra argument, a value of the
+    wrong type) print one line ``error: ...`` and exit 2 instead of Typer's multi-line box; an unexpected
+    exception prints one line and exits 1 (``IIA_DEBUG=1`` shows its traceback)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # Typer's bundled Click errors derive from TyperException
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `iia`: the help, as Click prints it
+                echo_err(exc.format_message())
+            else:
+                echo_err(usage_message(exc, argv, prog_name or "iia", list(self.commands)))
+            rv = getattr(exc, "exit_code", 2)
+        except typer.Abort:
+            echo_err("error: aborted")
+            rv = 1
+        except Exception as exc:  # a bug: one line, not a traceback, unless asked for
+            if os.environ.get("IIA_DEBUG"):
+                raise
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+            echo_err(f"error: internal error{where}: {type(exc).__name__}: {one_line(str(exc))} "
+                     f"(rerun with IIA_DEBUG=1 for the traceback, and please report it)")
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)

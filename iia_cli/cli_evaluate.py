@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 
 from .cli_common import handle_errors
+from .paths import PLOT_SUFFIXES, OutputPlan, plan_evaluate_outputs
+from .results import COLUMNS
 
 NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
 
@@ -39,9 +41,10 @@ def register(app: typer.Typer) -> None:
         from .config import _coerce
         from .evaluate import evaluate as run_evaluate, print_table
 
-        with handle_errors():
+        with handle_errors(), OutputPlan() as plan:
             cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
+            plan_evaluate_outputs(plan, cfg, csv, shard=bool(shard), fid=not no_fid)
             nfes = _coerce(nfe, list[int], "--nfe") if nfe is not None else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
             if meths:
@@ -65,7 +68,8 @@ def register(app: typer.Typer) -> None:
         """Combine the shard files of SLURM array tasks into result rows (exact: float64 sums merge)."""
         from .evaluate import merge_shards, print_table
 
-        with handle_errors():
+        with handle_errors(), OutputPlan() as plan:
+            plan.csv(csv, "--csv", columns=COLUMNS)
             res = merge_shards(shard_dir, csv)
             print_table(res.csv, only_rows=res.rows or None)
             typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
@@ -85,7 +89,8 @@ def register(app: typer.Typer) -> None:
         from .evaluate import print_table
         from .results import plot_results, read_results
 
-        with handle_errors():
+        with handle_errors(), OutputPlan() as plan:
+            plan.file(plot, "--plot", "plot image", suffixes=PLOT_SUFFIXES)
             print_table(csv, experiment)
             if plot:
                 df = read_results(csv)

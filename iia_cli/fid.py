@@ -492,7 +492,7 @@ class FeatureStats:
     def to_reference_npz(self, path: str | Path) -> Path:
         """Write ``mu`` and ``sigma`` (float64) in the standard reference format, atomically."""
         mu, sigma = self.mean_cov()
-        return _savez_atomic(Path(path), mu=mu, sigma=sigma)
+        return _savez_atomic(Path(path), rescue=True, what="reference statistics", mu=mu, sigma=sigma)
 
 
 def _open_npz(path: Path, what: str) -> np.lib.npyio.NpzFile:

@@ -46,7 +46,8 @@ def grid_image(images: np.ndarray, ncols: int | None = None, width: int = GRID_W
 
 
 def save_grid_png(images: np.ndarray, path: Path, ncols: int | None = None) -> None:
-    """Save :func:`grid_image` of uint8 [N, H, W, C] images as a PNG (about 512 px wide)."""
+    """Save :func:`grid_image` of uint8 [N, H, W, C] images as a PNG (about 512 px wide), atomically."""
+    from .atomic import atomic_write
+
     grid = grid_image(images, ncols)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, Path(path))
+    atomic_write(path, lambda tmp: save_png(grid, tmp, "PNG"), rescue=True, what="sample grid")

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from . import __version__
+from .atomic import write_rescue_copy
 from .errors import IIARuntimeError, MissingFileError
+from .paths import csv_lock
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
@@ -108,10 +108,24 @@ def append_rows(path: str | Path, rows: Sequence[dict[str, Any]], skip_done: boo
     """Append rows (header first if the file is new) under an exclusive lock, in one write.
 
     With ``skip_done``, rows whose identity is already in the file are dropped under the same lock, so two
-    identical runs at once append each result once. Returns the rows written."""
+    identical runs at once append each result once. Returns the rows written. If the write fails, the rows go
+    to a rescue CSV beside it (or under ./iia-rescued) and the error names it."""
     path = Path(path)
+    try:
+        return _append_rows(path, rows, skip_done)
+    except (OSError, IIARuntimeError) as exc:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore").writeheader()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore").writerows(rows)
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        write_rescue_copy(path.with_suffix(".unsaved.csv"), lambda tmp: tmp.write_text(buf.getvalue()), reason,
+                          f"{len(rows)} result rows", first=[path.parent])
+        raise  # write_rescue_copy raises OutputRescued naming the copy; this line is not reached
+
+
+def _append_rows(path: Path, rows: Sequence[dict[str, Any]], skip_done: bool) -> list[dict[str, Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=600):
+    with csv_lock(path):
         check_header(path)
         new = not path.exists() or path.stat().st_size == 0
         if skip_done and not new:
