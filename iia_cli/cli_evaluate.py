@@ -56,8 +56,9 @@ def register(app: typer.Typer) -> None:
             res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid,
                                fresh=fresh, metrics=metrics)
             if dist.context().is_main and not dist.context().shard:
-                print_table(res.csv, cfg.experiment, only_rows=res.rows or None)
-                typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
+                print_table(res.csv, cfg.experiment, identities=res.identities)  # this run's rows only
+                if res.rows:
+                    typer.echo(f"results appended to {res.csv} ({len(res.rows)} rows)")
 
     @app.command()
     def merge(
@@ -76,12 +77,15 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def report(
         csv: Path = typer.Argument(..., help="A results CSV written by iia evaluate."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw FID-vs-NFE curves into this PNG."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw value-vs-NFE curves into this PNG, one panel "
+                                            "per metric."),
         experiment: Optional[str] = typer.Option(None, "--experiment", help="Only rows of this experiment."),
-        metric: str = typer.Option("fid", "--metric", help="Metric to plot: fid, integration_rmse or clip_score."),
+        metric: Optional[str] = typer.Option(None, "--metric", help="Plot only these metrics (comma-separated: fid, "
+                                             "integration_rmse, clip_score; default: every metric in the CSV)."),
     ) -> None:
-        """Print the methods x NFE table of a results CSV again (latest row per identity; a note where one
-        method, NFE and metric has rows of different settings), and optionally plot it."""
+        """Print the methods x NFE tables of a results CSV again, one per metric (latest row per identity; IIA
+        rows with their ratio to the base solver, the best method per NFE marked; a note where one method, NFE
+        and metric has rows of different settings), and optionally plot them."""
         from .evaluate import print_table
         from .results import plot_results, read_results
 
@@ -92,4 +96,5 @@ def register(app: typer.Typer) -> None:
                 df = read_results(csv)
                 if experiment:
                     df = df[df["experiment"] == experiment]
-                typer.echo(f"wrote {plot_results(df, plot, metric)}")
+                metrics = [m.strip() for m in metric.split(",") if m.strip()] if metric else None
+                typer.echo(f"wrote {plot_results(df, plot, metrics)}")

@@ -1,12 +1,11 @@
 """CLI commands for FID: ``fid-weights``, ``fid-ref`` and ``fid``. Thin wrappers over ``iia_cli.fid``.
 
-Results go to stdout, logs and progress to stderr (plain lines, readable in a SLURM log).
+Results go to stdout, logs and progress to stderr (a bar on a terminal, plain lines in a SLURM log).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,7 @@ import typer
 from . import fid
 from .cli_common import echo_err, handle_errors
 from .paths import OutputPlan
+from .progress import ImageProgress
 
 WeightsOption = Annotated[
     Path | None,
@@ -27,27 +27,6 @@ WeightsOption = Annotated[
 ]
 BatchOption = Annotated[int, typer.Option("--batch", min=1, help="Images per Inception batch.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-
-
-class ProgressPrinter:
-    """Prints ``<label>: <n> images (<rate> img/s)`` to stderr at most every ``every_s`` seconds."""
-
-    def __init__(self, label: str, every_s: float = 10.0) -> None:
-        self.label = label
-        self.every_s = every_s
-        self.start = self.last = time.monotonic()
-        self.n = 0
-
-    def __call__(self, n_done: int) -> None:
-        self.n = n_done
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.report()
-
-    def report(self) -> None:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        echo_err(f"{self.label}: {self.n} images ({self.n / elapsed:.1f} img/s)")
 
 
 def _weights(explicit: Path | None) -> Path:
@@ -109,13 +88,12 @@ def fid_ref(
     with handle_errors(), OutputPlan() as plan:
         plan.file(out, "--out", "reference statistics file", suffixes=(".npz",))
         weights = _weights(inception_weights)
-        progress = ProgressPrinter("fid-ref")
-        path = fid.compute_reference(
-            data, out, weights, device=device, batch_size=batch, limit=limit, progress=progress
-        )
-        progress.report()
+        with ImageProgress(limit, f"fid-ref: Inception features of {data}") as progress:
+            path = fid.compute_reference(
+                data, out, weights, device=device, batch_size=batch, limit=limit, progress=progress.update_to
+            )
         typer.echo(f"reference: {path}")
-        typer.echo(f"n: {progress.n}")
+        typer.echo(f"n: {progress.done}")
         typer.echo(f"sha256: {fid.sha256_of_file(path)}")
 
 
@@ -135,9 +113,9 @@ def fid_command(
     """Print the FID of images against reference statistics."""
     with handle_errors():
         weights = _weights(inception_weights)
-        progress = ProgressPrinter("fid")
-        value, n = fid.fid_of_images(images, ref, weights, device=device, batch_size=batch, progress=progress)
-        progress.report()
+        with ImageProgress(None, f"fid: Inception features of {images}") as progress:
+            value, n = fid.fid_of_images(images, ref, weights, device=device, batch_size=batch,
+                                         progress=progress.update_to)
         if as_json:
             typer.echo(json.dumps({"fid": value, "n": n}))
         else:

@@ -34,7 +34,9 @@ from .sampling import Coefficients, format_seeds, parse_seeds, sample_batches, t
 @dataclass
 class EvaluateResult:
     csv: Path
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # rows computed and appended by this run
+    identities: list[str] = field(default_factory=list)  # identities of every row of the run, computed or skipped
+    skipped: int = 0  # rows already in the CSV (same identity)
 
 
 def parse_seed_ranges(spec: Any) -> list[list[int]]:
@@ -64,8 +66,9 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
     cached = layout.reference_cache_dir() / f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}.npz"
     if not cached.is_file():
         log(f"computing reference statistics of {spec} ({cfg.fid.reference_samples or 'all'} images) -> {cached}")
-        compute_reference(spec, cached, weights, device=str(device), batch_size=cfg.fid.batch,
-                          limit=cfg.fid.reference_samples)
+        with ImageProgress(cfg.fid.reference_samples, f"reference statistics of {spec}") as bar:
+            compute_reference(spec, cached, weights, device=str(device), batch_size=cfg.fid.batch,
+                              limit=cfg.fid.reference_samples, progress=bar.update_to)
     return (cached, *load_reference(cached))
 
 
@@ -193,9 +196,10 @@ class MetricSetup:
 
 def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:
     """Final states of the reference solve (float64, CPU) of ``seeds``."""
-    xs = [x.to(torch.float64).cpu() for _, x in sample_batches(
-        ref.model, ref.method, ref.sigmas, seeds, ref.batch, None, ref.device, ref.state_dtype,
-        ref.cfg.sampler.class_label)]
+    with ImageProgress(len(seeds), f"reference solve {ref.method.name} nfe={ref.nfe}") as bar:
+        xs = [x.to(torch.float64).cpu() for _, x in sample_batches(
+            ref.model, ref.method, ref.sigmas, seeds, ref.batch, None, ref.device, ref.state_dtype,
+            ref.cfg.sampler.class_label, bar)]
     return torch.cat(xs)
 
 
@@ -241,7 +245,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
     model = p.model
     last = time.perf_counter()
     with ImageProgress(len(mine), label, enabled=progress) as bar:
-        bar.advance(done)
+        bar.resume(done)
         t0 = time.perf_counter()
         for chunk, x in sample_batches(model, p.method, p.sigmas, mine[done:], p.batch, coeffs, p.device,
                                        p.state_dtype, p.cfg.sampler.class_label):
@@ -308,6 +312,9 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     err_seeds = ranges[0][: max(0, ev.error_samples)] if "integration_rmse" in chosen else []
     setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log)
     all_rows: list[dict[str, Any]] = []
+    identities: list[str] = []
+    skipped = 0
+    where = csv_path if not ctx.shard else _shard_dir(cfg)
     for (m, n), p in prepared.items():
         cells = [Cell(metric, k, seeds) for k, seeds in enumerate(ranges) for metric in chosen
                  if metric != "integration_rmse"]
@@ -324,9 +331,9 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
             log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
             if coeffs.cs.warning:
                 log(coeffs.cs.warning)
+        identities += [c.identity for c in cells if c.identity]
+        skipped += len(cells) - len(todo)
         if not todo:
-            log(f"{p.method.name} nfe={p.nfe}: already in {csv_path if not ctx.shard else _shard_dir(cfg)}, "
-                "skipped (--fresh recomputes)")
             continue
         rows = _evaluate_cells(p, coeffs, todo, ranges, setup, fresh, progress, log)
         if rows and ctx.is_main and not ctx.shard:  # after each (method, NFE): nothing is lost if a later one fails
@@ -335,10 +342,14 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
                 log(f"{p.method.name} nfe={p.nfe}: {len(rows) - len(written)} row(s) appeared in {csv_path} meanwhile "
                     "(another run with the same settings); not appended twice")
         all_rows.extend(rows)
+    total = len(identities)
+    if skipped:
+        log(f"all {total} rows already in {where} (same identity); --fresh recomputes" if skipped == total else
+            f"{skipped} of {total} rows already in {where} (same identity), skipped; --fresh recomputes them")
     if ctx.shard:
         log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in {_shard_dir(cfg)}/; "
             f"combine them with `iia merge {_shard_dir(cfg)} --csv {csv_path}`")
-    return EvaluateResult(csv_path, all_rows)
+    return EvaluateResult(csv_path, all_rows, identities, skipped)
 
 
 def _todo(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, setup: MetricSetup, csv_path: Path,
@@ -482,19 +493,27 @@ def _read_shard(f: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[dict[str, Any]] | None = None) -> None:
-    """The methods x NFE table of a results CSV (or of the rows just computed), then a note for every
-    (method, NFE, metric) whose rows have different settings."""
+def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[dict[str, Any]] | None = None,
+                identities: list[str] | None = None) -> None:
+    """The methods x NFE tables of a results CSV (or of the rows just computed, or of the rows with the given
+    identities: those of one evaluate run), one per experiment, then a note for every (method, NFE, metric)
+    whose rows have different settings."""
     import pandas as pd
     from rich.console import Console
+
+    from .results import figure_title
 
     if only_rows is not None:
         df = normalise_results(pd.DataFrame(only_rows), "results")
     else:
         df = read_results(csv_path)
+    if identities is not None:
+        df = df[df["identity"].isin(set(identities))]
     if experiment and "experiment" in df:
         df = df[df["experiment"] == experiment]
     console = Console()
-    console.print(render_table(df, title=f"{experiment or csv_path}: FID min (mean over seed ranges) / integration RMSE"))
+    groups = list(df.groupby("experiment", sort=False)) if "experiment" in df and len(df) else [("", df)]
+    for _, part in groups:
+        console.print(render_table(part, title=figure_title(part) or str(csv_path)))
     for note in identity_conflicts(df)[1]:
         console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)

@@ -103,11 +103,16 @@ def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: 
     if key not in _TEACHER_CACHE:
         states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
         calls = 0
+        from .progress import ImageProgress
+
+        bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises)",
+                            unit="steps").__enter__()  # ends itself after the last step
         for k, x in enumerate(starts):
             den, hist = BoundDenoiser(model, labels[k]), ()
             for i in range(len(sig) - 1):
                 x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
                 states[i + 1].append(x)
+                bar.advance(1)
             calls = calls or den.calls
         while len(_TEACHER_CACHE) >= _TEACHER_CACHE_SIZE:
             _TEACHER_CACHE.pop(next(iter(_TEACHER_CACHE)))
@@ -222,6 +227,10 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
                                      if teacher is not None else ([], 0))
     fitted: Coefficients = []
     res_base, res_iia = [], []
+    from .progress import ImageProgress
+
+    bar = ImageProgress(n_steps, f"{'calibrating' if coeffs is None else 'validating'} {method.name} "
+                        f"({n} noises)", unit="steps").__enter__()  # ends itself after the last step
     for i in range(n_steps):
         G = g = None
         stash = []
@@ -260,6 +269,7 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         if log is not None and corrected:
             log(f"  step {i:2d}  sigma {float(sig[i]):9.4f} -> {float(sig[i + 1]):9.4f}  "
                 f"c = [{', '.join(f'{v:+.4f}' for v in c_i)}]  residual base {res_base[-1]:.4g} -> iia {res_iia[-1]:.4g}")
+        bar.advance(1)
     for s in states:
         if not bool(torch.isfinite(s).all()):
             raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")

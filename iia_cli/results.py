@@ -17,6 +17,7 @@ import hashlib
 import datetime as _dt
 import io
 import json
+import math
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -181,7 +182,7 @@ def normalise_results(df: Any, where: str = "results") -> Any:
     for col in ("method_params", "timestamp", "seeds", "grid", "identity", "identity_fields"):
         if col not in df.columns:
             df[col] = ""
-        df[col] = df[col].fillna("").astype(str)
+        df[col] = df[col].astype(object).fillna("").astype(str)
     df["method"] = df["method"].astype(str)
     df["metric"] = df["metric"].astype(str)
     # rows of an older iia_cli (no identity column): identify them by what their columns record
@@ -237,16 +238,103 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:36] + "..."
 
 
+# Metrics: display name and which direction is better; tables and plots list them in this order (the
+# integration error first: it is the metric that every model resolves, FID second).
+METRIC_INFO: dict[str, tuple[str, bool]] = {
+    "integration_rmse": ("integration RMSE", False),
+    "fid": ("FID", False),
+    "clip_score": ("CLIP score", True),
+}
+
+
+def metric_order(metrics: Any) -> list[str]:
+    """The metrics present, the known ones first in :data:`METRIC_INFO` order, then the rest by name."""
+    present = list(dict.fromkeys(str(m) for m in metrics))
+    return [m for m in METRIC_INFO if m in present] + sorted(m for m in present if m not in METRIC_INFO)
+
+
+def higher_is_better(metric: str) -> bool:
+    return METRIC_INFO.get(metric, (metric, False))[1]
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_INFO.get(metric, (metric, False))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def base_method(method: str) -> str | None:
+    """The base solver an IIA method corrects, from the method registry (None for a base solver or an
+    unknown name)."""
+    from .errors import ConfigError
+    from .methods import make_method
+
+    try:
+        m = make_method(method)
+    except ConfigError:
+        return None
+    return m.solver.name if m.is_iia else None
+
+
+def _base_label(method: str, params: str) -> str:
+    """The table label of the base-solver row an IIA row compares with ('' for a base solver): the base
+    method under the same NFE/grid convention."""
+    base = base_method(method)
+    if base is None:
+        return ""
+    try:
+        data = json.loads(params) if params else {}
+    except json.JSONDecodeError:
+        data = {}
+    keep = {k: v for k, v in data.items() if k == "convention"} if isinstance(data, dict) else {}
+    return base + _params_label(json.dumps(keep))
+
+
 def summary_table(df: Any, metric: str = "fid") -> Any:
-    """methods x NFE table of 'min / mean' over seed ranges for one metric (latest row per identity; where
-    settings differ, the latest settings: see :func:`identity_conflicts`)."""
+    """methods x NFE of one metric (latest row per identity; where settings differ, the latest settings: see
+    :func:`identity_conflicts`), one row per (label, NFE) with: ``value`` the best over seed ranges (min, or max
+    for a metric where higher is better), ``mean`` and ``count`` over seed ranges, ``base`` the label of the
+    base solver an IIA row corrects, ``ratio`` its value over that base's at the same NFE (NaN when absent), and
+    ``best`` whether it is the best value at its NFE. None when the metric has no rows."""
     sub = df[df["metric"] == metric]
     if sub.empty:
         return None
     sub, _ = identity_conflicts(sub)
-    sub = sub.assign(label=sub["method"] + sub["method_params"].fillna("").map(_params_label))
-    g = sub.groupby(["label", "nfe"], sort=False)["value"].agg(["min", "mean", "count"]).reset_index()
+    params = sub["method_params"].fillna("")
+    sub = sub.assign(label=sub["method"] + params.map(_params_label),
+                     base=[_base_label(m, p) for m, p in zip(sub["method"], params)])
+    high = higher_is_better(metric)
+    g = sub.groupby(["label", "nfe"], sort=False).agg(
+        value=("value", "max" if high else "min"), mean=("value", "mean"), count=("value", "count"),
+        base=("base", "first"), method=("method", "first")).reset_index()
+    values = {(lab, n): v for lab, n, v in zip(g["label"], g["nfe"], g["value"])}
+    g["ratio"] = [v / values[(b, n)] if b and values.get((b, n)) else float("nan")
+                  for b, n, v in zip(g["base"], g["nfe"], g["value"])]
+    target = g.groupby("nfe")["value"].transform("max" if high else "min")
+    g["best"] = g["value"] == target
     return g
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.2f}" if metric == "fid" else f"{value:#.4g}"
+
+
+def _metric_title(df: Any, metric: str, g: Any) -> str:
+    """'FID, 200 samples per seed range, best of 2 ranges (mean in brackets): lower is better'."""
+    sub = df[df["metric"] == metric]
+    parts = [metric_name(metric)]
+    if metric == "integration_rmse" and "reference" in sub:
+        refs = sorted({str(r) for r in sub["reference"].dropna() if str(r)})
+        if len(refs) == 1:
+            parts[0] += f" to {refs[0]}"
+    if "n_samples" in sub:
+        import pandas as pd
+
+        ns = sorted({int(n) for n in pd.to_numeric(sub["n_samples"], errors="coerce") if n == n})
+        if len(ns) == 1:
+            parts.append(f"{ns[0]} samples")
+    if int(g["count"].max()) > 1:
+        parts.append(f"{'max' if higher_is_better(metric) else 'min'} over seed ranges (mean)")
+    return ", ".join(parts) + f" ({'higher' if higher_is_better(metric) else 'lower'} is better)"
 
 
 def _params_label(text: str) -> str:
@@ -256,67 +344,136 @@ def _params_label(text: str) -> str:
         params = json.loads(text)
     except json.JSONDecodeError:
         return ""
-    keep = {k: v for k, v in params.items() if k == "r" or (k == "quantities" and v != 2)}
+    keep = {k: v for k, v in params.items() if k in ("r", "convention") or (k == "quantities" and v != 2)}
     return "".join(f" {k}={v}" for k, v in keep.items())
 
 
 def render_table(df: Any, title: str = "") -> Any:
-    """A rich Table: rows = methods, columns = NFE; cells 'FID min (mean)' and the integration RMSE."""
+    """Rich tables, one per metric (integration error first, then FID, then the rest): rows = methods,
+    columns = NFE. A cell shows the value (the best over seed ranges, with the mean when there are several),
+    ``x0.52`` for an IIA row = its value / its base solver's at that NFE, and ``*`` (bold) for the best
+    method at that NFE. Each title says which direction is better."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    fid = summary_table(df, "fid")
-    rmse = summary_table(df, "integration_rmse")
-    base = fid if fid is not None else rmse
-    table = Table(title=title or None)
-    table.add_column("method")
-    if base is None:
-        return table
-    nfes = sorted({int(n) for n in base["nfe"]})
-    labels = list(dict.fromkeys(base["label"]))
-    for n in nfes:
-        table.add_column(f"NFE {n}", justify="right")
+    tables = []
+    for metric in metric_order(df["metric"]):
+        g = summary_table(df, metric)
+        if g is None:
+            continue
+        nfes = sorted({int(n) for n in g["nfe"]})
+        table = Table()
+        table.add_column("method")
+        for n in nfes:
+            table.add_column(f"NFE {n}", justify="right")
+        cells = {(r.label, int(r.nfe)): r for r in g.itertuples()}
+        for label in dict.fromkeys(g["label"]):
+            row = []
+            for n in nfes:
+                r = cells.get((label, n))
+                if r is None:
+                    row.append("-")
+                    continue
+                text = _fmt(metric, r.value) + (f" (mean {_fmt(metric, r.mean)})" if r.count > 1 else "")
+                text += f" x{r.ratio:.2f}" if r.ratio == r.ratio else ""
+                text += " *" if r.best else "  "
+                row.append(f"[bold]{text}[/bold]" if r.best else text)
+            table.add_row(label, *row)
+        has_ratio = bool((g["ratio"] == g["ratio"]).any())
+        caption = ("x0.52 = IIA / its base solver at this NFE; " if has_ratio else "") + "* = best at this NFE"
+        tables += [Text(_metric_title(df, metric, g), style="bold"), table, Text(caption, style="dim")]
+    return Group(*([Text(title, style="bold underline")] if title and tables else []), *tables)
 
-    def cell(label: str, n: int) -> str:
-        parts = []
-        if fid is not None:
-            hit = fid[(fid["label"] == label) & (fid["nfe"] == n)]
-            if len(hit):
-                r = hit.iloc[0]
-                parts.append(f"FID {r['min']:.2f}" + (f" (mean {r['mean']:.2f})" if r["count"] > 1 else ""))
-        if rmse is not None:
-            hit = rmse[(rmse["label"] == label) & (rmse["nfe"] == n)]
-            if len(hit):
-                parts.append(f"err {hit.iloc[0]['min']:.4f}")
-        return " / ".join(parts) or "-"
 
-    for label in labels:
-        table.add_row(label, *[cell(label, n) for n in nfes])
-    return table
+def figure_title(df: Any) -> str:
+    """'<experiment> (<model>)' of a results table (several names joined by commas)."""
+    def names(col: str) -> str:
+        if col not in df:
+            return ""
+        return ", ".join(dict.fromkeys(str(v) for v in df[col].dropna() if str(v)))
+
+    exp, model = names("experiment"), names("model")
+    return f"{exp} ({model})" if exp and model else exp or model
 
 
-def plot_results(df: Any, out: str | Path, metric: str = "fid") -> Path:
-    """FID-vs-NFE curves, one line per method (min over seed ranges)."""
+def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | None = None) -> Any:
+    """A matplotlib figure of value vs NFE, one panel per metric (every metric in ``df`` unless ``metrics``),
+    log y-scale where a panel's values span more than a decade, integer NFE ticks, the title naming the
+    experiment and model, one legend outside the panels. An IIA method and its base solver share a colour:
+    IIA solid, the base dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    g = summary_table(df, metric)
-    if g is None:
-        raise IIARuntimeError(f"no {metric} rows to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, part in g.groupby("label", sort=False):
-        part = part.sort_values("nfe")
-        ax.plot(part["nfe"], part["min"], marker="o", label=label)
-    ax.set_xlabel("NFE")
-    ax.set_ylabel(metric.upper() if metric == "fid" else metric)
-    if metric == "fid" and (g["min"] > 0).all() and g["min"].max() / max(g["min"].min(), 1e-9) > 5:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    wanted = metric_order(df["metric"]) if metrics is None else list(metrics)
+    tables = [(m, summary_table(df, m)) for m in wanted]
+    missing = [m for m, g in tables if g is None]
+    if missing:
+        have = ", ".join(metric_order(df["metric"])) or "none"
+        raise IIARuntimeError(f"no {', '.join(missing)} rows to plot (metrics in the results: {have})")
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), 3.8), squeeze=False)
+    families: dict[str, int] = {}
+    markers = ("o", "s", "^", "D", "v", "P")
+    styles: dict[str, dict[str, Any]] = {}
+    for _, g in tables:
+        for label, method, base in zip(g["label"], g["method"], g["base"]):
+            if label in styles:
+                continue
+            family = base or label
+            colour = families.setdefault(family, len(families))
+            if base:
+                k = sum(1 for s in styles.values() if s["family"] == family and s["ls"] == "-")
+                styles[label] = dict(family=family, color=f"C{colour % 10}", ls="-", marker=markers[k % len(markers)])
+            else:
+                styles[label] = dict(family=family, color=f"C{colour % 10}", ls="--", marker="x")
+    handles: dict[str, Any] = {}
+    for ax, (metric, g) in zip(axes[0], tables):
+        for label in dict.fromkeys(g["label"]):
+            part = g[g["label"] == label].sort_values("nfe")
+            st = styles[label]
+            (line,) = ax.plot(part["nfe"], part["value"], color=st["color"], linestyle=st["ls"], marker=st["marker"],
+                              label=label)
+            handles.setdefault(label, line)
+        vals = g["value"][g["value"] > 0]
+        if len(vals) == len(g) and vals.max() / vals.min() > 10:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
+        nfes = sorted({int(n) for n in g["nfe"]})
+        if len(nfes) <= 12:
+            ax.set_xticks(nfes)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(metric_name(metric))
+        ax.set_title(f"{metric_name(metric)} ({'higher' if higher_is_better(metric) else 'lower'} is better)",
+                     fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    head = title if title is not None else figure_title(df)
+    fig.suptitle((f"{head}: " if head else "") + "IIA (solid) vs its base solver (dashed)", fontsize=11)
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def _minor_log_label(v: float, _: Any = None) -> str:
+    """Label the minor ticks 2 and 5 of each decade of a log axis (plain numbers), leave the rest blank."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v))
+    return f"{v:g}" if min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
+
+
+def plot_results(df: Any, out: str | Path, metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Write :func:`results_figure` to a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(df, metrics, title)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
-
