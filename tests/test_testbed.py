@@ -1,0 +1,107 @@
+"""The built-in trained testbed network and the exact gmm-mnist reference set."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_heldout_split_is_disjoint_and_balanced() -> None:
+    from iia_cli.data import load_mnist_5k
+    from iia_cli.testbed import mnist_split
+
+    train, held = mnist_split()
+    assert len(train) == 4000 and len(held) == 1000
+    images, labels = load_mnist_5k()
+    # The held-out digits are the last 100 of each class, none of them in the training set.
+    train_keys = {im.tobytes() for im in train}
+    assert sum(im.tobytes() in train_keys for im in held) <= 2  # MNIST has a few exact duplicate digits at most
+    for c in range(10):
+        last = images[np.flatnonzero(labels == c)[-100:]]
+        assert all(any(np.array_equal(x, h) for h in held) for x in last[:3])
+
+
+def test_shipped_network_loads_and_is_trained() -> None:
+    """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
+    digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not)."""
+    from iia_cli.models import load_model, model_fingerprint
+    from iia_cli.testbed import heldout_images, to_model_range
+
+    params = {"path": "builtin:mnist-ddpm"}
+    model = load_model("diffusers", params)
+    assert tuple(model.shape) == (1, 32, 32)
+    fingerprint = model_fingerprint(model, "diffusers", params)
+    assert fingerprint[:16] in (ROOT / "README.md").read_text(), "README must state the testbed's fingerprint"
+
+    x0 = to_model_range(heldout_images()[:32, :, :, 0])  # [32, 1, 32, 32]
+    gen = torch.Generator().manual_seed(0)
+    sigma = 0.5
+    noisy = x0 + sigma * torch.randn(x0.shape, generator=gen)
+    with torch.no_grad():
+        denoised = model(noisy, torch.full((32,), sigma))
+    err_in = (noisy - x0).pow(2).mean().sqrt()
+    err_out = (denoised - x0).pow(2).mean().sqrt()
+    assert err_out < 0.5 * err_in, (float(err_out), float(err_in))
+
+
+def test_builtin_checkpoint_name_is_checked() -> None:
+    from iia_cli.errors import ConfigError
+    from iia_cli.testbed import resolve_checkpoint
+
+    with pytest.raises(ConfigError, match="builtin:mnist-ddpm"):
+        resolve_checkpoint("builtin:cifar10")
+
+
+def _train(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, str(ROOT / "scripts" / "train_testbed.py"), "--steps", "4", "--batch", "4",
+            "--limit-images", "8", "--channels", "8,16", "--threads", "1", "--log-every", "0", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp)
+
+
+def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    straight = _train(tmp_path, "--work", "a", "--out", "a/out")
+    assert straight.returncode == 0, straight.stderr
+    assert re.search(r"done: 4 steps", straight.stderr)
+    first = _train(tmp_path, "--work", "b", "--out", "b/out", "--stop-after", "2")
+    assert first.returncode == 0, first.stderr
+    assert not (tmp_path / "b" / "out").exists()
+    resumed = _train(tmp_path, "--work", "b", "--out", "b/out")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "at step 2/4" in resumed.stderr
+    a = load_file(tmp_path / "a/out/unet/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b/out/unet/diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Other settings against an existing checkpoint are refused instead of silently mixed.
+    other = _train(tmp_path, "--work", "b", "--lr", "0.1")
+    assert other.returncode == 2 and "other training settings" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_gmm_exact_reference_matches_the_mixture() -> None:
+    """builtin:gmm-mnist-exact holds exact samples of the mixture: their mean is the mixture's mean."""
+    from iia_cli.data import GMM_EXACT_SAMPLES, load_builtin_images
+    from iia_cli.models.gmm import GMMDenoiser
+
+    model = GMMDenoiser.from_mnist()
+    x = model.sample_exact(20000, seed=1)  # [n, 1, 28, 28]
+    stderr = x.std(0) / 20000**0.5
+    assert ((x.mean(0) - model.mixture_mean()).abs() <= 5 * stderr + 1e-12).all()
+    # The built-in reference images are exactly those samples, quantised like generated images.
+    from iia_cli.data import GMM_EXACT_SEED
+    from iia_cli.images import quantize
+
+    images = load_builtin_images("gmm-mnist-exact")
+    assert images.shape == (GMM_EXACT_SAMPLES, 28, 28, 1) and images.dtype == np.uint8
+    assert np.array_equal(images, quantize(model.sample_exact(GMM_EXACT_SAMPLES, seed=GMM_EXACT_SEED)).numpy())
+    real = load_builtin_images("mnist")[..., 0].astype(np.float64) / 127.5 - 1
+    assert np.abs(real.mean(0) - model.mixture_mean()[0].numpy()).max() < 1e-9  # the mixture's mean is the data's
