@@ -79,11 +79,12 @@ def to_model_range(images_u8: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.999
+    ema_start: int = 1000  # the EMA starts from the weights at this step, with decay min(ema_decay, (1+n)/(10+n))
     grad_clip: float = 1.0
     seed: int = 0
     block_out_channels: tuple[int, ...] = (32, 64, 64)
@@ -171,7 +172,8 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
     ckpt = work_dir / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if _identity(state["config"]) != _identity(json.loads(json.dumps(asdict(cfg)))):
+        saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **state["config"]}  # keys added later: defaults
+        if _identity(saved) != _identity(json.loads(json.dumps(asdict(cfg)))):
             raise ConfigError(f"{ckpt} was written with other training settings; give the same settings to resume, "
                               "or another --work directory")
         unet.load_state_dict(state["model"])
@@ -205,9 +207,14 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
             opt.step()
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema_decay)
+            with torch.no_grad():  # EMA (diffusers' EMAModel rule, started after ema_start steps)
+                n = step + 1 - cfg.ema_start
+                if n == 0:
+                    ema.load_state_dict(unet.state_dict())
+                elif n > 0:
+                    decay = min(cfg.ema_decay, (1 + n) / (10 + n))
+                    for pe, pm in zip(ema.parameters(), unet.parameters()):
+                        pe.lerp_(pm, 1 - decay)
             window.append(float(loss.detach()))
             if len(window) == 50 or step + 1 == cfg.steps:
                 losses.append(sum(window) / len(window))

@@ -143,14 +143,15 @@ def test_module_entry_point_and_help():
 
 
 def test_builtin_default_config_is_the_shipped_one(cli, tmp_path, monkeypatch):
-    """`iia ...` without --config uses the packaged default, which is configs/mnist-gmm.yaml byte for byte."""
+    """`iia ...` without --config uses the packaged default (the trained testbed network), which is
+    configs/mnist-testbed.yaml byte for byte."""
     from iia_cli.cli import DEFAULT_CONFIG
 
-    assert DEFAULT_CONFIG.read_bytes() == (ROOT / "configs" / "mnist-gmm.yaml").read_bytes()
+    assert DEFAULT_CONFIG.read_bytes() == (ROOT / "configs" / "mnist-testbed.yaml").read_bytes()
     monkeypatch.chdir(tmp_path)
     r = cli(["sample", "--method", "ddim", "--nfe", "3", "--seeds", "0-1", "--out", tmp_path / "d.npz"])
     assert r.exit_code == 0, r.output
-    assert "built-in default" in r.output and np.load(tmp_path / "d.npz")["x"].shape == (2, 1, 28, 28)
+    assert "built-in default" in r.output and np.load(tmp_path / "d.npz")["x"].shape == (2, 1, 32, 32)
 
 
 def test_all_shipped_configs_load():

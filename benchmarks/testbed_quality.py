@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Quality bars of the built-in testbed network (builtin:mnist-ddpm), measured with the real FID Inception.
+
+1. Samples vs real digits: FID of N samples of DPM-Solver++(2M) at NFE 30 against N held-out digits, next to the
+   FID between two disjoint sets of N held-out digits (the floor that N images can resolve). Bar: within 3x.
+2. IIA vs its base at NFE 6, over two seed ranges: FID of edm, iia-edm, ddim, iia-ddim on seeds 0..N-1 and
+   N..2N-1 against the 1,000 held-out digits. Bar: IIA's FID is lower than its base's by more than the
+   difference between the two seed ranges of the same method.
+
+    python benchmarks/testbed_quality.py                # N = 250, about 10 minutes on 2 CPU cores
+    python benchmarks/testbed_quality.py --samples 500
+
+Writes the FID rows to results/testbed_quality.csv (through `iia evaluate`'s library function) and prints a
+Markdown summary for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from iia_cli import api
+from iia_cli.config import load_config
+from iia_cli.evaluate import evaluate
+from iia_cli.fid import FeatureExtractor, FeatureStats, frechet_distance, resolve_inception_weights
+from iia_cli.testbed import heldout_images
+
+
+def _fid(a: FeatureStats, b: FeatureStats) -> float:
+    mu_a, cov_a = a.mean_cov()
+    mu_b, cov_b = b.mean_cov()
+    return frechet_distance(mu_a, cov_a, mu_b, cov_b)
+
+
+def _stats(extractor: FeatureExtractor, images: np.ndarray) -> FeatureStats:
+    stats = FeatureStats.empty()
+    for k in range(0, len(images), 100):
+        stats.update(extractor(images[k : k + 100]))
+    return stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=250, help="N images per set (at most 500)")
+    ap.add_argument("--csv", type=Path, default=Path("results/testbed_quality.csv"))
+    args = ap.parse_args()
+    n = args.samples
+    if not 2 <= n <= 500:
+        raise SystemExit("--samples must be between 2 and 500 (two disjoint sets of the 1,000 held-out digits)")
+    t0 = time.perf_counter()
+    cfg = load_config(None)  # the built-in default: the testbed network
+    weights, _ = resolve_inception_weights(None, cfg.fid.inception_weights)
+    extractor = FeatureExtractor(weights, batch_size=100)
+
+    # 1. Samples vs two real sets of the same size.
+    held = heldout_images()  # uint8 [1000, 32, 32, 1]
+    real_a, real_b = _stats(extractor, held[:n]), _stats(extractor, held[500 : 500 + n])
+    fid_real = _fid(real_a, real_b)
+    res = api.sample(cfg, "dpm-solver++-2m", 30, seeds=f"0-{n - 1}", keep=True, progress=False)
+    fid_samples = _fid(_stats(extractor, res.images), real_b)
+
+    # 2. IIA vs base at NFE 6 over two seed ranges, through iia evaluate's library function.
+    result = evaluate(cfg, nfes=[6], methods=["edm", "iia-edm", "ddim", "iia-ddim"],
+                      seed_ranges=[f"0-{n - 1}", f"{n}-{2 * n - 1}"], csv=args.csv, metrics=["fid"], progress=False)
+    fid = {}
+    for row in result.rows:
+        fid.setdefault(row["method"], []).append(float(row["value"]))
+
+    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; {time.perf_counter() - t0:.0f} s; N = {n}\n")
+    print("| FID (N images) | value |")
+    print("|---|---|")
+    print(f"| two disjoint sets of held-out digits | {fid_real:.2f} |")
+    print(f"| DPM-Solver++(2M) NFE 30 samples vs held-out digits | {fid_samples:.2f} "
+          f"({fid_samples / fid_real:.2f}x; bar: <= 3x) |")
+    print("\n| method, NFE 6 | FID seeds A | FID seeds B | |A - B| |")
+    print("|---|---|---|---|")
+    for m, (a, b) in fid.items():
+        print(f"| {m} | {a:.2f} | {b:.2f} | {abs(a - b):.2f} |")
+    for iia, base in (("iia-edm", "edm"), ("iia-ddim", "ddim")):
+        gap = min(fid[base]) - max(fid[iia])
+        spread = max(abs(fid[base][0] - fid[base][1]), abs(fid[iia][0] - fid[iia][1]))
+        print(f"\n{iia} vs {base}: worst-case gap {gap:.2f} FID, seed-range spread {spread:.2f}: "
+              f"{'bar met' if gap > spread else 'bar NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
