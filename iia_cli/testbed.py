@@ -79,7 +79,7 @@ def to_model_range(images_u8: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 1500
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
