@@ -32,7 +32,8 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
 CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
-               "default: the built-in gmm-mnist config (configs/mnist-gmm.yaml). EDM pickles run only NVlabs/edm's "
+               "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
+               "package). EDM pickles run only NVlabs/edm's "
                "own embedded source unless model.trust_code: true.")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
@@ -52,8 +53,8 @@ def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, 
         return load_config(config, overrides)
     from .progress import log
 
-    log("no --config: using the built-in default (configs/mnist-gmm.yaml, shipped in the package)")
-    cfg = load_config(DEFAULT_CONFIG, overrides)  # the same file as configs/mnist-gmm.yaml
+    log("no --config: using the built-in default (configs/mnist-testbed.yaml: the trained testbed network builtin:mnist-ddpm)")
+    cfg = load_config(DEFAULT_CONFIG, overrides)  # the same file as configs/mnist-testbed.yaml
     cfg.source = None  # suggestions name no internal path
     return cfg
 

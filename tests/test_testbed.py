@@ -32,13 +32,16 @@ def test_heldout_split_is_disjoint_and_balanced() -> None:
 def test_shipped_network_loads_and_is_trained() -> None:
     """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
     digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not)."""
+    from iia_cli.cli import DEFAULT_CONFIG
+    from iia_cli.config import load_config
     from iia_cli.models import load_model, model_fingerprint
     from iia_cli.testbed import heldout_images, to_model_range
 
-    params = {"path": "builtin:mnist-ddpm"}
-    model = load_model("diffusers", params)
+    cfg = load_config(DEFAULT_CONFIG)  # the built-in default evaluates this network
+    assert cfg.model.kind == "diffusers" and cfg.model.params["path"] == "builtin:mnist-ddpm"
+    model = load_model(cfg.model.kind, cfg.model.params)
     assert tuple(model.shape) == (1, 32, 32)
-    fingerprint = model_fingerprint(model, "diffusers", params)
+    fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)  # the CSV's model_sha256
     assert fingerprint[:16] in (ROOT / "README.md").read_text(), "README must state the testbed's fingerprint"
 
     x0 = to_model_range(heldout_images()[:32, :, :, 0])  # [32, 1, 32, 32]
