@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from iia_cli import api
+from iia_cli.cli import DEFAULT_CONFIG
 from iia_cli.config import load_config
 from iia_cli.evaluate import evaluate
 from iia_cli.fid import FeatureExtractor, FeatureStats, frechet_distance, resolve_inception_weights
@@ -52,7 +53,7 @@ def main() -> None:
     if not 2 <= n <= 500:
         raise SystemExit("--samples must be between 2 and 500 (two disjoint sets of the 1,000 held-out digits)")
     t0 = time.perf_counter()
-    cfg = load_config(None)  # the built-in default: the testbed network
+    cfg = load_config(DEFAULT_CONFIG)  # the built-in default: the testbed network
     weights, _ = resolve_inception_weights(None, cfg.fid.inception_weights)
     extractor = FeatureExtractor(weights, batch_size=100)
 

@@ -72,7 +72,7 @@ def fid_ref(
         str,
         typer.Option(
             "--data",
-            help="Images: a directory of PNG/JPG, an .npz/.npy of images, builtin:mnist or builtin:fashion-mnist.",
+            help="Images: a directory of PNG/JPG, an .npz/.npy of images, or builtin:mnist, builtin:fashion-mnist, builtin:mnist-heldout32 (the testbed's held-out digits), builtin:gmm-mnist-exact.",
             show_default=False,
         ),
     ],
