@@ -388,6 +388,9 @@ def test_good_coefficient_file_still_loads(cli, tmp_path: Path, coeff_file: tupl
     assert r.exit_code == 0, r.output
 
 
+GMM_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mnist-gmm.yaml")  # typed gmm-mnist keys
+
+
 # ==================================================================================================
 # Zero, limits, names: a table of bad inputs per command.
 
@@ -404,12 +407,12 @@ BAD_INPUTS = [
     (["sample", "--set", "experiment=/abs/x"], 2, ["experiment='/abs/x'"]),
     (["sample", "--set", "experiment=.."], 2, ["experiment='..'"]),
     (["sample", "--set", "experiment=a\\b"], 2, ["experiment="]),
-    (["sample", "--set", "model.rank=abc"], 2, ["model.rank='abc'", "int"]),
+    (["sample", "--config", GMM_CONFIG, "--set", "model.rank=abc"], 2, ["model.rank='abc'", "int"]),
     (["sample", "--set", "model.components=1e400"], 2, ["model.components"]),
     (["sample", "--set", "sampler.nfe=1e400"], 2, ["sampler.nfe"]),
     (["sample", "--set", "grid.sigma_max=.nan"], 2, ["sigma_min < sigma_max"]),
-    (["sample", "--set", "model.tau2=abc"], 2, ["model.tau2='abc'"]),
-    (["sample", "--set", "model.conditional=maybe"], 2, ["model.conditional='maybe'"]),
+    (["sample", "--config", GMM_CONFIG, "--set", "model.tau2=abc"], 2, ["model.tau2='abc'"]),
+    (["sample", "--config", GMM_CONFIG, "--set", "model.conditional=maybe"], 2, ["model.conditional='maybe'"]),
     (["calibrate", "--samples", "0"], 2, ["samples >= 1"]),
     (["calibrate", "--set", "calibration.ridge=.inf"], 2, ["finite ridge"]),
     (["calibrate", "--nfe", "0"], 2, ["sampler.nfe=0"]),
