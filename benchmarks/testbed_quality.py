@@ -27,7 +27,7 @@ from iia_cli import api
 from iia_cli.cli import DEFAULT_CONFIG
 from iia_cli.config import load_config
 from iia_cli.evaluate import evaluate
-from iia_cli.fid import FeatureExtractor, FeatureStats, frechet_distance, resolve_inception_weights
+from iia_cli.fid import FeatureExtractor, FeatureStats, compute_stats, frechet_distance, resolve_inception_weights
 from iia_cli.testbed import heldout_images
 
 
@@ -38,10 +38,7 @@ def _fid(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def _stats(extractor: FeatureExtractor, images: np.ndarray) -> FeatureStats:
-    stats = FeatureStats.empty()
-    for k in range(0, len(images), 100):
-        stats.update(extractor(images[k : k + 100]))
-    return stats
+    return compute_stats((images[k : k + 100] for k in range(0, len(images), 100)), extractor)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from iia_cli.iia import accumulate_normal_equations, greedy_pass, solve_least_sq
 from iia_cli.methods import IIA_METHODS, make_method
 from iia_cli.models.gaussian import GaussianModel
 from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
+from toy_models import DiagonalGaussian
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
 NFE = {"iia-edm": 7, "biia-edm": 7, "iia-ddim": 6, "iia-dpm-solver++-2m": 5, "iia-dpm-solver++-3m": 5, "iia-ipndm": 5,
@@ -95,20 +96,6 @@ def test_least_squares_recovers_known_coefficients_and_chunking_is_exact():
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
     c = solve_least_squares(G1, g1, ridge=1e-12)
     torch.testing.assert_close(c, c_true, rtol=0, atol=1e-5)
-
-
-class DiagonalGaussian:
-    """Data N(mu, diag(std^2)): per-pixel scales make the IIA quantities linearly independent."""
-
-    shape, sigma_min, sigma_max, dtype = (1, 4, 4), 0.002, 80.0, torch.float64
-
-    def __init__(self):
-        self.mu = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64).view(1, 1, 4, 4)
-        self.var = torch.linspace(0.01, 1.0, 16, dtype=torch.float64).view(1, 1, 4, 4)
-
-    def __call__(self, x, sigma, class_labels=None):
-        s2 = sigma.view(-1, 1, 1, 1).to(torch.float64) ** 2
-        return self.mu + self.var / (self.var + s2) * (x - self.mu)
 
 
 def test_greedy_pass_is_independent_of_chunk_size():

@@ -4,6 +4,7 @@ files record about them."""
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,22 +19,9 @@ from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, choose_
 from iia_cli.methods import make_method
 from iia_cli.models.gaussian import GaussianModel
 from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
+from toy_models import DiagonalGaussian
 
 CPU = torch.device("cpu")
-
-
-class DiagonalGaussian:
-    """Data N(mu, diag(var)): per-pixel scales make the IIA quantities linearly independent."""
-
-    shape, sigma_min, sigma_max, dtype = (1, 4, 4), 0.002, 80.0, torch.float64
-
-    def __init__(self):
-        self.mu = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64).view(1, 1, 4, 4)
-        self.var = torch.linspace(0.01, 1.0, 16, dtype=torch.float64).view(1, 1, 4, 4)
-
-    def __call__(self, x, sigma, class_labels=None):
-        s2 = sigma.view(-1, 1, 1, 1).to(torch.float64) ** 2
-        return self.mu + self.var / (self.var + s2) * (x - self.mu)
 
 
 def _cfg(tmp_path, **calibration):
@@ -202,7 +190,8 @@ def test_bad_calibration_options_are_one_line_errors(cli, key, value, msg):
 
 
 def test_exact_teacher_needs_a_closed_form_model(tmp_path):
-    cfg = load_config(None, [("model.kind", "python"), ("model.factory", f"{__file__}:DiagonalGaussian"),
+    factory = f"{Path(__file__).with_name('toy_models.py')}:DiagonalGaussian"
+    cfg = load_config(None, [("model.kind", "python"), ("model.factory", factory),
                              ("calibration.teacher", "exact"), ("calibration.samples", 4)])
     with pytest.raises(ConfigError, match="teacher=exact needs a model with a closed-form solution"):
         api.calibrate(cfg, method="iia-ddim", nfe=6, log=lambda m: None)

@@ -217,6 +217,15 @@ def _diffusers_loop(scheduler, model, sigmas: torch.Tensor, x: torch.Tensor) -> 
     return z * math.sqrt(1 + last**2), calls  # back to EDM's x (z / sqrt(abar))
 
 
+def _assert_same_as_diffusers(scheduler, method, sigmas, nfe, model, x):
+    """Our method on ``sigmas`` equals diffusers' scheduler loop from the same noise, with the same calls."""
+    theirs, their_calls = _diffusers_loop(scheduler, model, sigmas, x)
+    den = BoundDenoiser(model)
+    ours = run_steps(method, den, x * sigmas[0], sigmas)
+    assert den.calls == their_calls == nfe
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
 def _diffusers():
     return pytest.importorskip("diffusers")
 
@@ -250,11 +259,8 @@ def test_diffusers_dpmsolver_multistep_parity(order, final, convention, nfe, mon
     sigmas = _float64_scheduler(scheduler)
     model, x = _adapter(), _noise()
     monkeypatch.setattr(module, "torch", _Float64Torch())
-    theirs, their_calls = _diffusers_loop(scheduler, model, sigmas, x)
-    den = BoundDenoiser(model)
-    ours = run_steps(make_method(f"dpm-solver++-{order}m", convention=convention), den, x * sigmas[0], sigmas)
-    assert den.calls == their_calls == nfe
-    torch.testing.assert_close(ours, theirs, **TOL)
+    method = make_method(f"dpm-solver++-{order}m", convention=convention)
+    _assert_same_as_diffusers(scheduler, method, sigmas, nfe, model, x)
 
 
 @pytest.mark.parametrize("nfe", NFES)
@@ -269,11 +275,7 @@ def test_diffusers_ddim_parity(nfe):
     abar = _abar()
     sigmas = torch.cat([((1 - abar[ts]) / abar[ts]).sqrt(), torch.zeros(1, dtype=torch.float64)])
     model, x = _adapter(), _noise()
-    theirs, their_calls = _diffusers_loop(scheduler, model, sigmas, x)
-    den = BoundDenoiser(model)
-    ours = run_steps(make_method("ddim"), den, x * sigmas[0], sigmas)
-    assert den.calls == their_calls == nfe
-    torch.testing.assert_close(ours, theirs, **TOL)
+    _assert_same_as_diffusers(scheduler, make_method("ddim"), sigmas, nfe, model, x)
 
 
 @pytest.mark.parametrize("nfe", NFES)
@@ -286,11 +288,7 @@ def test_diffusers_unipc_parity(final, nfe):
     scheduler.set_timesteps(nfe)
     sigmas = _float64_scheduler(scheduler)
     model, x = _adapter(), _noise()
-    theirs, their_calls = _diffusers_loop(scheduler, model, sigmas, x)
-    den = BoundDenoiser(model)
-    ours = run_steps(make_method("unipc"), den, x * sigmas[0], sigmas)
-    assert den.calls == their_calls == nfe
-    torch.testing.assert_close(ours, theirs, **TOL)
+    _assert_same_as_diffusers(scheduler, make_method("unipc"), sigmas, nfe, model, x)
 
 
 # ------------------------------------------------------------------------------------------------
