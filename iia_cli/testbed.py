@@ -16,9 +16,11 @@ from its checkpoint reaches bit-identical weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 
 from .atomic import atomic_write, write_text_atomic
 from .data import load_mnist_5k
-from .errors import ConfigError
+from .errors import ConfigError, IIARuntimeError, one_line
 
 TESTBED_NAME = "mnist-ddpm"
 TESTBED_DIR = Path(__file__).resolve().parent / "testbed_weights" / TESTBED_NAME
@@ -146,6 +148,22 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "steps"}
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, read as tensors and plain data only (``weights_only``: nothing in it runs)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, EOFError, ...
+        # torch's own text advises weights_only=False; name the refused global when there is one, else the type
+        detail = one_line(err) if "unsupported global" in str(err).lower() else type(err).__name__
+        raise IIARuntimeError(f"{path} is not a readable training checkpoint ({detail}); "
+                              "remove it to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise IIARuntimeError(f"{path} is not a training checkpoint of scripts/train_testbed.py; remove it to start over")
+    return state
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -164,22 +182,24 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
     abar = _alphas_cumprod(cfg)
 
     unet = build_unet(cfg)
-    ema = build_unet(cfg)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
+    ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     start, losses, elapsed = 0, [], 0.0
     ckpt = work_dir / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = _load_checkpoint(ckpt)
         saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **state["config"]}  # keys added later: defaults
         if _identity(saved) != _identity(json.loads(json.dumps(asdict(cfg)))):
             raise ConfigError(f"{ckpt} was written with other training settings; give the same settings to resume, "
                               "or another --work directory")
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+        try:
+            unet.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise IIARuntimeError(f"{ckpt} is not a usable training checkpoint ({one_line(err)}); "
+                                  "remove it to start over") from None
         log(f"resuming from {ckpt} at step {start}/{cfg.steps}")
 
     def checkpoint(step: int) -> None:

@@ -108,3 +108,36 @@ def test_gmm_exact_reference_matches_the_mixture() -> None:
     assert np.array_equal(images, quantize(model.sample_exact(GMM_EXACT_SAMPLES, seed=GMM_EXACT_SEED)).numpy())
     real = load_builtin_images("mnist")[..., 0].astype(np.float64) / 127.5 - 1
     assert np.abs(real.mean(0) - model.mixture_mean()[0].numpy()).max() < 1e-9  # the mixture's mean is the data's
+
+
+class _Payload:
+    """A pickle that would create a marker file if anything unpickled it with code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "hostile", "not-a-checkpoint"])
+def test_bad_training_checkpoint_is_a_one_line_error(tmp_path: Path, kind: str) -> None:
+    """A malformed or malicious checkpoint.pt in --work: one line, exit 1, nothing executed, nothing trained."""
+    import pickle
+
+    work = tmp_path / "w"
+    work.mkdir()
+    marker = tmp_path / "executed"
+    if kind == "garbage":
+        (work / "checkpoint.pt").write_bytes(b"\x80\x04not a checkpoint")
+    elif kind == "hostile":
+        (work / "checkpoint.pt").write_bytes(pickle.dumps({"config": {}, "x": _Payload(marker)}))
+    else:
+        torch.save({"weights": torch.zeros(2)}, work / "checkpoint.pt")
+    r = _train(tmp_path, "--work", "w")
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "checkpoint" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not marker.exists()
