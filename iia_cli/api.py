@@ -211,10 +211,10 @@ def calibration_mismatches(cs: CoefficientSet, cfg: ExperimentConfig) -> list[st
     c = cfg.calibration
     want = {"samples": c.samples, "substeps": c.substeps, "ridge": c.ridge,
             "seeds": format_seeds(range(c.seed_start, c.seed_start + c.samples))}
-    for f in dataclasses.fields(c):
-        if f.name not in _CALIBRATION_NOT_IN_COEFFICIENTS and f.name not in want and f.name != "seed_start" \
-                and hasattr(cs, f.name):
-            want[f.name] = getattr(c, f.name)
+    for name in type(c).model_fields:
+        if name not in _CALIBRATION_NOT_IN_COEFFICIENTS and name not in want and name != "seed_start" \
+                and hasattr(cs, name):
+            want[name] = getattr(c, name)
     return [f"calibration.{k} {getattr(cs, k)!r} in the file, {v!r} in the config"
             for k, v in want.items() if getattr(cs, k, None) != v]
 

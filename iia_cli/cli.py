@@ -171,6 +171,27 @@ def calibrate(
         typer.echo(str(path))  # the path once, on stdout
 
 
+@app.command("config")
+def config_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    show: bool = typer.Option(True, "--show/--schema", help="--show (default): the effective config as YAML; "
+                              "--schema: every key with its type, default and description."),
+) -> None:
+    """Print the effective config (the file with the --set overrides, every default filled in) as YAML that
+    loads back to the same config, or the schema: every key with its type, default and description."""
+    import yaml
+
+    from .config import describe_schema
+
+    with handle_errors():
+        if not show:
+            typer.echo("\n".join(describe_schema()))
+            return
+        cfg = _config(config, sets, {})
+        typer.echo(yaml.safe_dump(cfg.effective(), sort_keys=False), nl=False)
+
+
 def _log_except_wrote(msg: str) -> None:
     """The library's log without its closing `wrote <path>` line, which the command prints on stdout."""
     from .progress import log

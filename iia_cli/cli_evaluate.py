@@ -38,14 +38,14 @@ def register(app: typer.Typer) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
         integration error against a high-NFE reference; rows append to a tidy CSV."""
         from .cli import _config
-        from .config import _coerce
         from .evaluate import evaluate as run_evaluate, print_table
+        from .schema import parse_int_list
 
         with handle_errors(), OutputPlan() as plan:
             cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
             plan_evaluate_outputs(plan, cfg, csv, shard=bool(shard), fid=not no_fid)
-            nfes = _coerce(nfe, list[int], "--nfe") if nfe is not None else None
+            nfes = parse_int_list(nfe, "--nfe") if nfe is not None else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
             if meths:
                 from .methods import canonical_method

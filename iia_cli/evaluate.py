@@ -4,7 +4,6 @@ reference solve, the CLIP score), and append tidy rows, each with its identity, 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -86,8 +85,8 @@ _CALIBRATION_NOT_IN_IDENTITY = ("out_dir", "batch", "val_samples", "val_seed_sta
 
 def _generic(section: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
     """``prefix.name: value`` of a config section's fields (None omitted), except ``skip``."""
-    return {f"{prefix}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
-            if f.name not in skip and getattr(section, f.name) is not None}
+    return {f"{prefix}.{name}": value for name, value in section.model_dump().items()
+            if name not in skip and value is not None}
 
 
 def _sigmas_sha256(sigmas: torch.Tensor) -> str:

@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX = set("╭╮╰╯│─┃━")
-COMMANDS = ["sample", "calibrate", "fid-weights", "fid-ref", "fid", "evaluate", "merge", "report"]
+COMMANDS = ["sample", "calibrate", "fid-weights", "fid-ref", "fid", "evaluate", "merge", "report", "config"]
 
 
 @pytest.fixture

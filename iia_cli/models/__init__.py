@@ -4,57 +4,61 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from ..errors import ConfigError, IIARuntimeError
+from ..schema import ModelParams, config_error
+from . import diffusers_sd, diffusers_unet, edm_pkl, factory, gaussian, gmm
 from .base import Denoiser, label_dim, model_dtype
 
-MODEL_KINDS_HELP = "gaussian | gmm-mnist | python | edm-pkl | diffusers | diffusers-sd"
+@dataclass(frozen=True)
+class ModelKind:
+    """A model kind: its ``model`` section (a params model with defaults and descriptions, next to the loader)
+    and the function that builds the model from those params on a device."""
+
+    params: type[ModelParams]
+    build: Callable[[Any, torch.device], Any]
+
+    @property
+    def name(self) -> str:
+        return self.params.kind_name()
+
+    @property
+    def network(self) -> bool:
+        """A network with a dtype (sampler.dtype / --dtype applies)."""
+        return "dtype" in self.params.model_fields
+
+
+# The registry: one entry per kind. config.py builds the ``model`` section's schema from it.
+MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (
+    ModelKind(gaussian.GaussianParams, gaussian.build),
+    ModelKind(gmm.GMMParams, gmm.build),
+    ModelKind(factory.FactoryParams, factory.build),
+    ModelKind(edm_pkl.EDMPickleParams, edm_pkl.build),
+    ModelKind(diffusers_unet.DiffusersParams, diffusers_unet.build),
+    ModelKind(diffusers_sd.SDParams, diffusers_sd.build),
+)}
+
+
+def model_kind(kind: str) -> ModelKind:
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={kind!r} is not valid; choose one of {', '.join(MODEL_KINDS)}")
+    return MODEL_KINDS[kind]
 
 
 def load_model(kind: str, params: dict[str, Any], device: torch.device | str = "cpu") -> Any:
-    """Build or load the model of a config's ``model`` section on ``device``."""
-    device = torch.device(device)
-    p = dict(params)
-    if kind == "gaussian":
-        from .gaussian import GaussianModel
-
-        model = GaussianModel(shape=tuple(p["shape"]), mean=p.get("mean"), std=float(p["std"]),
-                              sigma_min=float(p["sigma_min"]), sigma_max=float(p["sigma_max"]))
-    elif kind == "gmm-mnist":
-        from .gmm import GMMDenoiser
-
-        kw = {k: p[k] for k in ("rank", "tau2") if p.get(k) is not None}
-        model = GMMDenoiser.from_mnist(components=int(p["components"]), conditional=bool(p["conditional"]),
-                                       mle_noise=bool(p["mle_noise"]), **kw)
-    elif kind == "python":
-        from .factory import load_factory_model
-
-        model = load_factory_model(str(p["factory"]), p.get("kwargs") or {})
-    elif kind == "edm-pkl":
-        from .edm_pkl import load_edm_pickle
-
-        model = load_edm_pickle(p["path"], key=p.get("key", "ema"), dtype=p.get("dtype", "float32"), device=device,
-                                trust_code=p.get("trust_code", False))
-    elif kind == "diffusers":
-        from .diffusers_unet import load_diffusers_unet
-
-        model = load_diffusers_unet(p["path"], prediction_type=p.get("prediction_type"), dtype=p.get("dtype", "float32"),
-                                    device=device, timestep_lookup=p.get("timestep_lookup", "interp"))
-    elif kind == "diffusers-sd":
-        from .diffusers_sd import load_sd_pipeline
-
-        model = load_sd_pipeline(p["path"], guidance_scale=p.get("guidance_scale", 7.5), prompts=p.get("prompts"),
-                                 height=p.get("height"), width=p.get("width"), dtype=p.get("dtype", "float32"),
-                                 device=device, negative_prompt=p.get("negative_prompt", ""),
-                                 prediction_type=p.get("prediction_type"),
-                                 timestep_lookup=p.get("timestep_lookup", "interp"))
-    else:
-        raise ConfigError(f"model.kind={kind!r} is not valid; choose one of {MODEL_KINDS_HELP}")
-    if hasattr(model, "to") and kind in ("gaussian", "gmm-mnist"):
-        model = model.to(device)
+    """Build or load the model of a config's ``model`` section (``cfg.model.kind``, ``cfg.model.params``)."""
+    spec = model_kind(kind)
+    try:
+        p = spec.params.model_validate({**params, "kind": kind})
+    except ValidationError as exc:
+        raise config_error(exc, ("model", kind)) from None
+    model = spec.build(p, torch.device(device))
     for attr in ("shape", "sigma_min", "sigma_max"):
         if not hasattr(model, attr):
             raise IIARuntimeError(f"model of kind {kind} has no attribute {attr!r}")
@@ -76,4 +80,4 @@ def model_fingerprint(model: Any, kind: str, params: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Denoiser", "label_dim", "load_model", "model_dtype", "model_fingerprint"]
+__all__ = ["MODEL_KINDS", "Denoiser", "ModelKind", "label_dim", "load_model", "model_dtype", "model_fingerprint"]

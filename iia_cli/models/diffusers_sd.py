@@ -35,12 +35,14 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.diffusers_unet import (
+    DiffusersParams,
     DiscreteUNetDenoiser,
     PredictionType,
     to_denoised,
@@ -52,6 +54,7 @@ from iia_cli.models.diffusers_unet import (
 )
 from iia_cli.models.edm_pkl import describe_error, dtype_name, parse_dtype, sha256_file
 from iia_cli.prompts import load_prompts
+from iia_cli.schema import Float, OptInt, RequiredAny, RequiredStr, Str
 
 PROMPT_CACHE = 1024  # text embeddings kept per model (SD 2.1: 77 x 1024 floats each)
 DECODE_CHUNK = 8  # latents per VAE decode call (bounds VAE memory at 512 x 512 and above)
@@ -356,3 +359,23 @@ def load_sd_pipeline(
         prediction_type=pred, dtype=torch_dtype, timestep_lookup=lookup, source_sha256=digest.hexdigest(),
         prompts_sha256=prompts_sha, device=device,
     )
+
+
+class SDParams(DiffusersParams):
+    """``model.kind: diffusers-sd``: a local Stable Diffusion pipeline with classifier-free guidance."""
+
+    kind: Literal["diffusers-sd"] = "diffusers-sd"
+    path: RequiredStr = Field(description="the pipeline directory (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    prompts: RequiredAny = Field(description="a prompts file (one caption a line) or a list of prompts")
+    guidance_scale: Float = Field(7.5, description="classifier-free guidance weight w")
+    negative_prompt: Str = Field("", description="the unconditional prompt")
+    height: OptInt = Field(None, description="image height in pixels (default: the UNet's sample size x the VAE "
+                                             "scale factor)")
+    width: OptInt = Field(None, description="image width in pixels (default: the UNet's sample size x the VAE "
+                                            "scale factor)")
+
+
+def build(p: SDParams, device: torch.device) -> SDDenoiser:
+    return load_sd_pipeline(p.path, guidance_scale=p.guidance_scale, prompts=p.prompts, height=p.height, width=p.width,
+                            dtype=p.dtype, device=device, negative_prompt=p.negative_prompt,
+                            prediction_type=p.prediction_type, timestep_lookup=p.timestep_lookup)

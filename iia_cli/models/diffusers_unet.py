@@ -25,12 +25,14 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.edm_pkl import describe_error, dtype_name, parse_dtype, sha256_file
+from iia_cli.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
 _SNAP_T = 1e-4  # |t - round(t)| below this is snapped to the integer timestep
@@ -339,3 +341,20 @@ def load_diffusers_unet(
         source_sha256=digest.hexdigest(),
         device=device,
     )
+
+
+class DiffusersParams(ModelParams):
+    """``model.kind: diffusers``: a diffusers UNet2DModel directory (or ``builtin:mnist-ddpm``)."""
+
+    kind: Literal["diffusers"] = "diffusers"
+    path: RequiredStr = Field(description="UNet2DModel or pipeline directory, or builtin:mnist-ddpm")
+    prediction_type: OptChoice(*(m.value for m in PredictionType)) = Field(
+        None, description="what the network predicts (default: the scheduler config's)")
+    dtype: Choice(*NETWORK_DTYPES) = Field("float32", description="network dtype (sampler.dtype / --dtype overrides)")
+    timestep_lookup: Choice(*(m.value for m in TimestepLookup)) = Field(
+        "interp", description="sigma -> model time: interp (fractional t) or nearest (a training timestep)")
+
+
+def build(p: DiffusersParams, device: torch.device) -> DiscreteUNetDenoiser:
+    return load_diffusers_unet(p.path, prediction_type=p.prediction_type, dtype=p.dtype, device=device,
+                               timestep_lookup=p.timestep_lookup)

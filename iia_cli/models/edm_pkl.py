@@ -40,13 +40,15 @@ import sys
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.hashing import sha256_of_file as sha256_file  # re-exported for the diffusers adapters
+from iia_cli.schema import NETWORK_DTYPES, Bool, Choice, ModelParams, RequiredStr, Str
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -500,3 +502,18 @@ def load_edm_pickle(
     if torch_dtype == torch.float16 and hasattr(net, "use_fp16"):
         net.use_fp16 = True
     return EDMPickleDenoiser(net, path=path, key=key, dtype=torch_dtype, file_sha256=file_sha256, device=device)
+
+
+class EDMPickleParams(ModelParams):
+    """``model.kind: edm-pkl``: an EDM network pickle through the allow-list unpickler."""
+
+    kind: Literal["edm-pkl"] = "edm-pkl"
+    path: RequiredStr = Field(description="the .pkl file (e.g. edm-cifar10-32x32-cond-vp.pkl)")
+    key: Str = Field("ema", description="the pickle's entry holding the network")
+    dtype: Choice(*NETWORK_DTYPES) = Field("float32", description="network dtype (sampler.dtype / --dtype overrides)")
+    trust_code: Bool = Field(False, description="run embedded source that is not NVlabs/edm's own "
+                                                "(trusted pickles only)")
+
+
+def build(p: EDMPickleParams, device: torch.device) -> EDMPickleDenoiser:
+    return load_edm_pickle(p.path, key=p.key, dtype=p.dtype, device=device, trust_code=p.trust_code)

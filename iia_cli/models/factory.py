@@ -19,11 +19,13 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import ConfigError, IIAError, IIARuntimeError, MissingFileError
+from ..schema import ModelParams, RequiredStr
 
 REQUIRED_ATTRS = ("shape", "sigma_min", "sigma_max")
 
@@ -148,3 +150,15 @@ def load_factory_model(factory: str, kwargs: dict[str, Any] | None = None) -> An
     checked = CheckedModel(model, factory)
     checked._iia_fingerprint = h.hexdigest()
     return checked
+
+
+class FactoryParams(ModelParams):
+    """``model.kind: python``: your own model from a factory function (it runs: name only code you trust)."""
+
+    kind: Literal["python"] = "python"
+    factory: RequiredStr = Field(description='"pkg.module:function" or "path/to/file.py:function" returning the model')
+    kwargs: Any = Field({}, description="keyword arguments of the factory (a mapping)")
+
+
+def build(p: FactoryParams, device: torch.device) -> Any:
+    return load_factory_model(str(p.factory), p.kwargs or {})

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import ConfigError
+from ..schema import Float, IntList, ModelParams
 
 
 def make_default_mean(shape: tuple[int, int, int]) -> torch.Tensor:
@@ -120,3 +122,20 @@ class GaussianModel:
         h.update(self.mean.detach().cpu().to(torch.float64).contiguous().numpy().tobytes())
         h.update(repr((self.std, self.shape)).encode())
         return h.hexdigest()
+
+
+class GaussianParams(ModelParams):
+    """``model.kind: gaussian``: the closed-form test model (exact denoiser and probability-flow solution)."""
+
+    kind: Literal["gaussian"] = "gaussian"
+    shape: IntList = Field([1, 8, 8], description="data shape (C, H, W)")
+    mean: Any = Field(None, description="data mean mu: a number or a nested list of the data shape "
+                                        "(default: a fixed smooth pattern)")
+    std: Float = Field(0.5, description="data standard deviation s")
+    sigma_min: Float = Field(0.002, description="smallest noise level the model reports")
+    sigma_max: Float = Field(80.0, description="largest noise level the model reports")
+
+
+def build(p: GaussianParams, device: torch.device) -> GaussianModel:
+    return GaussianModel(shape=tuple(p.shape), mean=p.mean, std=float(p.std), sigma_min=float(p.sigma_min),
+                         sigma_max=float(p.sigma_max)).to(device)

@@ -38,14 +38,18 @@ import hashlib
 import math
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..atomic import savez_atomic
 from ..data import load_mnist_5k, mnist_5k_path
 from ..errors import ConfigError, IIARuntimeError
 from ..hashing import sha256_of_file
 from ..layout import model_cache_dir
+from ..schema import Bool, Int, ModelParams, OptFloat, OptInt
 
 CACHE_FORMAT_VERSION = 2
 DEFAULT_COMPONENTS = 10
@@ -350,3 +354,21 @@ class GMMDenoiser:
             h.update(getattr(self, name).detach().cpu().contiguous().numpy().tobytes())
         h.update(repr((self.shape, self.conditional, self.sigma_min, self.sigma_max)).encode())
         return h.hexdigest()
+
+
+class GMMParams(ModelParams):
+    """``model.kind: gmm-mnist``: a PPCA mixture fitted to MNIST with its exact posterior-mean denoiser."""
+
+    kind: Literal["gmm-mnist"] = "gmm-mnist"
+    components: Int = Field(10, description="mixture components K")
+    rank: OptInt = Field(None, description=f"PPCA rank q of each component (default {DEFAULT_RANK})")
+    tau2: OptFloat = Field(None, description="isotropic variance of each component, pixels in [-1, 1] "
+                                             f"(default {DEFAULT_TAU2}; with mle_noise the floor of the MLE noise)")
+    mle_noise: Bool = Field(False, description="PPCA maximum-likelihood noise (mean discarded eigenvalue)")
+    conditional: Bool = Field(False, description="one component per digit class, class-conditional sampling")
+
+
+def build(p: GMMParams, device: torch.device) -> GMMDenoiser:
+    kw = {k: getattr(p, k) for k in ("rank", "tau2") if getattr(p, k) is not None}
+    return GMMDenoiser.from_mnist(components=int(p.components), conditional=bool(p.conditional),
+                                  mle_noise=bool(p.mle_noise), **kw).to(device)
