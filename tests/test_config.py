@@ -153,10 +153,16 @@ def test_registry_is_the_one_source_of_model_kinds():
     for name, spec in MODEL_KINDS.items():
         assert typing.get_args(spec.params.model_fields["kind"].annotation) == (name,)
         assert spec.network == ("dtype" in spec.params.model_fields)
-    union = typing.get_args(typing.get_args(ExperimentConfig.model_fields["model"].annotation)[0]) \
-        if typing.get_origin(ExperimentConfig.model_fields["model"].annotation) is typing.Annotated \
-        else typing.get_args(ExperimentConfig.model_fields["model"].annotation)
-    assert set(union) == {spec.params for spec in MODEL_KINDS.values()}
+    union = typing.get_args(ExperimentConfig.model_fields["model"].annotation)
+    assert union == tuple(spec.params for spec in MODEL_KINDS.values())
+    for name, spec in MODEL_KINDS.items():  # each kind's defaults reach the loaded config
+        extra = {"path": "x", "factory": "m.py:f", "prompts": "p.txt"}
+        cfg = load_config(None, [("model.kind", name), *((f"model.{k}", v) for k, v in extra.items()
+                                                          if k in spec.params.model_fields)])
+        assert type(cfg.model) is spec.params
+        for key, info in spec.params.model_fields.items():
+            if info.default is not None and not info.is_required() and key != "kind":
+                assert cfg.model.params[key] == info.default
 
 
 def test_calibration_targets_match_the_calibration_code():
