@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from . import dist, layout
-from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
+from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, checkpoint_warning,
+                  find_coefficients, prepare,
                   resolve_coefficients)
-from .atomic import savez_atomic
+from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .images import quantize
@@ -232,7 +233,7 @@ def _identify(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | Non
 
 
 def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: list[Accumulator],
-              partial: Path | None, progress: bool, label: str) -> float:
+              partial: Path | None, progress: bool, label: str, log: LogFn = default_log) -> float:
     """Sample this process's share of ``seeds`` once and feed every accumulator from those samples;
     checkpoint the accumulators to ``partial`` so that an interrupted range resumes with bit-identical
     sums. Returns the sampling seconds."""
@@ -256,7 +257,12 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
-                savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample), **save_states(accs))
+                try:
+                    savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample),
+                                 **save_states(accs))
+                except OSError as exc:  # a checkpoint only saves time on a rerun: the run itself goes on
+                    log(checkpoint_warning(partial, exc))
+                    partial = None
                 last = time.perf_counter()
             t0 = time.perf_counter()
     return t_sample
@@ -394,7 +400,8 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
         if fresh:
             partial.unlink(missing_ok=True)
         label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)
-        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label)
+        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label, log)
+        rescued: list[str] = []
         for cell, acc in zip(cells, accs):
             reference, reference_sha = setup.columns[cell.metric]
             identity, text = row_identity(cell.fields)
@@ -403,13 +410,19 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
                            sampling_seconds=round(secs, 3), identity=identity, identity_fields=text)
             if ctx.shard:
                 meta = json.dumps({"row": row, "shard": ctx.shard[0], "shards": ctx.shard[1]})
-                savez_atomic(_shard_file(cfg, identity), meta=np.asarray(meta), **acc.state)
+                shard_file = _shard_file(cfg, identity)
+                try:  # a shard that cannot be written goes to a rescue file; the other cells are still written
+                    savez_atomic(shard_file, rescue=True, what="shard sums", meta=np.asarray(meta), **acc.state)
+                except OutputRescued as exc:
+                    rescued.append(f"{exc}" + (f" (for iia merge, move it to {shard_file})" if exc.rescued else ""))
                 continue
             acc.all_reduce()
             row["value"] = acc.value()
             rows.append(row)
             log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {row['value']:.5g} "
                 f"({len(cell.seeds)} seeds" + (f", sampling {secs:.1f} s)" if cell.metric != "integration_rmse" else ")"))
+        if rescued:
+            raise OutputRescued("; ".join(rescued), None)
         dist.barrier()
         partial.unlink(missing_ok=True)
     return rows
