@@ -36,7 +36,8 @@ class Heun(Solver):
     def grid_note(self, sigmas: torch.Tensor) -> str:
         if float(sigmas[-1]) == 0:
             return "EDM convention: Heun steps, final Euler step to sigma=0"
-        return "even NFE: Heun steps ending at sigma_min, no final denoise (diff-sampler convention)"
+        return ("even NFE: Heun steps ending at sigma_min, no final denoise (EDM's own sampler takes odd NFEs; "
+                "this is how diff-sampler's tables run Heun at an even NFE)")
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
