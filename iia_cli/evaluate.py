@@ -30,6 +30,7 @@ from .progress import ImageProgress, log as default_log
 from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
                       normalise_results, read_results, render_table, row_identity)
 from .sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
+from .solvers import make_solver
 
 
 @dataclass
@@ -110,6 +111,8 @@ def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: st
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
         **_generic(cfg.sampler, "sampler", _SAMPLER_NOT_IN_IDENTITY),
     }
+    if p.method.solver.revision != 1:  # a solver whose definition changed: rows of the old one are not reused
+        fields["solver_revision"] = p.method.solver.revision
     prompts = getattr(p.model, "prompts", None)
     if isinstance(prompts, (list, tuple)):  # text-to-image: the model fingerprint leaves the captions out
         fields["prompts_sha256"] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
@@ -152,13 +155,16 @@ class MetricSetup:
         ev = cfg.evaluate
         if "integration_rmse" in metrics:
             ref_nfe = ev.reference_nfe
-            if cfg.sampler.convention == "diff-sampler" and ev.reference_method in ("edm", "dpm-solver-2"):
+            if (cfg.sampler.convention == "diff-sampler"
+                    and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
             ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
             self.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
-            self.fields["integration_rmse"] = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
-                                                             "sigmas_sha256": _sigmas_sha256(ref.sigmas)}}
+            reference = {"method": ev.reference_method, "nfe": ref.nfe, "sigmas_sha256": _sigmas_sha256(ref.sigmas)}
+            if ref.method.solver.revision != 1:
+                reference["solver_revision"] = ref.method.solver.revision
+            self.fields["integration_rmse"] = {"reference": reference}
             self.columns["integration_rmse"] = (ref_name, "")
         if "fid" in metrics:
             from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file

@@ -338,3 +338,15 @@ def test_unwritable_checkpoint_warns_and_the_run_goes_on(cli, err_cfg, tmp_path,
     r = cli(["sample", "--config", err_cfg, "--method", "ddim", "--seeds", "0-8", "--out", "s.npz"])
     assert r.exit_code == 0, r.output
     assert r.output.count("could not write the checkpoint") == 1 and np.load(tmp_path / "s.npz")["x"].shape[0] == 9
+
+
+def test_a_changed_solver_definition_is_part_of_the_row_identity(cli, err_cfg, tmp_path):
+    """dpm-solver++-3m changed from the exact-integral form to the published 3M: its rows carry the solver's
+    revision (rows of the old definition are not reused); unchanged solvers keep identities without one."""
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim,dpm-solver++-3m,dpm-solver++-3m-exact",
+             "--set", "evaluate.reference_method=dpm-solver++-3m"])
+    assert r.exit_code == 0, r.output
+    fields = {row["method"]: json.loads(row["identity_fields"]) for row in _rows(tmp_path / "results" / "ident.csv")}
+    assert fields["dpm-solver++-3m"]["solver_revision"] == 2
+    assert "solver_revision" not in fields["ddim"] and "solver_revision" not in fields["dpm-solver++-3m-exact"]
+    assert all(f["reference"]["solver_revision"] == 2 for f in fields.values())

@@ -72,6 +72,9 @@ class Solver:
     ``reference_solver()``: the solver IIA's fine reference runs on the sub-grid, continuing from the
     coarse history (the solver itself, or its variable-step form for fixed-weight multistep methods).
     ``record_type``: the record class its steps return (what an IIA basis on this solver can read).
+    ``calls_per_step``: denoiser calls of a step that does not end at sigma = 0 (2 for Heun and DPM-Solver-2).
+    ``revision``: bumped when the solver's definition changes its results, so that result rows computed
+    before the change are not reused (1 is left out of row identities).
     """
 
     record_type: ClassVar[type[StepRecord]] = StepRecord
@@ -79,6 +82,8 @@ class Solver:
     order: int = 1
     time_variable: str = "sigma"
     convention: str = DEFAULT_CONVENTION
+    calls_per_step: int = 1
+    revision: int = 1
 
     def plan(self, nfe: int) -> GridPlan:
         """K denoiser calls = K steps: K sigmas from sigma_max to sigma_min plus a final 0 (``iia``), or

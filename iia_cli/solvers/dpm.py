@@ -37,6 +37,7 @@ class LambdaRecord(StepRecord):
 class DPMSolver2(Solver):
     name = "dpm-solver-2"
     order = 2
+    calls_per_step = 2
     time_variable = "lambda"
 
     def plan(self, nfe: int) -> GridPlan:
@@ -112,6 +113,8 @@ class DPMSolverPPMultistep(Solver):
         self.convention = convention
         self.lower_final = lower_final  # False for IIA's fine reference on a sub-grid
         self.name = f"dpm-solver++-{order}m" + ("-exact" if variant == "exact" else "")
+        if order == 3 and variant == "public":
+            self.revision = 2  # before it became the published 3M, this name computed the exact-integral form
 
     def reference_solver(self) -> Solver:
         return DPMSolverPPMultistep(self.order, self.variant, self.convention, lower_final=False)

@@ -32,6 +32,7 @@ class Heun(Solver):
 
     name = "edm"
     order = 2
+    calls_per_step = 2
     record_type = HeunRecord
 
     def plan(self, nfe: int) -> GridPlan:
