@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import os
 import time
 from collections.abc import Callable
@@ -293,6 +294,11 @@ def checkpoint_interval() -> float:
     return float(os.environ.get("IIA_CHECKPOINT_EVERY_S", "30"))
 
 
+def checkpoint_warning(path: Path, exc: OSError) -> str:
+    return (f"warning: could not write the checkpoint {path} ({exc.strerror or exc}); sampling goes on without "
+            "checkpoints, so an interruption now restarts from the last checkpoint written")
+
+
 def _png_path(out_dir: Path, seed: int, subdirs: bool) -> Path:
     return (out_dir / f"{seed - seed % 1000:06d}" if subdirs else out_dir) / f"{seed:06d}.png"
 
@@ -358,8 +364,13 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
                 if to_npz or keep or grid_png:
                     done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
             if partial is not None and time.perf_counter() - last_checkpoint >= checkpoint_interval():
-                _save_partial(partial, done, meta)
-                last_checkpoint = time.perf_counter()
+                try:
+                    _save_partial(partial, done, meta)
+                except OSError as exc:  # a checkpoint only saves time on a rerun: sampling goes on
+                    log(checkpoint_warning(partial, exc))
+                    last_checkpoint = math.inf
+                else:
+                    last_checkpoint = time.perf_counter()
     seconds = time.perf_counter() - t0
     gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for part in dist.gather_objects(done) if (to_npz or keep or grid_png) else []:

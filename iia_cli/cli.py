@@ -13,7 +13,7 @@ import typer
 from .cli_common import OneLineErrorGroup, handle_errors
 from .config import ExperimentConfig, load_config, parse_set
 from .errors import ConfigError, IIARuntimeError
-from .methods import METHOD_NAMES
+from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
 from .paths import OutputPlan
 
 app = typer.Typer(
@@ -30,7 +30,8 @@ app = typer.Typer(
     cls=OneLineErrorGroup,  # usage errors are one line `error: ...`, exit 2
 )
 
-METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)."
+METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases {ALIASES_TEXT})."
+METHODS_EPILOG = "\b\nMethods:\n" + methods_help()
 CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
                "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
                "package). EDM pickles run only NVlabs/edm's "
@@ -77,7 +78,7 @@ def _calibrate_command(config: Optional[Path], method: str, nfe: Optional[int], 
     return " ".join(shlex.quote(p) for p in parts)
 
 
-@app.command()
+@app.command(epilog=METHODS_EPILOG)
 def sample(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
@@ -127,7 +128,7 @@ def sample(
                    + (f" -> {res.out}" if res.out else ""))
 
 
-@app.command()
+@app.command(epilog=METHODS_EPILOG)
 def calibrate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from . import dist, layout
-from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
+from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, checkpoint_warning,
+                  find_coefficients, prepare,
                   resolve_coefficients)
-from .atomic import savez_atomic
+from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .images import quantize
@@ -28,6 +29,7 @@ from .progress import ImageProgress, log as default_log
 from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
                       normalise_results, read_results, render_table, row_identity)
 from .sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
+from .solvers import make_solver
 
 
 @dataclass
@@ -108,6 +110,8 @@ def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: st
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
         **_generic(cfg.sampler, "sampler", _SAMPLER_NOT_IN_IDENTITY),
     }
+    if p.method.solver.revision != 1:  # a solver whose definition changed: rows of the old one are not reused
+        fields["solver_revision"] = p.method.solver.revision
     prompts = getattr(p.model, "prompts", None)
     if isinstance(prompts, (list, tuple)):  # text-to-image: the model fingerprint leaves the captions out
         fields["prompts_sha256"] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
@@ -150,13 +154,16 @@ class MetricSetup:
         ev = cfg.evaluate
         if "integration_rmse" in metrics:
             ref_nfe = ev.reference_nfe
-            if cfg.sampler.convention == "diff-sampler" and ev.reference_method in ("edm", "dpm-solver-2"):
+            if (cfg.sampler.convention == "diff-sampler"
+                    and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
             ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
             self.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
-            self.fields["integration_rmse"] = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
-                                                             "sigmas_sha256": _sigmas_sha256(ref.sigmas)}}
+            reference = {"method": ev.reference_method, "nfe": ref.nfe, "sigmas_sha256": _sigmas_sha256(ref.sigmas)}
+            if ref.method.solver.revision != 1:
+                reference["solver_revision"] = ref.method.solver.revision
+            self.fields["integration_rmse"] = {"reference": reference}
             self.columns["integration_rmse"] = (ref_name, "")
         if "fid" in metrics:
             from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
@@ -231,7 +238,7 @@ def _identify(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | Non
 
 
 def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: list[Accumulator],
-              partial: Path | None, progress: bool, label: str) -> float:
+              partial: Path | None, progress: bool, label: str, log: LogFn = default_log) -> float:
     """Sample this process's share of ``seeds`` once and feed every accumulator from those samples;
     checkpoint the accumulators to ``partial`` so that an interrupted range resumes with bit-identical
     sums. Returns the sampling seconds."""
@@ -255,7 +262,12 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
-                savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample), **save_states(accs))
+                try:
+                    savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample),
+                                 **save_states(accs))
+                except OSError as exc:  # a checkpoint only saves time on a rerun: the run itself goes on
+                    log(checkpoint_warning(partial, exc))
+                    partial = None
                 last = time.perf_counter()
             t0 = time.perf_counter()
     return t_sample
@@ -393,7 +405,8 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
         if fresh:
             partial.unlink(missing_ok=True)
         label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)
-        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label)
+        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label, log)
+        rescued: list[str] = []
         for cell, acc in zip(cells, accs):
             reference, reference_sha = setup.columns[cell.metric]
             identity, text = row_identity(cell.fields)
@@ -402,13 +415,19 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
                            sampling_seconds=round(secs, 3), identity=identity, identity_fields=text)
             if ctx.shard:
                 meta = json.dumps({"row": row, "shard": ctx.shard[0], "shards": ctx.shard[1]})
-                savez_atomic(_shard_file(cfg, identity), meta=np.asarray(meta), **acc.state)
+                shard_file = _shard_file(cfg, identity)
+                try:  # a shard that cannot be written goes to a rescue file; the other cells are still written
+                    savez_atomic(shard_file, rescue=True, what="shard sums", meta=np.asarray(meta), **acc.state)
+                except OutputRescued as exc:
+                    rescued.append(f"{exc}" + (f" (for iia merge, move it to {shard_file})" if exc.rescued else ""))
                 continue
             acc.all_reduce()
             row["value"] = acc.value()
             rows.append(row)
             log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {row['value']:.5g} "
                 f"({len(cell.seeds)} seeds" + (f", sampling {secs:.1f} s)" if cell.metric != "integration_rmse" else ")"))
+        if rescued:
+            raise OutputRescued("; ".join(rescued), None)
         dist.barrier()
         partial.unlink(missing_ok=True)
     return rows

@@ -8,30 +8,57 @@ of the base solver, so zero coefficients reproduce it exactly. For IIA-EDM this 
 fit of ``c`` against ``x_fine - base_update`` equals the paper's fit of ``b`` against ``x_fine - x_i``.
 A step is left uncorrected (its basis is ``None``) when its quantities do not exist yet, and the final
 denoise step to sigma = 0 is never corrected.
+
+:data:`METHODS` is the registry: every base solver of ``solvers.SOLVERS`` under its own name, and the IIA
+methods, each with its base solver, basis, parameters (choices, default) and a help line. The method names, the
+CLI's method help and the error messages derive from it. A basis declares the record type it reads, so a
+basis on a solver that does not return it fails when the method is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
-from .solvers import BASE_SOLVER_NAMES, DEFAULT_CONVENTION, SOLVER_ALIASES, History, Record, Solver
+from .solvers import DEFAULT_CONVENTION, SOLVER_ALIASES, SOLVERS, History, HeunRecord, IPNDMRecord, Solver, StepRecord
 from .solvers import make_solver as _make_solver
 
 # basis(x_i, record_i, history, sigmas, i) -> list of quantities [B, C, H, W], or None (uncorrected step)
-BasisFn = Callable[[torch.Tensor, Record, History, torch.Tensor, int], "list[torch.Tensor] | None"]
+BasisFn = Callable[[torch.Tensor, Any, History, torch.Tensor, int], "list[torch.Tensor] | None"]
+
+
+@dataclass(frozen=True)
+class Basis:
+    """An IIA method's quantities of a step, and the record type they read (``needs``): the base solver's
+    ``record_type`` must be that class or a subclass, which :class:`Method` checks when it is built."""
+
+    needs: type[StepRecord]
+    fn: BasisFn
+
+    def __call__(self, x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor,
+                 i: int) -> list[torch.Tensor] | None:
+        return self.fn(x, record, history, sigmas, i)
 
 
 @dataclass
 class Method:
     name: str
     solver: Solver
-    basis: BasisFn | None = None
+    basis: Basis | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.basis is not None and not issubclass(self.solver.record_type, self.basis.needs):
+            have = {f.name for f in fields(self.solver.record_type)}
+            missing = [f.name for f in fields(self.basis.needs) if f.name not in have]
+            raise ConfigError(f"method {self.name}: its IIA quantities read {self.basis.needs.__name__} "
+                              f"({', '.join(missing)}), but solver {self.solver.name} records "
+                              f"{self.solver.record_type.__name__}; base it on a solver that records them")
 
     @property
     def is_iia(self) -> bool:
@@ -42,112 +69,170 @@ class Method:
         """The NFE/grid convention (``sampler.convention``); in ``params`` when not the default."""
         return self.solver.convention
 
-    def quantities(self, x: torch.Tensor, record: Record, history: History, sigmas: torch.Tensor,
+    def quantities(self, x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor,
                    i: int) -> list[torch.Tensor] | None:
         if self.basis is None or float(sigmas[i + 1]) == 0:
             return None
         return self.basis(x, record, history, sigmas, i)
 
 
-def _iia_edm_basis(r: int) -> BasisFn:
+def _iia_edm_basis(r: int) -> Basis:
     """Eq. (18): u and v of the current step and of the r previous steps (step 0 stays Heun if r >= 1)."""
 
-    def basis(x, record, history, sigmas, i):
-        if record["v"] is None or len(history) < min(r, 1):
+    def basis(x: torch.Tensor, record: HeunRecord, history: History, sigmas: torch.Tensor, i: int):
+        if record.v is None or len(history) < min(r, 1):
             return None
-        recs = [record] + list(reversed(history))[: min(r, len(history))]
-        return [q for rec in recs for q in (rec["u"], rec["v"])]
+        recs: list[HeunRecord] = [record] + list(reversed(history))[: min(r, len(history))]
+        return [q for rec in recs for q in (rec.u, rec.v)]
 
-    return basis
+    return Basis(HeunRecord, basis)
 
 
-def _biia_edm_basis(r: int) -> BasisFn:
+def _biia_edm_basis(r: int) -> Basis:
     """Algorithm 2: h_i times the averaged Heun slopes S_i, ..., S_{i-r}."""
 
-    def basis(x, record, history, sigmas, i):
-        if record["v"] is None or len(history) < min(r, 1):
+    def basis(x: torch.Tensor, record: HeunRecord, history: History, sigmas: torch.Tensor, i: int):
+        if record.v is None or len(history) < min(r, 1):
             return None
         h = float(sigmas[i + 1] - sigmas[i])
-        recs = [record] + list(reversed(history))[: min(r, len(history))]
-        return [h * rec["slope"] for rec in recs]
+        recs: list[HeunRecord] = [record] + list(reversed(history))[: min(r, len(history))]
+        return [h * rec.slope for rec in recs]
 
-    return basis
+    return Basis(HeunRecord, basis)
 
 
-def _difference_basis(d_key: str, eps_key: str, quantities: int) -> BasisFn:
-    """IIA-DDIM eq. (6) (and IIA-iPNDM on the combined estimates): D_i - D_{i-1}, eps_i - eps_{i-1}."""
+def _difference_basis(needs: type[StepRecord], d_field: str, eps_field: str, quantities: int) -> Basis:
+    """IIA-DDIM eq. (6) (and IIA-iPNDM on the combined estimates): D_i - D_{i-1}, eps_i - eps_{i-1}, read from
+    the fields ``d_field`` and ``eps_field`` of ``needs``."""
+    missing = sorted({d_field, eps_field} - {f.name for f in fields(needs)})
+    if missing:
+        raise TypeError(f"{needs.__name__} has no field {', '.join(missing)}")
 
-    def basis(x, record, history, sigmas, i):
+    def basis(x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor, i: int):
         if not history:
             return None
         prev = history[-1]
-        q = [record[d_key] - prev[d_key], record[eps_key] - prev[eps_key]]
+        q = [getattr(record, d_field) - getattr(prev, d_field), getattr(record, eps_field) - getattr(prev, eps_field)]
         return q[:quantities]
 
-    return basis
+    return Basis(needs, basis)
 
 
-def _guided_eps_basis(x, record, history, sigmas, i):
+def _guided_eps_basis(x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor, i: int):
     """Guided IIA-DDIM (eq. 8): one coefficient per step on the classifier-free-guided eps."""
-    return [record["eps"]]
+    return [record.eps]
 
 
-def _dpm_basis(x, record, history, sigmas, i):
+def _dpm_basis(x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor, i: int):
     """IIA-DPM-Solver eq. (23): the state x_i and the current denoised estimate D_i (for i >= 1).
     iia-unipc uses the same pair: the (UniC-corrected) state its step advances, and D at sigma_i."""
     if not history:
         return None
-    return [x, record["denoised"]]
+    return [x, record.denoised]
 
 
-IIA_METHODS = ("iia-edm", "biia-edm", "iia-ddim", "iia-dpm-solver++-2m", "iia-dpm-solver++-3m",
-               "iia-dpm-solver++-3m-exact", "iia-ipndm", "iia-unipc")
-METHOD_NAMES = BASE_SOLVER_NAMES + IIA_METHODS
-R_CHOICES = {"iia-edm": (0, 1, 2), "biia-edm": (0, 1)}
-R_DEFAULT = {"iia-edm": 1, "biia-edm": 0}
+@dataclass(frozen=True)
+class Param:
+    """A method parameter, set by ``sampler.<key>``: its valid values and its default."""
+
+    choices: tuple[int, ...]
+    default: int
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its base solver (a key of ``solvers.SOLVERS``), a one-line help, and for an IIA
+    method the factory of its basis (called with the method's parameters as keywords), the parameters, and
+    the basis it takes on a classifier-free-guided model (``guided``; None: the same as unguided)."""
+
+    base: str
+    help: str
+    basis: Callable[..., Basis] | None = None
+    params: Mapping[str, Param] = field(default_factory=dict)
+    guided: Basis | None = None
+
+    @property
+    def is_iia(self) -> bool:
+        return self.basis is not None
+
+
+_QUANTITIES = Param((1, 2), 2)  # 2: both differences; 1: the one-quantity ablation (eq. 25)
+
+
+def _dpm_method(base: str) -> MethodSpec:
+    return MethodSpec(base, "IIA-DPM-Solver, eq. (23)", lambda: Basis(StepRecord, _dpm_basis))
+
+
+# The IIA methods (the base solvers join them below, from solvers.SOLVERS). A new IIA method: its basis above
+# and one entry here.
+_IIA_METHODS: dict[str, MethodSpec] = {
+    "iia-edm": MethodSpec("edm", "IIA-EDM, eq. (18)", _iia_edm_basis, {"r": Param((0, 1, 2), 1)}),
+    "biia-edm": MethodSpec("edm", "BIIA-EDM, Algorithm 2", _biia_edm_basis, {"r": Param((0, 1), 0)}),
+    "iia-ddim": MethodSpec("ddim", "IIA-DDIM, eq. (6), eq. (8) if guided",
+                           lambda quantities: _difference_basis(StepRecord, "denoised", "eps", quantities),
+                           {"quantities": _QUANTITIES}, guided=Basis(StepRecord, _guided_eps_basis)),
+    "iia-dpm-solver++-2m": _dpm_method("dpm-solver++-2m"),
+    "iia-dpm-solver++-3m": _dpm_method("dpm-solver++-3m"),
+    "iia-dpm-solver++-3m-exact": _dpm_method("dpm-solver++-3m-exact"),
+    "iia-ipndm": MethodSpec("ipndm", "IIA-iPNDM, Appendix G",
+                            lambda quantities: _difference_basis(IPNDMRecord, "denoised_comb", "eps_comb", quantities),
+                            {"quantities": _QUANTITIES}),
+    "iia-unipc": MethodSpec("unipc", "eq. (23)'s x_i, D_i", lambda: Basis(StepRecord, _dpm_basis)),
+}
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(
+    {name: MethodSpec(name, spec.help) for name, spec in SOLVERS.items()} | _IIA_METHODS)
+METHOD_NAMES = tuple(METHODS)
+IIA_METHODS = tuple(name for name, spec in METHODS.items() if spec.is_iia)
+R_CHOICES = {name: spec.params["r"].choices for name, spec in METHODS.items() if "r" in spec.params}
+ALIASES_TEXT = ", ".join(f"{a}={b}" for a, b in SOLVER_ALIASES.items())
+
+
+def param_choices(key: str) -> tuple[int, ...]:
+    """Every value some method accepts for ``sampler.<key>`` (e.g. for a config schema)."""
+    return tuple(sorted({c for spec in METHODS.values() if key in spec.params for c in spec.params[key].choices}))
+
+
+def methods_help() -> str:
+    """One line per method: its name, the base solver of an IIA method, its help, its parameters."""
+    lines = []
+    for name, spec in METHODS.items():
+        params = "".join(f"; sampler.{k}: {'|'.join(map(str, p.choices))} (default {p.default})"
+                         for k, p in spec.params.items())
+        lines.append(f"{name:<26}{f'on {spec.base}: ' if spec.is_iia else ''}{spec.help}{params}")
+    return "\n".join(lines)
 
 
 def canonical_method(name: str) -> str:
     name = SOLVER_ALIASES.get(name, name)
-    if name not in METHOD_NAMES:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)} "
-                          f"(aliases: {', '.join(f'{a}={b}' for a, b in SOLVER_ALIASES.items())})")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)} (aliases: {ALIASES_TEXT})")
     return name
 
 
 def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False,
                 convention: str = DEFAULT_CONVENTION) -> Method:
-    """Build a method by its CLI/config name. ``r`` for (b)iia-edm, ``quantities`` (1 or 2) for
-    iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25). ``guided``: the model applies
-    classifier-free guidance, and iia-ddim takes its guided form (eq. 8). ``convention``: the NFE/grid
-    convention of the base solver (``iia`` or ``diff-sampler``)."""
-    method = _make_method(canonical_method(name), r, quantities, guided, convention)
+    """Build a method by its CLI/config name from :data:`METHODS`. ``r`` for (b)iia-edm, ``quantities`` (1 or 2)
+    for iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25); a method ignores the parameters it does
+    not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
+    (eq. 8). ``convention``: the NFE/grid convention of the base solver (``iia`` or ``diff-sampler``).
+    Raises ConfigError for an invalid parameter, or a basis whose record its solver does not provide."""
+    name = canonical_method(name)
+    spec = METHODS[name]
+    given = {"r": r, "quantities": quantities}
+    params: dict[str, Any] = {}
+    for key, param in spec.params.items():
+        value = param.default if given.get(key) is None else given[key]
+        if value not in param.choices:
+            raise ConfigError(f"sampler.{key}={value} is not valid for {name}; choose one of "
+                              f"{', '.join(map(str, param.choices))}")
+        params[key] = int(value)
+    solver = _make_solver(spec.base, convention)
+    if spec.basis is None:
+        method = Method(name, solver)
+    elif guided and spec.guided is not None:
+        method = Method(name, solver, spec.guided, {"form": "guided"})
+    else:
+        method = Method(name, solver, spec.basis(**params), params)
     if convention != DEFAULT_CONVENTION:
         method.params["convention"] = convention
     return method
-
-
-def _make_method(name: str, r: int | None, quantities: int, guided: bool, convention: str) -> Method:
-    def make_solver(base: str) -> Solver:
-        return _make_solver(base, convention)
-
-    if name in BASE_SOLVER_NAMES:
-        return Method(name, make_solver(name))
-    if quantities not in (1, 2):
-        raise ConfigError(f"sampler.quantities={quantities} is not valid; choose 1 or 2")
-    if name in R_CHOICES:
-        r = R_DEFAULT[name] if r is None else int(r)
-        if r not in R_CHOICES[name]:
-            raise ConfigError(f"sampler.r={r} is not valid for {name}; choose one of "
-                              f"{', '.join(map(str, R_CHOICES[name]))}")
-        make = _iia_edm_basis if name == "iia-edm" else _biia_edm_basis
-        return Method(name, make_solver("edm"), make(r), {"r": r})
-    if name == "iia-ddim" and guided:
-        return Method(name, make_solver("ddim"), _guided_eps_basis, {"form": "guided"})
-    if name == "iia-ddim":
-        return Method(name, make_solver("ddim"), _difference_basis("denoised", "eps", quantities),
-                      {"quantities": quantities})
-    if name == "iia-ipndm":
-        return Method(name, make_solver("ipndm"), _difference_basis("denoised_comb", "eps_comb", quantities),
-                      {"quantities": quantities})
-    return Method(name, make_solver(name.removeprefix("iia-")), _dpm_basis)

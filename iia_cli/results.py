@@ -265,14 +265,10 @@ def metric_name(metric: str) -> str:
 def base_method(method: str) -> str | None:
     """The base solver an IIA method corrects, from the method registry (None for a base solver or an
     unknown name)."""
-    from .errors import ConfigError
-    from .methods import make_method
+    from .methods import METHODS
 
-    try:
-        m = make_method(method)
-    except ConfigError:
-        return None
-    return m.solver.name if m.is_iia else None
+    spec = METHODS.get(method)
+    return spec.base if spec is not None and spec.is_iia else None
 
 
 def _base_label(method: str, params: str) -> str:

@@ -288,3 +288,65 @@ def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path
     assert rows[4]["reference_sha256"] != rows[0 if rows[0]["metric"] == "fid" else 1]["reference_sha256"]
     r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
     assert r.exit_code == 0 and "all 4 rows already in" in r.output and calls() == 0
+
+
+def _refuse_writes(monkeypatch, match):
+    """Make every atomic write whose target path contains ``match`` fail as on a full disk."""
+    from iia_cli import atomic
+
+    real = atomic._write_via_temp
+
+    def write(path, fn):
+        if match in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, fn)
+
+    monkeypatch.setattr(atomic, "_write_via_temp", write)
+
+
+def test_unwritable_shard_is_rescued_and_merges_after_moving(cli, err_cfg, tmp_path, monkeypatch):
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--csv", "single.csv"])
+    assert r.exit_code == 0, r.output
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--shard", "1/2"])
+    assert r.exit_code == 0, r.output
+    with monkeypatch.context() as m:
+        _refuse_writes(m, "results/shards")
+        r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--shard", "0/2"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    msg = " ".join(r.output.split())
+    assert "No space left on device" in msg and "shard sums were saved to" in msg, msg
+    rescued = Path(msg.split("were saved to ")[1].split(" instead")[0])
+    destination = Path(msg.split("move it to ")[1].rstrip(")"))
+    assert rescued.parent == tmp_path / "iia-rescued" and destination.name.endswith(".shard-0-of-2.npz")
+    rescued.rename(destination)
+    r = cli(["merge", "results/shards/ident", "--csv", "merged.csv"])
+    assert r.exit_code == 0, r.output
+    single, merged = _rows(tmp_path / "single.csv"), _rows(tmp_path / "merged.csv")
+    assert merged[0]["identity"] == single[0]["identity"]
+    assert float(merged[0]["value"]) == pytest.approx(float(single[0]["value"]), rel=1e-12)
+
+
+def test_unwritable_checkpoint_warns_and_the_run_goes_on(cli, err_cfg, tmp_path, monkeypatch):
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--csv", "plain.csv"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("IIA_CHECKPOINT_EVERY_S", "0")  # a checkpoint after every batch
+    _refuse_writes(monkeypatch, "partial")
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim", "--csv", "nockpt.csv"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("could not write the checkpoint") == 1 and "sampling goes on" in r.output
+    assert _rows(tmp_path / "nockpt.csv")[0]["value"] == _rows(tmp_path / "plain.csv")[0]["value"]
+    r = cli(["sample", "--config", err_cfg, "--method", "ddim", "--seeds", "0-8", "--out", "s.npz"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("could not write the checkpoint") == 1 and np.load(tmp_path / "s.npz")["x"].shape[0] == 9
+
+
+def test_a_changed_solver_definition_is_part_of_the_row_identity(cli, err_cfg, tmp_path):
+    """dpm-solver++-3m changed from the exact-integral form to the published 3M: its rows carry the solver's
+    revision (rows of the old definition are not reused); unchanged solvers keep identities without one."""
+    r = cli(["evaluate", "--config", err_cfg, "--methods", "ddim,dpm-solver++-3m,dpm-solver++-3m-exact",
+             "--set", "evaluate.reference_method=dpm-solver++-3m"])
+    assert r.exit_code == 0, r.output
+    fields = {row["method"]: json.loads(row["identity_fields"]) for row in _rows(tmp_path / "results" / "ident.csv")}
+    assert fields["dpm-solver++-3m"]["solver_revision"] == 2
+    assert "solver_revision" not in fields["ddim"] and "solver_revision" not in fields["dpm-solver++-3m-exact"]
+    assert all(f["reference"]["solver_revision"] == 2 for f in fields.values())

@@ -95,7 +95,7 @@ def test_heun_lemma1_rewrite():
         res = method.solver.step(den, x, sig, i, ())
         s, s_next = float(sig[i]), float(sig[i + 1])
         h = s_next - s
-        lemma = x + (h / s) * res.record["u"] + (h / (2 * s_next)) * res.record["v"]
+        lemma = x + (h / s) * res.record.u + (h / (2 * s_next)) * res.record.v
         torch.testing.assert_close(res.x_next, lemma, rtol=1e-12, atol=1e-10)
         x = res.x_next
 

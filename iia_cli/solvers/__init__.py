@@ -1,41 +1,60 @@
-"""Base ODE solvers, one file per family, and the registry whose keys drive the CLI choices."""
+"""Base ODE solvers, one file per family, and :data:`SOLVERS`, the registry whose keys drive the method names,
+the CLI choices and the error messages. A new solver: its file here and one entry in :data:`SOLVERS`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from ..errors import ConfigError
-from .base import CONVENTIONS, DEFAULT_CONVENTION, DenoiseFn, GridPlan, History, Record, Solver, StepResult, push
-from .dpm import DPMSolver2, DPMSolverPPMultistep
+from .base import (CONVENTIONS, DEFAULT_CONVENTION, DenoiseFn, GridPlan, History, Record, Solver, StepRecord,
+                   StepResult, push)
+from .dpm import DPMSolver2, DPMSolverPPMultistep, LambdaRecord
 from .euler import DDIM
-from .heun import Heun
-from .ipndm import IPNDM
-from .unipc import UniPC
+from .heun import Heun, HeunRecord
+from .ipndm import IPNDM, IPNDMRecord
+from .unipc import UniPC, UniPCRecord
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered base solver: ``build(convention)`` makes a fresh one, ``aliases`` are other names it takes,
+    ``help`` is its one-line description."""
+
+    build: Callable[[str], Solver]
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "ddim": SolverSpec(lambda convention: DDIM(), "DDIM (eta = 0), i.e. Euler in sigma", ("euler",)),
+    "edm": SolverSpec(lambda convention: Heun(), "EDM's Heun sampler (Karras et al. 2022, Algorithm 1)", ("heun",)),
+    "dpm-solver-2": SolverSpec(lambda convention: DPMSolver2(), "single-step second-order DPM-Solver"),
+    "dpm-solver++-2m": SolverSpec(lambda convention: DPMSolverPPMultistep(2, convention=convention),
+                                  "multistep DPM-Solver++(2M)"),
+    "dpm-solver++-3m": SolverSpec(lambda convention: DPMSolverPPMultistep(3, "public", convention),
+                                  "the published DPM-Solver++(3M) (k-diffusion's weighting)"),
+    "dpm-solver++-3m-exact": SolverSpec(lambda convention: DPMSolverPPMultistep(3, "exact", convention),
+                                        "DPM-Solver++(3M) with the exact-integral weighting 2 phi_3"),
+    "ipndm": SolverSpec(lambda convention: IPNDM(), "improved PNDM: Adams-Bashforth on eps up to order 4"),
+    "unipc": SolverSpec(lambda convention: UniPC(), "UniPC-3 (bh2, data prediction)"),
+}
+BASE_SOLVER_NAMES = tuple(SOLVERS)
+SOLVER_ALIASES = {alias: name for name, spec in SOLVERS.items() for alias in spec.aliases}
 
 
 def make_solver(name: str, convention: str = DEFAULT_CONVENTION) -> Solver:
-    """A fresh base solver by name (aliases: euler = ddim, heun = edm) under an NFE/grid convention."""
-    factories = {
-        "ddim": DDIM,
-        "edm": Heun,
-        "dpm-solver-2": DPMSolver2,
-        "dpm-solver++-2m": lambda: DPMSolverPPMultistep(2, convention=convention),
-        "dpm-solver++-3m": lambda: DPMSolverPPMultistep(3, "public", convention),
-        "dpm-solver++-3m-exact": lambda: DPMSolverPPMultistep(3, "exact", convention),
-        "ipndm": IPNDM,
-        "unipc": UniPC,
-    }
+    """A fresh base solver by name or alias (``SOLVER_ALIASES``) under an NFE/grid convention."""
     name = SOLVER_ALIASES.get(name, name)
-    if name not in factories:
+    if name not in SOLVERS:
         raise ConfigError(f"unknown solver {name!r}; choose one of {', '.join(BASE_SOLVER_NAMES)}")
     if convention not in CONVENTIONS:
         raise ConfigError(f"sampler.convention={convention!r} is not valid; choose one of {', '.join(CONVENTIONS)}")
-    solver = factories[name]()
+    solver = SOLVERS[name].build(convention)
     solver.convention = convention
     return solver
 
 
-SOLVER_ALIASES = {"euler": "ddim", "heun": "edm"}
-BASE_SOLVER_NAMES = ("ddim", "edm", "dpm-solver-2", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver++-3m-exact",
-                     "ipndm", "unipc")
-
-__all__ = ["DenoiseFn", "GridPlan", "History", "Record", "Solver", "StepResult", "push", "make_solver",
-           "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION"]
+__all__ = ["DenoiseFn", "GridPlan", "History", "Record", "Solver", "StepRecord", "StepResult", "push", "make_solver",
+           "SOLVERS", "SolverSpec", "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION",
+           "HeunRecord", "IPNDMRecord", "LambdaRecord", "UniPCRecord"]

@@ -3,6 +3,10 @@
 A step is a pure function of (denoise, state x, grid sigmas, step index i, history). ``history`` is a
 tuple of the records of earlier steps (most recent last), so any step can be replayed from any state
 on any sub-grid: IIA calibration relies on this.
+
+A record is a frozen dataclass: :class:`StepRecord` (what every step knows) or a family's subclass that adds
+what its later steps and its IIA quantities read. A solver names its record type (``Solver.record_type``), so
+an IIA basis that needs fields the record lacks is refused when the method is built (``methods.make_method``).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 
@@ -19,8 +23,20 @@ from ..grids import GridPlan
 
 # denoise(x [B, C, H, W], sigma) -> D(x; sigma), same dtype and device as x.
 DenoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
-Record = dict[str, Any]
-History = tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StepRecord:
+    """What every step records: sigma_i, the denoised estimate D_i = D(x_i; sigma_i) and eps_i = (x_i - D_i) /
+    sigma_i (= dx/dsigma of the probability-flow ODE at x_i)."""
+
+    sigma: float
+    denoised: torch.Tensor
+    eps: torch.Tensor
+
+
+Record = StepRecord  # any solver's record (a StepRecord subclass)
+History = tuple[StepRecord, ...]
 
 HISTORY_KEEP = 4  # records kept: enough for 4th-order Adams-Bashforth and IIA with r <= 3
 
@@ -37,7 +53,7 @@ DEFAULT_CONVENTION = "iia"
 @dataclass
 class StepResult:
     x_next: torch.Tensor  # the base solver's update [B, C, H, W]
-    record: Record  # quantities of this step that later steps (and IIA) use
+    record: StepRecord  # quantities of this step that later steps (and IIA) use
 
 
 def push(history: History, record: Record) -> History:
@@ -55,12 +71,19 @@ class Solver:
     ``time_variable``: the variable in which IIA's fine reference sub-steps are uniform.
     ``reference_solver()``: the solver IIA's fine reference runs on the sub-grid, continuing from the
     coarse history (the solver itself, or its variable-step form for fixed-weight multistep methods).
+    ``record_type``: the record class its steps return (what an IIA basis on this solver can read).
+    ``calls_per_step``: denoiser calls of a step that does not end at sigma = 0 (2 for Heun and DPM-Solver-2).
+    ``revision``: bumped when the solver's definition changes its results, so that result rows computed
+    before the change are not reused (1 is left out of row identities).
     """
 
+    record_type: ClassVar[type[StepRecord]] = StepRecord
     name: str = ""
     order: int = 1
     time_variable: str = "sigma"
     convention: str = DEFAULT_CONVENTION
+    calls_per_step: int = 1
+    revision: int = 1
 
     def plan(self, nfe: int) -> GridPlan:
         """K denoiser calls = K steps: K sigmas from sigma_max to sigma_min plus a final 0 (``iia``), or

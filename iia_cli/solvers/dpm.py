@@ -18,17 +18,26 @@ the last steps, ``min(order, steps left)``, as diff-sampler's and diffusers' DPM
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
 from ..grids import GridPlan
-from .base import DenoiseFn, History, Solver, StepResult, sigma_pair, steps_to_zero
+from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair, steps_to_zero
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LambdaRecord(StepRecord):
+    """A multistep record in lambda = -log sigma: the later steps' divided differences of D need lambda_i."""
+
+    lam: float
 
 
 class DPMSolver2(Solver):
     name = "dpm-solver-2"
     order = 2
+    calls_per_step = 2
     time_variable = "lambda"
 
     def plan(self, nfe: int) -> GridPlan:
@@ -49,7 +58,7 @@ class DPMSolver2(Solver):
         s, s_next = sigma_pair(sigmas, i)
         denoised = denoise(x, s)
         eps = (x - denoised) / s
-        record = {"denoised": denoised, "eps": eps}
+        record = StepRecord(s, denoised, eps)
         if s_next == 0:  # lambda = inf: the step is a plain denoise (Euler).
             return StepResult(denoised, record)
         s_mid = math.sqrt(s * s_next)  # midpoint in lambda
@@ -95,6 +104,7 @@ class DPMSolverPPMultistep(Solver):
     """``variant``: "public" (k-diffusion's 3M rules under the iia convention) or "exact" (2 phi_3)."""
 
     time_variable = "lambda"
+    record_type = LambdaRecord
 
     def __init__(self, order: int, variant: str = "public", convention: str = "iia",
                  lower_final: bool = True) -> None:
@@ -103,6 +113,8 @@ class DPMSolverPPMultistep(Solver):
         self.convention = convention
         self.lower_final = lower_final  # False for IIA's fine reference on a sub-grid
         self.name = f"dpm-solver++-{order}m" + ("-exact" if variant == "exact" else "")
+        if order == 3 and variant == "public":
+            self.revision = 2  # before it became the published 3M, this name computed the exact-integral form
 
     def reference_solver(self) -> Solver:
         return DPMSolverPPMultistep(self.order, self.variant, self.convention, lower_final=False)
@@ -121,7 +133,7 @@ class DPMSolverPPMultistep(Solver):
         denoised = denoise(x, s)
         lam = -math.log(s)
         order, second = self._order(sigmas, i, history)
-        past = [(lam, denoised)] + [(r["lambda"], r["denoised"]) for r in reversed(history[len(history) - order + 1:])] \
+        past = [(lam, denoised)] + [(r.lam, r.denoised) for r in reversed(history[len(history) - order + 1:])] \
             if order > 1 else [(lam, denoised)]
         x_next = multistep_data_update(x, s, s_next, past, order, second, 2.0 if self.variant == "exact" else 1.0)
-        return StepResult(x_next, {"denoised": denoised, "eps": (x - denoised) / s, "lambda": lam})
+        return StepResult(x_next, LambdaRecord(s, denoised, (x - denoised) / s, lam=lam))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
+from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
 
 
 class DDIM(Solver):
@@ -17,4 +17,4 @@ class DDIM(Solver):
         denoised = denoise(x, s)
         eps = (x - denoised) / s  # dx/dsigma
         # Euler step in sigma (= DDIM update).
-        return StepResult(x + (s_next - s) * eps, {"denoised": denoised, "eps": eps})
+        return StepResult(x + (s_next - s) * eps, StepRecord(s, denoised, eps))

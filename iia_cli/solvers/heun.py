@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError
 from ..grids import GridPlan
-from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
+from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HeunRecord(StepRecord):
+    """A Heun step's quantities of the IIA paper's eq. (18) and Algorithm 2: u_i = x_i - D_i,
+    v_i = D_i - D(x_i + h_i eps_i; sigma_{i+1}) (None on a step that is Euler only) and the averaged slope S_i
+    (eps_i on an Euler-only step)."""
+
+    u: torch.Tensor
+    v: torch.Tensor | None
+    slope: torch.Tensor
 
 
 class Heun(Solver):
@@ -19,6 +32,8 @@ class Heun(Solver):
 
     name = "edm"
     order = 2
+    calls_per_step = 2
+    record_type = HeunRecord
 
     def plan(self, nfe: int) -> GridPlan:
         if nfe < 2:
@@ -36,7 +51,8 @@ class Heun(Solver):
     def grid_note(self, sigmas: torch.Tensor) -> str:
         if float(sigmas[-1]) == 0:
             return "EDM convention: Heun steps, final Euler step to sigma=0"
-        return "even NFE: Heun steps ending at sigma_min, no final denoise (diff-sampler convention)"
+        return ("even NFE: Heun steps ending at sigma_min, no final denoise (EDM's own sampler takes odd NFEs; "
+                "this is how diff-sampler's tables run Heun at an even NFE)")
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
@@ -44,12 +60,11 @@ class Heun(Solver):
         denoised = denoise(x, s)
         d = (x - denoised) / s
         x_euler = x + h * d  # Euler step.
-        record = {"denoised": denoised, "u": x - denoised, "v": None, "slope": d}
+        u = x - denoised
         if s_next == 0:
-            return StepResult(x_euler, record)
+            return StepResult(x_euler, HeunRecord(s, denoised, d, u=u, v=None, slope=d))
         # Apply 2nd order correction.
         denoised_next = denoise(x_euler, s_next)
         d_next = (x_euler - denoised_next) / s_next
         slope = 0.5 * (d + d_next)
-        record.update(v=denoised - denoised_next, slope=slope)
-        return StepResult(x + h * slope, record)
+        return StepResult(x + h * slope, HeunRecord(s, denoised, d, u=u, v=denoised - denoised_next, slope=slope))

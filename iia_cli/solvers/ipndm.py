@@ -10,10 +10,12 @@ history on its finer sub-grid; on equal steps those weights are exactly the fixe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
+from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
 
 AB_WEIGHTS = {
     1: (1.0,),
@@ -40,9 +42,19 @@ def variable_ab_weights(past_sigmas: list[float], sigma_next: float) -> list[flo
     return weights
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class IPNDMRecord(StepRecord):
+    """The Adams-Bashforth combination eps_comb = sum_j w_j eps_{i-j} the step used, and its denoised form
+    x_i - sigma_i eps_comb (IIA-iPNDM's differences, Appendix G of the IIA paper)."""
+
+    eps_comb: torch.Tensor
+    denoised_comb: torch.Tensor
+
+
 class IPNDM(Solver):
     name = "ipndm"
     order = 4
+    record_type = IPNDMRecord
 
     def __init__(self, variable_steps: bool = False) -> None:
         self.variable_steps = variable_steps
@@ -56,12 +68,11 @@ class IPNDM(Solver):
         eps = (x - denoised) / s
         order = min(self.order, len(history) + 1)
         recent = list(reversed(history[len(history) - (order - 1):])) if order > 1 else []
-        past = [eps] + [r["eps"] for r in recent]
+        past = [eps] + [r.eps for r in recent]
         if self.variable_steps:
-            weights = variable_ab_weights([s] + [r["sigma"] for r in recent], s_next)
+            weights = variable_ab_weights([s] + [r.sigma for r in recent], s_next)
         else:
             weights = AB_WEIGHTS[order]
         eps_comb = sum(w * e for w, e in zip(weights, past))
-        record = {"denoised": denoised, "eps": eps, "sigma": s, "eps_comb": eps_comb,
-                  "denoised_comb": x - s * eps_comb}
+        record = IPNDMRecord(s, denoised, eps, eps_comb=eps_comb, denoised_comb=x - s * eps_comb)
         return StepResult(x + (s_next - s) * eps_comb, record)

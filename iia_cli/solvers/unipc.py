@@ -23,10 +23,22 @@ IIA's correction (iia-unipc, eq. 23's quantities as for DPM-Solver++) acts on th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import DenoiseFn, History, Solver, StepResult, sigma_pair
+from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class UniPCRecord(StepRecord):
+    """``lam``: lambda_i; ``warm``: steps taken so far (the warm-up order); ``carried``: the (lambda, D) pairs the
+    next step starts from, most recent (D at sigma_{i+1}, from the corrector's model call) first; None when the
+    step made no such call (the next step then calls D itself)."""
+
+    lam: float
+    warm: int
+    carried: tuple[tuple[float, torch.Tensor], ...] | None
 
 
 def unipc_weights(h: float, rks: list[float], order: int) -> tuple[list[float], list[float]]:
@@ -58,6 +70,7 @@ class UniPC(Solver):
     name = "unipc"
     order = 3
     time_variable = "lambda"
+    record_type = UniPCRecord
 
     def __init__(self, order: int = 3, lower_final: bool = True) -> None:
         self.order = order
@@ -71,16 +84,17 @@ class UniPC(Solver):
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
         lam = -math.log(s)
-        if history and history[-1].get("next") is not None:
-            past = list(history[-1]["next"])  # (lambda, D) most recent first; D at sigma_i first
-            warm = history[-1]["warm"] + 1
+        prev = history[-1] if history else None
+        if isinstance(prev, UniPCRecord) and prev.carried is not None:
+            past = list(prev.carried)  # (lambda, D) most recent first; D at sigma_i first
+            warm = prev.warm + 1
         else:
             past = [(lam, denoise(x, s))]
             warm = 1
         d_0 = past[0][1]
-        record = {"denoised": d_0, "eps": (x - d_0) / s, "lambda": lam, "warm": warm, "next": None}
+        eps = (x - d_0) / s
         if s_next == 0:
-            return StepResult(d_0, record)
+            return StepResult(d_0, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=None))
         order = min(self.order, warm, len(past), len(sigmas) - 1 - i if self.lower_final else self.order)
         h = math.log(s / s_next)
         rks = [(lam_k - lam) / h for lam_k, _ in past[1:order]]
@@ -93,8 +107,8 @@ class UniPC(Solver):
             # No corrector before the end of the grid (it would cost a call) nor before the final denoise:
             # that denoise then calls D at this state itself, the same call and the same result as the
             # reference code's D at the predicted point, but it sees IIA's correction of this state.
-            return StepResult(x_pred, record)
+            return StepResult(x_pred, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=None))
         d_next = denoise(x_pred, s_next)
         corr_res = sum((c * d for c, d in zip(corr[:-1], d1s)), torch.zeros_like(x)) + corr[-1] * (d_next - d_0)
-        record["next"] = [(-math.log(s_next), d_next)] + past[: self.order - 1]
-        return StepResult(base - b_h * corr_res, record)
+        carried = ((-math.log(s_next), d_next), *past[: self.order - 1])
+        return StepResult(base - b_h * corr_res, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=carried))

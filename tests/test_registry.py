@@ -1,0 +1,117 @@
+"""The solver and method registries: every registered method builds, the names and the CLI help come from the
+registries, each solver returns the record type it declares, and an IIA basis on a solver whose records lack
+its fields is refused when the method is built."""
+
+import dataclasses
+from types import MappingProxyType
+
+import pytest
+import torch
+
+from iia_cli import methods
+from iia_cli.errors import ConfigError
+from iia_cli.methods import IIA_METHODS, METHOD_NAMES, METHODS, Method, MethodSpec, make_method
+from iia_cli.models.gaussian import GaussianModel
+from iia_cli.sampling import BoundDenoiser
+from iia_cli.solvers import BASE_SOLVER_NAMES, CONVENTIONS, SOLVER_ALIASES, SOLVERS, HeunRecord, make_solver, push
+
+
+def _variants(spec: MethodSpec):
+    """Every combination of a method's parameter choices, as make_method keywords."""
+    combos = [{}]
+    for key, param in spec.params.items():
+        combos = [{**c, key: v} for c in combos for v in param.choices]
+    return combos
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_registered_method_builds_on_its_base_solver(name, convention):
+    spec = METHODS[name]
+    for kw in _variants(spec):
+        for guided in (False, True):
+            m = make_method(name, guided=guided, convention=convention, **kw)
+            assert m.name == name and m.solver.name == spec.base and m.solver.convention == convention
+            assert m.is_iia == (name in IIA_METHODS) == spec.is_iia
+            assert issubclass(m.solver.record_type, m.basis.needs) if m.is_iia else m.basis is None
+            form = {"form": "guided"} if guided and spec.guided is not None else kw
+            assert m.params == {**form, **({"convention": convention} if convention != "iia" else {})}
+
+
+def test_names_choices_and_help_come_from_the_registries():
+    from iia_cli.cli import METHOD_HELP, METHODS_EPILOG
+
+    assert BASE_SOLVER_NAMES == tuple(SOLVERS) and METHOD_NAMES == tuple(METHODS)
+    assert METHOD_NAMES[: len(BASE_SOLVER_NAMES)] == BASE_SOLVER_NAMES  # every solver is a method
+    assert IIA_METHODS == tuple(n for n in METHOD_NAMES if METHODS[n].basis is not None)
+    assert SOLVER_ALIASES == {"euler": "ddim", "heun": "edm"}
+    assert methods.R_CHOICES == {"iia-edm": (0, 1, 2), "biia-edm": (0, 1)}
+    assert f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)." == METHOD_HELP
+    lines = METHODS_EPILOG.splitlines()[2:]
+    assert [line.split()[0] for line in lines] == list(METHOD_NAMES)
+    assert "sampler.r: 0|1|2 (default 1)" in lines[METHOD_NAMES.index("iia-edm")]
+    assert "on ipndm:" in lines[METHOD_NAMES.index("iia-ipndm")]
+    with pytest.raises(ConfigError, match=r"unknown method 'nope'; choose one of ddim, edm, .*iia-unipc "
+                                          r"\(aliases: euler=ddim, heun=edm\)"):
+        make_method("nope")
+    assert make_method("heun").name == "edm" and make_solver("euler").name == "ddim"
+
+
+def test_method_list_shows_in_the_cli_help(cli):
+    out = cli(["calibrate", "--help"]).output
+    for name in METHOD_NAMES:
+        assert f"\n  {name} " in out, name
+    assert "sampler.quantities: 1|2 (default 2)" in out
+
+
+@pytest.mark.parametrize(("name", "kw", "message"), [
+    ("iia-edm", {"r": 3}, "sampler.r=3 is not valid for iia-edm; choose one of 0, 1, 2"),
+    ("biia-edm", {"r": 2}, "sampler.r=2 is not valid for biia-edm; choose one of 0, 1"),
+    ("iia-ddim", {"quantities": 3}, "sampler.quantities=3 is not valid for iia-ddim; choose one of 1, 2"),
+    ("iia-ipndm", {"quantities": 0}, "sampler.quantities=0 is not valid for iia-ipndm; choose one of 1, 2"),
+])
+def test_parameter_outside_its_choices_is_refused(name, kw, message):
+    with pytest.raises(ConfigError) as e:
+        make_method(name, **kw)
+    assert str(e.value) == message
+
+
+def test_a_basis_on_a_solver_without_its_record_fails_when_the_method_is_built(monkeypatch):
+    """IIA-EDM's quantities read u, v of Heun records; registered on DDIM (plain records) the method must not
+    build, rather than fail at the first corrected step of a calibration."""
+    bad = MethodSpec("ddim", "IIA-EDM's basis on DDIM", METHODS["iia-edm"].basis, METHODS["iia-edm"].params)
+    monkeypatch.setattr(methods, "METHODS", MappingProxyType({**METHODS, "iia-bad": bad}))
+    with pytest.raises(ConfigError) as e:
+        methods.make_method("iia-bad")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == ("method iia-bad: its IIA quantities read HeunRecord (u, v, slope), but solver ddim records "
+                   "StepRecord; base it on a solver that records them")
+    # the same check on a method put together by hand: IIA-iPNDM's combined estimates on DPM-Solver++(2M)
+    with pytest.raises(ConfigError, match=r"read IPNDMRecord \(eps_comb, denoised_comb\), but solver "
+                                          r"dpm-solver\+\+-2m records LambdaRecord"):
+        Method("x", make_solver("dpm-solver++-2m"), METHODS["iia-ipndm"].basis(quantities=2))
+    # a record type that has the fields (a subclass) is accepted: the plain-record bases run on every solver
+    for base in BASE_SOLVER_NAMES:
+        assert Method("x", make_solver(base), METHODS["iia-dpm-solver++-2m"].basis()).is_iia
+
+
+@pytest.mark.parametrize("name", BASE_SOLVER_NAMES)
+def test_each_solver_returns_the_record_type_it_declares(name):
+    model = GaussianModel(shape=(1, 4, 4), std=0.5)
+    solver = make_solver(name)
+    sigmas = torch.tensor([80.0, 10.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    den, history = BoundDenoiser(model), ()
+    for i in range(len(sigmas) - 1):
+        res = solver.step(den, x, sigmas, i, history)
+        rec = res.record
+        assert type(rec) is solver.record_type
+        assert rec.sigma == float(sigmas[i])
+        torch.testing.assert_close(rec.eps, (x - rec.denoised) / rec.sigma, rtol=1e-12, atol=0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            rec.sigma = 1.0
+        history, x = push(history, rec), res.x_next
+    if name == "edm":  # Heun: v is None only on the Euler step to sigma = 0
+        assert [r.v is None for r in history] == [False, False, False, True]
+        assert isinstance(history[0], HeunRecord)
