@@ -44,3 +44,10 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     text = next((line for line in lines if "unsupported global" in line.lower()), " ".join(lines))
     text = text or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException, limit: int = 400) -> str:
+    """``"Type: message"`` on one line (whitespace collapsed, cut to ``limit`` characters): foreign code raises
+    multi-line messages (e.g. a state-dict size mismatch per parameter) and CLI errors are one line."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

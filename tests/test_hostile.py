@@ -324,6 +324,14 @@ FACTORIES = {
     "call wrong shape": ("class M:\n    shape = (1, 4, 4); sigma_min = 0.01; sigma_max = 10.0\n"
                          "    def __call__(self, x, sigma, class_labels=None): return x[:, :, :2]\n"
                          "def build():\n    return M()\n", "expected a tensor of the input's shape"),
+    "decode raises": ("class M:\n    shape = (1, 4, 4); sigma_min = 0.01; sigma_max = 10.0\n"
+                      "    def __call__(self, x, sigma, class_labels=None): return x\n"
+                      "    def decode(self, x): raise KeyError('no decoder')\n"
+                      "def build():\n    return M()\n", "failed in decode(): KeyError: 'no decoder'"),
+    "round_sigma raises": ("class M:\n    shape = (1, 4, 4); sigma_min = 0.01; sigma_max = 10.0\n"
+                           "    def __call__(self, x, sigma, class_labels=None): return x\n"
+                           "    def round_sigma(self, s): raise ZeroDivisionError('rounding')\n"
+                           "def build():\n    return M()\n", "failed in round_sigma(): ZeroDivisionError: rounding"),
 }
 
 

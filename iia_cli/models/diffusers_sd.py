@@ -52,7 +52,8 @@ from iia_cli.models.diffusers_unet import (
     make_betas,
     make_discrete_sigmas,
 )
-from iia_cli.models.edm_pkl import describe_error, dtype_name, parse_dtype, sha256_file
+from iia_cli.errors import describe_error
+from iia_cli.models.edm_pkl import dtype_name, parse_dtype, sha256_file
 from iia_cli.prompts import load_prompts
 from iia_cli.schema import Float, OptInt, RequiredAny, RequiredStr, Str
 

@@ -31,7 +31,8 @@ import torch
 from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.models.edm_pkl import describe_error, dtype_name, parse_dtype, sha256_file
+from iia_cli.errors import describe_error
+from iia_cli.models.edm_pkl import dtype_name, parse_dtype, sha256_file
 from iia_cli.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
 from iia_cli.hashing import sha256_of_file as sha256_file  # re-exported for the diffusers adapters
 from iia_cli.schema import NETWORK_DTYPES, Bool, Choice, ModelParams, RequiredStr, Str
 
@@ -88,13 +88,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-def describe_error(err: BaseException, limit: int = 400) -> str:
-    """``"Type: message"`` on one line (whitespace collapsed, cut to ``limit`` characters): foreign libraries
-    raise multi-line messages (e.g. a state-dict size mismatch per parameter) and CLI errors are one line."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 # --------------------------------------------------------------------------------------------------

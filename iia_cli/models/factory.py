@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError, IIAError, IIARuntimeError, MissingFileError
+from ..errors import ConfigError, IIAError, IIARuntimeError, MissingFileError, describe_error
 from ..schema import ModelParams, RequiredStr
 
 REQUIRED_ATTRS = ("shape", "sigma_min", "sigma_max")
@@ -49,24 +49,19 @@ def _load_function(spec: str) -> tuple[Any, Path | None]:
             mod_spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:
             sys.modules.pop(mod_name, None)
-            raise IIARuntimeError(f"importing model factory {source} failed: {_one_line(exc)}") from None
+            raise IIARuntimeError(f"importing model factory {source} failed: {describe_error(exc)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise ConfigError(f"model.factory module {target!r} cannot be imported ({_one_line(exc)})") from None
+            raise ConfigError(f"model.factory module {target!r} cannot be imported ({describe_error(exc)})") from None
         except (Exception, SystemExit) as exc:
-            raise IIARuntimeError(f"importing model factory module {target!r} failed: {_one_line(exc)}") from None
+            raise IIARuntimeError(f"importing model factory module {target!r} failed: {describe_error(exc)}") from None
         source = Path(module.__file__) if getattr(module, "__file__", None) else None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(f"model.factory: {target!r} has no function {func_name!r}")
     return func, source
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_model(model: Any, factory: str) -> None:
@@ -92,6 +87,11 @@ def _check_model(model: Any, factory: str) -> None:
         raise IIARuntimeError(f"model factory {factory}: label_dim={n_labels!r:.40} must be an int >= 0")
 
 
+# Optional model methods iia_cli calls when a model has them (conditioning, decoding, text-to-image captions,
+# discrete-time grids, the closed-form teacher): an exception inside one is an error naming the factory.
+OPTIONAL_METHODS = ("condition", "decode", "prompt_of", "round_sigma", "sigma_to_t", "t_to_sigma", "exact_solution")
+
+
 class CheckedModel:
     """A factory's model with its call checked: an exception inside it, or a result that is not a tensor of
     the input's shape, becomes an :class:`IIARuntimeError` naming the factory. Attributes pass through."""
@@ -106,7 +106,7 @@ class CheckedModel:
         except (IIAError, KeyboardInterrupt, MemoryError):
             raise
         except (Exception, SystemExit) as exc:
-            raise IIARuntimeError(f"the model of factory {self._factory} failed: {_one_line(exc)}") from None
+            raise IIARuntimeError(f"the model of factory {self._factory} failed: {describe_error(exc)}") from None
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise IIARuntimeError(f"the model of factory {self._factory} returned {got}; "
@@ -114,7 +114,21 @@ class CheckedModel:
         return out
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_model"], name)
+        value = getattr(self.__dict__["_model"], name)
+        if name not in OPTIONAL_METHODS or not callable(value):
+            return value
+        factory = self.__dict__["_factory"]
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except (IIAError, KeyboardInterrupt, MemoryError):
+                raise
+            except (Exception, SystemExit) as exc:
+                raise IIARuntimeError(f"the model of factory {factory} failed in {name}(): "
+                                      f"{describe_error(exc)}") from None
+
+        return checked
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__[name] = value
@@ -127,7 +141,7 @@ def load_factory_model(factory: str, kwargs: dict[str, Any] | None = None) -> An
     try:
         inspect.signature(func).bind(**(kwargs or {}))
     except TypeError as exc:
-        raise ConfigError(f"model.kwargs do not fit {factory}: {_one_line(exc)}") from None
+        raise ConfigError(f"model.kwargs do not fit {factory}: {describe_error(exc)}") from None
     except ValueError:  # no signature to check (a builtin): the call below tells
         pass
     try:
@@ -135,7 +149,7 @@ def load_factory_model(factory: str, kwargs: dict[str, Any] | None = None) -> An
     except IIAError:
         raise
     except (Exception, SystemExit) as exc:
-        raise IIARuntimeError(f"model factory {factory} failed: {_one_line(exc)}") from None
+        raise IIARuntimeError(f"model factory {factory} failed: {describe_error(exc)}") from None
     _check_model(model, factory)
     h = hashlib.sha256()
     h.update(factory.encode())
@@ -146,7 +160,7 @@ def load_factory_model(factory: str, kwargs: dict[str, Any] | None = None) -> An
         try:
             h.update(str(model.fingerprint()).encode())
         except (Exception, SystemExit) as exc:
-            raise IIARuntimeError(f"model factory {factory}: fingerprint() failed: {_one_line(exc)}") from None
+            raise IIARuntimeError(f"model factory {factory}: fingerprint() failed: {describe_error(exc)}") from None
     checked = CheckedModel(model, factory)
     checked._iia_fingerprint = h.hexdigest()
     return checked
