@@ -17,8 +17,8 @@ Also printed: how many held-out samples *flip* (per-sample MSE > 0.02: they end 
 reference), the RMSE of the others, and for iPNDM the RMSE its flips alone give (the others counted as exact):
 a variant that keeps iPNDM's flips cannot get below it.
 
-    nice python benchmarks/iia_joint.py --nfe 8,9,10              # results/iia_joint.csv
-    nice python benchmarks/iia_joint.py --trim --wide 1024        # fit without iPNDM's flips; score on 1024 too
+    nice python benchmarks/iia_joint.py --wide 1024           # results/iia_joint.csv (NFE 8-10, seeds 0-255 and 0-1023)
+    nice python benchmarks/iia_joint.py --wide 1024 --trim    # fit without iPNDM's flips: results/iia_joint_trim.csv
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30, help="L-BFGS iterations of the joint refinement (0: none)")
     ap.add_argument("--trim", action="store_true",
                     help="fit only on the calibration noises iPNDM does not flip (final MSE vs the teacher <= 0.02)")
-    ap.add_argument("--out", default="results/iia_joint.csv")
+    ap.add_argument("--out", default="", help="default results/iia_joint.csv (results/iia_joint_trim.csv with --trim)")
     args = ap.parse_args()
+    args.out = args.out or f"results/iia_joint{'_trim' if args.trim else ''}.csv"
     torch.set_num_threads(1)
     cfg = load_config(None, [("model.kind", "gmm-mnist")])  # as benchmarks/iia_targets.py
     ref_p = api.prepare(cfg, "edm", 999)
