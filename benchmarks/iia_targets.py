@@ -26,7 +26,8 @@ from iia_cli.config import load_config
 from iia_cli.sampling import sample_batches
 
 PAIRS = [("edm", "iia-edm"), ("edm", "biia-edm"), ("ddim", "iia-ddim"), ("dpm-solver++-2m", "iia-dpm-solver++-2m"),
-         ("dpm-solver++-3m-exact", "iia-dpm-solver++-3m-exact"), ("ipndm", "iia-ipndm")]
+         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("dpm-solver++-3m-exact", "iia-dpm-solver++-3m-exact"),
+         ("ipndm", "iia-ipndm"), ("unipc", "iia-unipc")]
 NFES = list(range(5, 16))
 TARGETS = ("local", "trajectory")
 
