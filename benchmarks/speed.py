@@ -29,11 +29,17 @@ import torch
 from iia_cli.config import GridConfig
 from iia_cli.grids import make_grid
 from iia_cli.iia import greedy_pass
-from iia_cli.methods import make_method
+from iia_cli.methods import METHODS, make_method
 from iia_cli.sampling import BoundDenoiser, make_noise, sample_batches
+from iia_cli.solvers import BASE_SOLVER_NAMES
 
-PAIRS = [("edm", "iia-edm"), ("ddim", "iia-ddim"), ("dpm-solver++-2m", "iia-dpm-solver++-2m"),
-         ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("ipndm", "iia-ipndm"), ("dpm-solver-2", None)]
+
+
+def solver_families() -> list[tuple[str, list[str]]]:
+    """Every base solver with the IIA methods built on it, from the registries: a solver or IIA method added
+    there is timed too."""
+    return [(base, [name for name, spec in METHODS.items() if spec.is_iia and spec.base == base])
+            for base in BASE_SOLVER_NAMES]
 
 
 def build_model(device: str, dtype: str):
@@ -116,7 +122,7 @@ def main() -> None:
     t_call = timed(lambda: den(x, 1.0), 5 * args.repeats)
     print(f"one denoiser call, batch {args.batch}: {t_call * 1e3:.1f} ms on {device}", flush=True)
     rows = []
-    for base, iia in PAIRS:
+    for base, iias in solver_families():
         bm = make_method(base)
         try:
             sig = make_grid(GridConfig(kind="discrete"), bm.solver.plan(args.nfe), model)
@@ -127,35 +133,36 @@ def main() -> None:
         def run(method, coeffs=None):
             return [x for _, x in sample_batches(model, method, sig, seeds, args.batch, coeffs, device, state_dtype)]
 
-        im = make_method(iia) if iia else None
-        fit = None
-        if im is not None:
+        fitted = []  # (IIA method, its calibration pass, calibration wall seconds, seconds inside the network)
+        for iia in iias:
+            im = make_method(iia)
             model.inside = 0.0
             t0 = time.perf_counter()
             fit = greedy_pass(im, model, sig, list(range(10**9, 10**9 + args.calib_samples)), 10, args.batch,
                               device, state_dtype)
-            t_cal, t_cal_inside = time.perf_counter() - t0, model.inside
-        base_runs, iia_runs = [], []
-        for _ in range(args.repeats):  # interleaved: base, IIA, base, IIA, ...
+            fitted.append((im, fit, time.perf_counter() - t0, model.inside))
+        base_runs, iia_runs = [], [[] for _ in fitted]
+        for _ in range(args.repeats):  # interleaved: base, each IIA method, base, ...
             base_runs.append(run_timed(model, lambda: run(bm)))
-            if im is not None:
-                iia_runs.append(run_timed(model, lambda: run(im, fit.coeffs)))
+            for runs, (im, fit, _, _) in zip(iia_runs, fitted):
+                runs.append(run_timed(model, lambda: run(im, fit.coeffs)))
         wall = statistics.median(w for w, _ in base_runs)
         over = statistics.median(w / i for w, i in base_runs)
         rows.append(dict(method=base, nfe=nfe, call_ms=t_call * 1e3, sample_s=wall, overhead=over))
-        print(f"{base:>22s} nfe={nfe}: {wall:.3f} s, overhead {over:.3f}", flush=True)
-        if im is None:
-            continue
-        ratios = [wi / wb for (wb, _), (wi, _) in zip(base_runs, iia_runs)]
-        norm = [(wi / ii) / (wb / ib) for (wb, ib), (wi, ii) in zip(base_runs, iia_runs)]
-        rows.append(dict(method=iia, nfe=nfe, call_ms=t_call * 1e3, sample_s=statistics.median(w for w, _ in iia_runs),
-                         overhead=statistics.median(w / i for w, i in iia_runs), iia_vs_base=statistics.median(ratios),
-                         iia_vs_base_normalised=statistics.median(norm), calib_s=t_cal,
-                         calib_calls=fit.calls * args.calib_samples, calib_vs_min=t_cal / t_cal_inside))
-        r = rows[-1]
-        print(f"{iia:>22s} nfe={nfe}: {r['sample_s']:.3f} s, overhead {r['overhead']:.3f}, IIA/base {r['iia_vs_base']:.3f} "
-              f"(normalised {r['iia_vs_base_normalised']:.3f}), calibration {t_cal:.1f} s = {r['calib_vs_min']:.3f} x "
-              f"the time inside its {r['calib_calls']} denoiser calls", flush=True)
+        print(f"{base:>26s} nfe={nfe}: {wall:.3f} s, overhead {over:.3f}", flush=True)
+        for runs, (im, fit, t_cal, t_cal_inside) in zip(iia_runs, fitted):
+            ratios = [wi / wb for (wb, _), (wi, _) in zip(base_runs, runs)]
+            norm = [(wi / ii) / (wb / ib) for (wb, ib), (wi, ii) in zip(base_runs, runs)]
+            rows.append(dict(method=im.name, nfe=nfe, call_ms=t_call * 1e3,
+                             sample_s=statistics.median(w for w, _ in runs),
+                             overhead=statistics.median(w / i for w, i in runs),
+                             iia_vs_base=statistics.median(ratios), iia_vs_base_normalised=statistics.median(norm),
+                             calib_s=t_cal, calib_calls=fit.calls * args.calib_samples,
+                             calib_vs_min=t_cal / t_cal_inside))
+            r = rows[-1]
+            print(f"{im.name:>26s} nfe={nfe}: {r['sample_s']:.3f} s, overhead {r['overhead']:.3f}, IIA/base "
+                  f"{r['iia_vs_base']:.3f} (normalised {r['iia_vs_base_normalised']:.3f}), calibration {t_cal:.1f} s "
+                  f"= {r['calib_vs_min']:.3f} x the time inside its {r['calib_calls']} denoiser calls", flush=True)
     df = pd.DataFrame(rows)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     df["machine"] = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads {gpu}".strip()
