@@ -34,7 +34,7 @@ from . import dist
 from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
-from .methods import Method
+from .methods import METHODS, Method
 from .sampling import (BoundDenoiser, Coefficients, advance, commit, noise_and_conditioning, propose,
                        sample_batches)
 from .solvers import BASE_SOLVER_NAMES, SOLVER_ALIASES, History, make_solver
@@ -575,20 +575,18 @@ def _check_coefficient_fields(data: dict[str, Any]) -> None:
 
 
 def paper_coefficients(method: str, sigmas: torch.Tensor, coeffs: Coefficients) -> Coefficients:
-    """The paper's parameterisation of IIA-EDM (eq. 18, b = Lemma 1's Heun coefficients + c on u_i, v_i) and
-    of BIIA-EDM (Alg. 2, g = 1 + c on S_i); empty for the other methods, whose coefficients are the paper's."""
-    if method not in ("iia-edm", "biia-edm"):
+    """The paper's parameterisation where it differs from ours (the method's ``paper_offset`` in the registry):
+    IIA-EDM's b = Lemma 1's Heun coefficients + c on u_i, v_i (eq. 18) and BIIA-EDM's g = 1 + c on S_i (Alg. 2);
+    empty for the other methods, whose coefficients are the paper's."""
+    offset = METHODS[method].paper_offset
+    if offset is None:
         return []
     out: Coefficients = []
     for i, c in enumerate(coeffs):
         b = list(c)
         if b:
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            if method == "iia-edm":
-                b[0] += (s_next - s) / s
-                b[1] += (s_next - s) / (2 * s_next)
-            else:
-                b[0] += 1.0
+            for k, base in enumerate(offset(float(sigmas[i]), float(sigmas[i + 1]))):
+                b[k] += base
         out.append(b)
     return out
 

@@ -143,17 +143,25 @@ class Param:
 class MethodSpec:
     """A registered method: its base solver (a key of ``solvers.SOLVERS``), a one-line help, and for an IIA
     method the factory of its basis (called with the method's parameters as keywords), the parameters, and
-    the basis it takes on a classifier-free-guided model (``guided``; None: the same as unguided)."""
+    the basis it takes on a classifier-free-guided model (``guided``; None: the same as unguided).
+    ``paper_offset(sigma_i, sigma_next)``: where the paper writes the coefficients as the base solver's own plus
+    the correction, the base's values of the first ones (added for ``paper_coefficients`` in coefficient files)."""
 
     base: str
     help: str
     basis: Callable[..., Basis] | None = None
     params: Mapping[str, Param] = field(default_factory=dict)
     guided: Basis | None = None
+    paper_offset: Callable[[float, float], list[float]] | None = None
 
     @property
     def is_iia(self) -> bool:
         return self.basis is not None
+
+
+def _heun_uv_coefficients(s: float, s_next: float) -> list[float]:
+    """Lemma 1: Heun's own coefficients on u_i and v_i, b^u = h / sigma_i and b^v = h / (2 sigma_{i+1})."""
+    return [(s_next - s) / s, (s_next - s) / (2 * s_next)]
 
 
 _QUANTITIES = Param((1, 2), 2)  # 2: both differences; 1: the one-quantity ablation (eq. 25)
@@ -166,8 +174,10 @@ def _dpm_method(base: str) -> MethodSpec:
 # The IIA methods (the base solvers join them below, from solvers.SOLVERS). A new IIA method: its basis above
 # and one entry here.
 _IIA_METHODS: dict[str, MethodSpec] = {
-    "iia-edm": MethodSpec("edm", "IIA-EDM, eq. (18)", _iia_edm_basis, {"r": Param((0, 1, 2), 1)}),
-    "biia-edm": MethodSpec("edm", "BIIA-EDM, Algorithm 2", _biia_edm_basis, {"r": Param((0, 1), 0)}),
+    "iia-edm": MethodSpec("edm", "IIA-EDM, eq. (18)", _iia_edm_basis, {"r": Param((0, 1, 2), 1)},
+                          paper_offset=_heun_uv_coefficients),
+    "biia-edm": MethodSpec("edm", "BIIA-EDM, Algorithm 2", _biia_edm_basis, {"r": Param((0, 1), 0)},
+                           paper_offset=lambda s, s_next: [1.0]),  # g = 1 + c on the averaged slope S_i
     "iia-ddim": MethodSpec("ddim", "IIA-DDIM, eq. (6), eq. (8) if guided",
                            lambda quantities: _difference_basis(StepRecord, "denoised", "eps", quantities),
                            {"quantities": _QUANTITIES}, guided=Basis(StepRecord, _guided_eps_basis)),
