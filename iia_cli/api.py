@@ -294,9 +294,16 @@ def checkpoint_interval() -> float:
     return float(os.environ.get("IIA_CHECKPOINT_EVERY_S", "30"))
 
 
-def checkpoint_warning(path: Path, exc: OSError) -> str:
-    return (f"warning: could not write the checkpoint {path} ({exc.strerror or exc}); sampling goes on without "
+def save_checkpoint(save: Callable[[], None], path: Path, log: LogFn) -> bool:
+    """Write a checkpoint with ``save()``. One that cannot be written is a warning, not an error: checkpoints only
+    save time on a rerun, so sampling goes on (the caller stops checkpointing). Returns whether it was written."""
+    try:
+        save()
+    except OSError as exc:
+        log(f"warning: could not write the checkpoint {path} ({exc.strerror or exc}); sampling goes on without "
             "checkpoints, so an interruption now restarts from the last checkpoint written")
+        return False
+    return True
 
 
 def _png_path(out_dir: Path, seed: int, subdirs: bool) -> Path:
@@ -364,13 +371,8 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
                 if to_npz or keep or grid_png:
                     done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
             if partial is not None and time.perf_counter() - last_checkpoint >= checkpoint_interval():
-                try:
-                    _save_partial(partial, done, meta)
-                except OSError as exc:  # a checkpoint only saves time on a rerun: sampling goes on
-                    log(checkpoint_warning(partial, exc))
-                    last_checkpoint = math.inf
-                else:
-                    last_checkpoint = time.perf_counter()
+                written = save_checkpoint(lambda: _save_partial(partial, done, meta), partial, log)
+                last_checkpoint = time.perf_counter() if written else math.inf
     seconds = time.perf_counter() - t0
     gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for part in dist.gather_objects(done) if (to_npz or keep or grid_png) else []:

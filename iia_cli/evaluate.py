@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,8 @@ import numpy as np
 import torch
 
 from . import dist, layout
-from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, checkpoint_warning,
-                  find_coefficients, prepare,
-                  resolve_coefficients)
+from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
+                  resolve_coefficients, save_checkpoint)
 from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
@@ -91,6 +91,12 @@ def _generic(section: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]
             if name not in skip and value is not None}
 
 
+def _solver_revision(solver: Any) -> dict[str, int]:
+    """``solver_revision`` of a solver whose definition changed, so that rows of the old one are not reused;
+    nothing for revision 1, so rows of unchanged solvers keep their identities."""
+    return {"solver_revision": solver.revision} if solver.revision != 1 else {}
+
+
 def _sigmas_sha256(sigmas: torch.Tensor) -> str:
     return hashlib.sha256(sigmas.to(torch.float64).cpu().numpy().tobytes()).hexdigest()
 
@@ -110,8 +116,7 @@ def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: st
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
         **_generic(cfg.sampler, "sampler", _SAMPLER_NOT_IN_IDENTITY),
     }
-    if p.method.solver.revision != 1:  # a solver whose definition changed: rows of the old one are not reused
-        fields["solver_revision"] = p.method.solver.revision
+    fields.update(_solver_revision(p.method.solver))
     prompts = getattr(p.model, "prompts", None)
     if isinstance(prompts, (list, tuple)):  # text-to-image: the model fingerprint leaves the captions out
         fields["prompts_sha256"] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
@@ -160,10 +165,9 @@ class MetricSetup:
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
             ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
             self.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
-            reference = {"method": ev.reference_method, "nfe": ref.nfe, "sigmas_sha256": _sigmas_sha256(ref.sigmas)}
-            if ref.method.solver.revision != 1:
-                reference["solver_revision"] = ref.method.solver.revision
-            self.fields["integration_rmse"] = {"reference": reference}
+            self.fields["integration_rmse"] = {"reference": {
+                "method": ev.reference_method, "nfe": ref.nfe, "sigmas_sha256": _sigmas_sha256(ref.sigmas),
+                **_solver_revision(ref.method.solver)}}
             self.columns["integration_rmse"] = (ref_name, "")
         if "fid" in metrics:
             from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
@@ -262,13 +266,9 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
             done += len(chunk)
             bar.advance(len(chunk))
             if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
-                try:
-                    savez_atomic(partial, done=np.int64(done), sampling_seconds=np.float64(t_sample),
-                                 **save_states(accs))
-                except OSError as exc:  # a checkpoint only saves time on a rerun: the run itself goes on
-                    log(checkpoint_warning(partial, exc))
-                    partial = None
-                last = time.perf_counter()
+                state = {"done": np.int64(done), "sampling_seconds": np.float64(t_sample), **save_states(accs)}
+                written = save_checkpoint(lambda: savez_atomic(partial, **state), partial, log)
+                last = time.perf_counter() if written else math.inf
             t0 = time.perf_counter()
     return t_sample
 
