@@ -9,6 +9,7 @@ import typer
 
 from .cli_common import handle_errors
 from .paths import PLOT_SUFFIXES, OutputPlan, plan_evaluate_outputs
+from .metrics import METRICS
 from .results import COLUMNS
 
 NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
@@ -25,9 +26,10 @@ def register(app: typer.Typer) -> None:
         csv: Optional[Path] = typer.Option(None, "--csv", help="Results CSV (default results/<experiment>.csv)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception weights file."),
         no_fid: bool = typer.Option(False, "--no-fid", help="Integration error only, no FID (= --metrics integration_rmse)."),
-        metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics to compute: fid, "
-                                              "integration_rmse, clip_score (overrides evaluate.metrics; default: "
-                                              "fid, integration_rmse and, with CLIP weights, clip_score)."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics to compute: "
+                                              + "; ".join(f"{k} ({v.help})" for k, v in METRICS.items())
+                                              + " (overrides evaluate.metrics; default: integration_rmse, kid, fid "
+                                              "and, with CLIP weights, clip_score)."),
         fresh: bool = typer.Option(False, "--fresh", help="Recompute results already in the CSV (default: skip them, resume)."),
         shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this SLURM array task's share; combine with iia merge."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Network dtype: float32, float16 or bfloat16."),
@@ -80,21 +82,28 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="Draw value-vs-NFE curves into this PNG, one panel "
                                             "per metric."),
         experiment: Optional[str] = typer.Option(None, "--experiment", help="Only rows of this experiment."),
-        metric: Optional[str] = typer.Option(None, "--metric", help="Plot only these metrics (comma-separated: fid, "
-                                             "integration_rmse, clip_score; default: every metric in the CSV)."),
+        metric: Optional[str] = typer.Option(None, "--metric", help="Plot only these metrics (comma-separated: "
+                                             + ", ".join(METRICS) + "; default: every metric in the CSV)."),
+        compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B", help="Two method labels "
+                                                          "as in the table (e.g. --compare iia-ddim ddim): print "
+                                                          "their paired comparison across NFEs and metrics."),
     ) -> None:
         """Print the methods x NFE tables of a results CSV again, one per metric (latest row per identity; IIA
         rows with their ratio to the base solver, the best method per NFE marked; a note where one method, NFE
         and metric has rows of different settings), and optionally plot them."""
-        from .evaluate import print_table
+        from .evaluate import print_comparison, print_table
+        from .metrics import parse_metrics
         from .results import plot_results, read_results
 
         with handle_errors(), OutputPlan() as plan:
+            metrics = parse_metrics(metric, "--metric") if metric is not None else None
             plan.file(plot, "--plot", "plot image", suffixes=PLOT_SUFFIXES)
-            print_table(csv, experiment)
+            if compare and any(compare):
+                print_comparison(csv, compare[0], compare[1], experiment)
+            else:
+                print_table(csv, experiment)
             if plot:
                 df = read_results(csv)
                 if experiment:
                     df = df[df["experiment"] == experiment]
-                metrics = [m.strip() for m in metric.split(",") if m.strip()] if metric else None
                 typer.echo(f"wrote {plot_results(df, plot, metrics)}")

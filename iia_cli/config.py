@@ -168,13 +168,13 @@ class EvaluateConfig(Section):
     nfe: IntList = Field([9], description="NFEs to evaluate: a list or 5,9")
     samples: Int = Field(1000, description="images per seed range")
     seed_ranges: OptStrList = Field(None, description="seed ranges, one FID row each (default: 0..samples-1)")
-    error_samples: Int = Field(32, description="integration error vs a high-NFE reference on this many seeds "
+    error_samples: Int = Field(128, description="integration error vs a high-NFE reference on this many seeds "
                                                "(0 skips it)")
     reference_method: MethodName = Field("edm", description="the integration error's reference solver")
     reference_nfe: Int = Field(999, description="the reference solver's NFE")
     csv: OptStr = Field(None, description="results CSV (default results/<experiment>.csv)")
-    metrics: OptStrList = Field(None, description="fid, integration_rmse, clip_score (default: fid, "
-                                                  "integration_rmse and clip_score where possible)")
+    metrics: OptStrList = Field(None, description="integration_rmse, kid, fd_inf, fid, clip_score (default: "
+                                                  "integration_rmse, kid, fid and clip_score where possible)")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
@@ -183,6 +183,10 @@ class EvaluateConfig(Section):
         for n in self.nfe:
             check_nfe(n, "evaluate.nfe")
         check_nfe(self.reference_nfe, "evaluate.reference_nfe")
+        if self.metrics is not None:
+            from .metrics import parse_metrics
+
+            parse_metrics(self.metrics, "evaluate.metrics")
         if self.samples < 1:
             raise ConfigError(f"evaluate.samples={self.samples} must be at least 1")
         if self.error_samples < 0:

@@ -22,8 +22,8 @@ from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .images import quantize
-from .metrics import (METRICS, Accumulator, Batch, ClipScoreAccumulator, FidAccumulator, IntegrationErrorAccumulator,
-                      ReferenceSolutions, load_states, parse_metrics, save_states)
+from .metrics import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states, make_accumulator,
+                      parse_metrics, result_fields, save_states)
 from .models.base import model_dtype
 from .progress import ImageProgress, log as default_log
 from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
@@ -49,28 +49,67 @@ def parse_seed_ranges(spec: Any) -> list[list[int]]:
     return ranges
 
 
+def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
+    """Cache paths (statistics, features) of the reference images of a data spec."""
+    from .fid import sha256_of_file
+
+    spec = cfg.fid.reference
+    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
+    safe = str(spec).replace(":", "-").replace("/", "_")
+    stem = f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}"
+    return layout.reference_cache_dir() / f"{stem}.npz", layout.reference_cache_dir() / f"{stem}-features.npz"
+
+
+def _is_stats_file(cfg: ExperimentConfig) -> bool:
+    spec = str(cfg.fid.reference)
+    return Path(spec).suffix == ".npz" and not spec.startswith("builtin:")
+
+
+def _compute_reference(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn,
+                       with_stats: bool) -> None:
+    from .fid import compute_reference_features
+
+    stats_path, feats_path = _reference_cache(cfg, weights)
+    spec, n = cfg.fid.reference, cfg.fid.reference_samples
+    log(f"computing reference features{' and statistics' if with_stats else ''} of {spec} ({n or 'all'} images) "
+        f"-> {feats_path}")
+    with ImageProgress(n, f"reference features of {spec}") as bar:
+        compute_reference_features(spec, feats_path, weights, stats_path if with_stats else None, device=str(device),
+                                   batch_size=cfg.fid.batch, limit=n, progress=bar.update_to)
+
+
 def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device,
                       log: LogFn) -> tuple[Path, np.ndarray, np.ndarray, str]:
     """Reference statistics (path, mu, sigma, sha256): an existing .npz, or statistics computed once from a
-    data spec and cached."""
-    from .fid import compute_reference, load_reference, sha256_of_file
+    data spec and cached (with the features, from the same Inception pass)."""
+    from .fid import load_reference
 
-    spec = cfg.fid.reference
-    if not spec:
+    if not cfg.fid.reference:
         raise ConfigError("fid.reference is not set: give an .npz with mu/sigma (e.g. EDM's cifar10-32x32.npz) "
                           "or a data spec such as builtin:mnist")
-    path = Path(spec)
-    if path.suffix == ".npz" and not str(spec).startswith("builtin:"):
+    if _is_stats_file(cfg):
+        path = Path(cfg.fid.reference)
         return (path, *load_reference(path))
-    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
-    safe = str(spec).replace(":", "-").replace("/", "_")
-    cached = layout.reference_cache_dir() / f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}.npz"
+    cached, feats = _reference_cache(cfg, weights)
     if not cached.is_file():
-        log(f"computing reference statistics of {spec} ({cfg.fid.reference_samples or 'all'} images) -> {cached}")
-        with ImageProgress(cfg.fid.reference_samples, f"reference statistics of {spec}") as bar:
-            compute_reference(spec, cached, weights, device=str(device), batch_size=cfg.fid.batch,
-                              limit=cfg.fid.reference_samples, progress=bar.update_to)
+        _compute_reference(cfg, weights, device, log, with_stats=True)
     return (cached, *load_reference(cached))
+
+
+def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: torch.device,
+                               log: LogFn) -> tuple[Path, np.ndarray, str]:
+    """Reference features (path, float32 [N, d], content sha256) of the data spec in fid.reference, computed once
+    and cached; KID needs the features themselves, which a mu/sigma .npz does not hold."""
+    from .fid import load_reference_features
+
+    if not cfg.fid.reference or _is_stats_file(cfg):
+        raise ConfigError(f"kid needs the reference images' features, but fid.reference={cfg.fid.reference!r} "
+                          f"{'is a mu/sigma .npz' if cfg.fid.reference else 'is not set'}; give a data spec (a "
+                          "folder, an .npz/.npy of images or builtin:...) or leave kid out of --metrics")
+    stats, path = _reference_cache(cfg, weights)
+    if not path.is_file():
+        _compute_reference(cfg, weights, device, log, with_stats=not stats.is_file())
+    return (path, *load_reference_features(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,60 +187,80 @@ class Cell:
 
 
 class MetricSetup:
-    """What each metric needs, set up once per run: FID's Inception and reference statistics, the CLIP
-    scorer, the reference solve of the integration-error seeds. Only the metrics asked for are set up."""
+    """What the run's metrics need (the registry's ``needs``), set up once per run: FID's Inception, reference
+    statistics and features, the CLIP scorer, the reference solve of the integration-error seeds."""
 
     def __init__(self, cfg: ExperimentConfig, metrics: list[str], base: Prepared, model: Any, err_seeds: list[int],
                  inception_weights: str | Path | None, log: LogFn) -> None:
         self.cfg, self.metrics, self.model, self.err_seeds = cfg, metrics, model, err_seeds
         self.fields: dict[str, dict[str, Any]] = {}
         self.columns: dict[str, tuple[str, str]] = {}  # metric -> (reference, reference_sha256) columns
+        self.ctx = MetricContext()
+        needs = {m: METRICS[m].needs for m in metrics}
+        every = set().union(*needs.values()) if needs else set()
         ev = cfg.evaluate
-        if "integration_rmse" in metrics:
+        if "fine_reference" in every:
             ref_nfe = ev.reference_nfe
             if (cfg.sampler.convention == "diff-sampler"
                     and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
             ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
-            self.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
-            self.fields["integration_rmse"] = {"reference": {
-                "method": ev.reference_method, "nfe": ref.nfe, "sigmas_sha256": _sigmas_sha256(ref.sigmas),
-                **_solver_revision(ref.method.solver)}}
-            self.columns["integration_rmse"] = (ref_name, "")
-        if "fid" in metrics:
+            self.ctx.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
+            fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
+                                    "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
+            for m in metrics:
+                if "fine_reference" in needs[m]:
+                    self.fields[m], self.columns[m] = dict(fields), (ref_name, "")
+        if "inception" in every:
             from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
 
             if not cfg.fid.reference:
-                raise ConfigError("fid.reference is not set: give an .npz with mu/sigma (e.g. EDM's cifar10-32x32.npz) "
-                                  "or a data spec such as builtin:mnist, or leave fid out of --metrics")
+                chosen = ", ".join(m for m in metrics if "inception" in needs[m])
+                raise ConfigError(f"fid.reference is not set: {chosen} need reference images; give an .npz with "
+                                  "mu/sigma (e.g. EDM's cifar10-32x32.npz) or a data spec such as builtin:mnist, or "
+                                  f"leave {chosen} out of --metrics")
             weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
             log(f"Inception weights: {weights} ({source})")
-            # rank 0 computes missing reference statistics, the others then read them
-            ref_stats = resolve_reference(cfg, weights, base.device, log) if dist.context().is_main else None
-            dist.barrier()
-            ref_path, self.ref_mu, self.ref_sigma, ref_sha = ref_stats or resolve_reference(cfg, weights, base.device, log)
-            self.extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
-            self.fields["fid"] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": sha256_of_file(weights)}
-            self.columns["fid"] = (str(ref_path), ref_sha)
-        if "clip_score" in metrics:
+            weights_sha = sha256_of_file(weights)
+            main = dist.context().is_main
+            if "reference_stats" in every:
+                # rank 0 computes missing reference statistics, the others then read them
+                ref_stats = resolve_reference(cfg, weights, base.device, log) if main else None
+                dist.barrier()
+                ref_path, self.ctx.ref_mu, self.ctx.ref_sigma, ref_sha = (
+                    ref_stats or resolve_reference(cfg, weights, base.device, log))
+                for m in metrics:
+                    if "reference_stats" in needs[m]:
+                        self.fields[m] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": weights_sha}
+                        self.columns[m] = (str(ref_path), ref_sha)
+            if "reference_features" in every:
+                ref_feats = resolve_reference_features(cfg, weights, base.device, log) if main else None
+                dist.barrier()
+                feats_path, self.ctx.ref_features, feats_sha = (
+                    ref_feats or resolve_reference_features(cfg, weights, base.device, log))
+                for m in metrics:
+                    if "reference_features" in needs[m]:
+                        self.fields[m] = {"fid.reference": str(cfg.fid.reference),
+                                          "fid.reference_samples": cfg.fid.reference_samples,
+                                          "reference_features_sha256": feats_sha, "fid.weights_sha256": weights_sha}
+                        self.columns[m] = (str(feats_path), feats_sha)
+            self.ctx.extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+        if "clip" in every:
             from .clip_score import ClipScorer, resolve_clip_weights
 
             clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
             if clip_dir is None or not callable(getattr(model, "prompt_of", None)):
                 raise ConfigError("clip_score needs a text-to-image model (model.kind=diffusers-sd) and local CLIP "
                                   "weights (fid.clip_weights or $IIA_CLIP_WEIGHTS)")
-            self.clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
+            self.ctx.clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
+            self.ctx.prompt_of = model.prompt_of
             log(f"CLIP score with {clip_dir}")
             self.fields["clip_score"] = {"clip.weights": str(clip_dir.resolve())}
             self.columns["clip_score"] = (str(clip_dir), "")
 
     def accumulator(self, cell: Cell) -> Accumulator:
-        if cell.metric == "fid":
-            return FidAccumulator(self.ref_mu, self.ref_sigma, self.extractor)
-        if cell.metric == "clip_score":
-            return ClipScoreAccumulator(self.clip, self.model.prompt_of)
-        return IntegrationErrorAccumulator(dist.split(cell.seeds), self.reference)
+        return make_accumulator(cell.metric, cell.seeds, self.ctx)
 
 
 def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:
@@ -214,15 +273,17 @@ def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:
 
 
 def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Any) -> list[str]:
-    """The metrics of a run: ``requested`` (``--metrics`` / ``evaluate.metrics``), else the default: FID,
-    the integration error (when evaluate.error_samples > 0) and, for text-to-image models with local CLIP
-    weights, the CLIP score."""
+    """The metrics of a run: ``requested`` (``--metrics`` / ``evaluate.metrics``), else the default: the
+    integration error (when evaluate.error_samples > 0), KID (when fid.reference is a data spec, whose features
+    it needs), FID and, for text-to-image models with local CLIP weights, the CLIP score."""
     if requested is not None:
         metrics = parse_metrics(requested)
         if "integration_rmse" in metrics and cfg.evaluate.error_samples < 1:
             raise ConfigError("integration_rmse needs evaluate.error_samples >= 1 (seeds compared with the reference solve)")
         return metrics
-    metrics = ["fid"] + (["integration_rmse"] if cfg.evaluate.error_samples > 0 else [])
+    kid = bool(cfg.fid.reference) and not _is_stats_file(cfg)
+    metrics = parse_metrics(["fid"] + (["kid"] if kid else []) + (["integration_rmse"] if cfg.evaluate.error_samples > 0
+                                                                   else []))
     if callable(getattr(model, "prompt_of", None)):
         from .clip_score import resolve_clip_weights
 
@@ -251,7 +312,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
     if partial is not None and partial.is_file():
         with np.load(partial, allow_pickle=False) as data:
             done, t_sample = int(data["done"]), float(data["sampling_seconds"])
-            load_states(accs, data)
+            load_states(accs, data, where=f"checkpoint {partial}")
     model = p.model
     last = time.perf_counter()
     with ImageProgress(len(mine), label, enabled=progress) as bar:
@@ -320,17 +381,16 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     model, fp = base.model, base.fingerprint
     prepared = {(m, n): prepare(cfg, m, n, model=model, fingerprint=fp) for m in methods for n in nfes}  # validates all
     chosen = choose_metrics(cfg, requested, model)
-    err_seeds = ranges[0][: max(0, ev.error_samples)] if "integration_rmse" in chosen else []
+    on_err = [m for m in chosen if "fine_reference" in METRICS[m].needs]  # metrics on the error seeds only
+    err_seeds = ranges[0][: max(0, ev.error_samples)] if on_err else []
     setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log)
     all_rows: list[dict[str, Any]] = []
     identities: list[str] = []
     skipped = 0
     where = csv_path if not ctx.shard else _shard_dir(cfg)
     for (m, n), p in prepared.items():
-        cells = [Cell(metric, k, seeds) for k, seeds in enumerate(ranges) for metric in chosen
-                 if metric != "integration_rmse"]
-        if err_seeds:
-            cells.insert(0, Cell("integration_rmse", 0, err_seeds))
+        cells = [Cell(metric, 0, err_seeds) for metric in on_err]
+        cells += [Cell(metric, k, seeds) for k, seeds in enumerate(ranges) for metric in chosen if metric not in on_err]
         coeffs = None
         if p.method.is_iia:
             coeffs, _ = find_coefficients(p, match_calibration=True)
@@ -397,7 +457,7 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
             continue
         # the integration-error seeds are the first seeds of range 0: sampled with the range when another
         # metric needs the range, else alone
-        pass_seeds = seeds if any(c.metric != "integration_rmse" for c in cells) else cells[0].seeds
+        pass_seeds = seeds if any("fine_reference" not in METRICS[c.metric].needs for c in cells) else cells[0].seeds
         accs = [setup.accumulator(c) for c in cells]
         key = hashlib.sha256("|".join(c.identity for c in cells).encode()).hexdigest()[:16]
         tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
@@ -422,10 +482,12 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
                     rescued.append(f"{exc}" + (f" (for iia merge, move it to {shard_file})" if exc.rescued else ""))
                 continue
             acc.all_reduce()
-            row["value"] = acc.value()
+            acc.check_complete()
+            row.update(result_fields(acc))
             rows.append(row)
-            log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {row['value']:.5g} "
-                f"({len(cell.seeds)} seeds" + (f", sampling {secs:.1f} s)" if cell.metric != "integration_rmse" else ")"))
+            log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {METRICS[cell.metric].fmt(row['value'])} "
+                f"[{METRICS[cell.metric].fmt(row['ci_low'])}, {METRICS[cell.metric].fmt(row['ci_high'])}] "
+                f"({len(cell.seeds)} seeds, sampling {secs:.1f} s)" + (f"; {row['ci_warning']}" if row["ci_warning"] else ""))
         if rescued:
             raise OutputRescued("; ".join(rescued), None)
         dist.barrier()
@@ -436,8 +498,6 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
 def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_log) -> EvaluateResult:
     """Combine complete sets of shard files (same identity, shards 0..n-1) into result rows through the
     metrics' generic merge (sums added, then the value); incomplete sets are reported and left for later."""
-    from .fid import load_reference
-
     shard_dir, csv_path = Path(shard_dir), Path(csv)
     files = sorted(shard_dir.glob("*.shard-*-of-*.npz"))
     if not files:
@@ -464,22 +524,11 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
             log(f"incomplete: {row['method']} nfe={row['nfe']} {row['metric']} seeds {row['seeds']}: shards "
                 f"{have} of {meta['shards']}")
             continue
-        if row["metric"] == "fid":
-            mu, sigma, sha = load_reference(row["reference"])
-            if sha != row["reference_sha256"]:
-                raise IIARuntimeError(f"reference statistics {row['reference']} changed since the shards were "
-                                      f"written (sha256 {sha[:12]} != {row['reference_sha256'][:12]})")
-            acc: Accumulator = FidAccumulator(mu, sigma)
-        elif row["metric"] == "clip_score":
-            acc = ClipScoreAccumulator()
-        else:
-            acc = IntegrationErrorAccumulator()
+        acc = make_accumulator(row["metric"], parse_seeds(row["seeds"]), _merge_context(row))
         for _, arrays, f in parts:
-            try:
-                acc.merge(arrays)
-            except IIARuntimeError as exc:
-                raise IIARuntimeError(f"shard file {f}: {exc}") from None
-        row["value"] = acc.value()
+            acc.merge(arrays, where=f"shard file {f}")
+        acc.check_complete(where=f"shard files of {row['method']} nfe={row['nfe']} {row['metric']} in {shard_dir}")
+        row.update(result_fields(acc))
         row["sampling_seconds"] = round(sum(float(m["row"]["sampling_seconds"] or 0) for m, _, _ in parts), 3)
         rows.append(row)
         log(f"merged {len(parts)} shards: {row['method']} nfe={row['nfe']} {row['metric']} = {row['value']:.5g}")
@@ -489,6 +538,24 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
         raise IIARuntimeError(f"no complete shard set in {shard_dir} ({incomplete} incomplete); "
                               "run the missing shards first")
     return EvaluateResult(csv_path, rows)
+
+
+def _merge_context(row: dict[str, Any]) -> MetricContext:
+    """The references a metric's value needs when shard sums are merged (checked against the row's hash)."""
+    from .fid import load_reference, load_reference_features
+
+    needs = METRICS[row["metric"]].needs
+    ctx = MetricContext()
+    if "reference_stats" in needs:
+        ctx.ref_mu, ctx.ref_sigma, sha = load_reference(row["reference"])
+    elif "reference_features" in needs:
+        ctx.ref_features, sha = load_reference_features(row["reference"])
+    else:
+        return ctx
+    if sha != row["reference_sha256"]:
+        raise IIARuntimeError(f"reference {row['reference']} changed since the shards were written "
+                              f"(sha256 {sha[:12]} != {row['reference_sha256'][:12]})")
+    return ctx
 
 
 def _read_shard(f: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -535,3 +602,43 @@ def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[d
         console.print(render_table(part, title=figure_title(part) or str(csv_path)))
     for note in identity_conflicts(df)[1]:
         console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)
+
+
+def print_comparison(csv_path: Path, a: str, b: str, experiment: str | None = None) -> None:
+    """``iia report --compare A B``: every paired comparison of two methods (table labels) in a results CSV."""
+    from rich.console import Console
+
+    from .results import compare_methods
+
+    df = read_results(csv_path)
+    if experiment and "experiment" in df:
+        df = df[df["experiment"] == experiment]
+    pairs = dict.fromkeys(zip(df["method"] + df["method_params"].map(_label_params), df["method"]))
+    labels = [lab for lab, _ in pairs]
+
+    def resolve(name: str) -> str:
+        """A table label ('iia-edm r=1'), or a method name with exactly one label in the CSV ('iia-edm')."""
+        if name in labels:
+            return name
+        match = [lab for lab, method in pairs if method == name]
+        if len(match) == 1:
+            return match[0]
+        if match:
+            raise ConfigError(f"--compare: method {name!r} has rows of several settings ({', '.join(match)}); "
+                              "give one of these labels")
+        raise ConfigError(f"--compare: no rows of method {name!r} in {csv_path}; methods there: "
+                          f"{', '.join(labels)}")
+
+    a, b = resolve(a), resolve(b)
+    table, found = compare_methods(df, a, b)
+    if not found:
+        raise IIARuntimeError(f"{a} and {b} have no (NFE, metric) in common in {csv_path}")
+    console = Console()
+    console.width = max(console.width, 200)  # a wide table: let it wrap in the terminal rather than in the cells
+    console.print(table)
+
+
+def _label_params(text: str) -> str:
+    from .results import _params_label
+
+    return _params_label(text)

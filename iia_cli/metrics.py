@@ -1,18 +1,24 @@
-"""Evaluation metrics as accumulators: one small interface for every metric ``iia evaluate`` computes.
+"""Evaluation metrics: one registry (:data:`METRICS`, name -> :class:`MetricSpec`) and one accumulator interface.
 
-A metric sees the samples of a seed range batch by batch (``update``), keeps float64 sums as its state (a
-dict of arrays), and turns the state into a number (``value``). States merge by addition, so one generic loop
-each serves torchrun ranks (all-reduce), SLURM shards (shard files summed by ``iia merge``) and checkpoints
-of an interrupted range (the state saved and loaded): no branch per metric.
+An accumulator sees the samples of one seed range batch by batch (``update``) and keeps a *per-seed* state: one
+slot per seed of the row, filled by whichever process sampled that seed (zeros elsewhere). States therefore
+merge by addition exactly and in any order, so one generic loop serves torchrun ranks (all-reduce), SLURM
+shards (shard files added by ``iia merge``) and checkpoints of an interrupted range, and the value *and its
+interval* come out bit-identical however the seeds were split: no branch per metric.
 
-* ``fid``: Inception feature sums ``(n, sum f, sum f f^T)`` -> Frechet distance to reference statistics.
-* ``integration_rmse``: squared error of the final states against a high-NFE reference solve of the same
-  noises (on the first ``error_samples`` seeds of the first range) -> RMSE.
-* ``clip_score``: per-image CLIP scores of text-to-image samples against their prompts -> mean.
+* ``integration_rmse``: per-seed squared error of the final states against a high-NFE reference solve of the same
+  noises -> RMSE; interval: bootstrap over seeds (``uncertainty.rmse_interval``); paired comparisons resample the
+  seeds of both methods together.
+* ``fid``, ``kid``, ``fd_inf``: per-seed Inception features (float32, as the network gives them) -> Frechet
+  distance, kernel distance, FD-infinity; interval: jackknife over blocks of seeds.
+* ``clip_score``: per-image CLIP scores against the prompts -> mean; interval: jackknife over blocks of images.
+
+Adding a metric is one accumulator class plus one :data:`METRICS` entry (see the README's *Development*).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,144 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, uncertainty
 from .errors import ConfigError, IIARuntimeError
 
-METRICS = ("fid", "integration_rmse", "clip_score")
 State = dict[str, np.ndarray]
 
 
-def parse_metrics(spec: Any) -> list[str]:
-    """'fid,integration_rmse' or a list -> metric names in canonical order; unknown names are an error."""
-    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    names = [str(m).strip() for m in items if str(m).strip()]
-    if not names:
-        raise ConfigError(f"no metrics given; choose from {', '.join(METRICS)}")
-    for m in names:
-        if m not in METRICS:
-            raise ConfigError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
-    return [m for m in METRICS if m in names]
-
-
-class Batch:
-    """One batch of final solver states and, computed on first use, its quantised images."""
-
-    def __init__(self, seeds: list[int], x: torch.Tensor, to_images: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.seeds, self.x, self._to_images = seeds, x, to_images
-        self._images: torch.Tensor | None = None
-
-    @property
-    def images(self) -> torch.Tensor:
-        """uint8 [b, H, W, C], quantised like EDM's PNG writer."""
-        if self._images is None:
-            self._images = self._to_images(self.x)
-        return self._images
-
-
-class Accumulator:
-    """A metric over a set of seeds: ``update`` with batches, float64 ``state``, ``merge``, ``value``."""
-
-    metric = ""
-    keys: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self.state: State = self.empty_state()
-
-    def empty_state(self) -> State:
-        return {k: np.zeros((), dtype=np.float64) for k in self.keys}
-
-    def update(self, batch: Batch) -> None:
-        raise NotImplementedError
-
-    def merge(self, other: State) -> None:
-        """Add another state (of a rank, a shard or a checkpoint) to this one."""
-        for k in self.keys:
-            if k not in other:
-                raise IIARuntimeError(f"{self.metric} statistics lack {k!r}")
-            arr = np.asarray(other[k], dtype=np.float64)
-            if arr.shape != self.state[k].shape:
-                raise IIARuntimeError(f"{self.metric} statistics {k!r} have shape {list(arr.shape)}, "
-                                      f"expected {list(self.state[k].shape)}")
-            self.state[k] = self.state[k] + arr
-
-    def value(self) -> float:
-        raise NotImplementedError
-
-    def all_reduce(self) -> None:
-        """Sum the state over torchrun ranks (identity in a single process)."""
-        for k in self.keys:
-            arr = np.array(self.state[k], dtype=np.float64)  # a C-contiguous copy; 0-d arrays stay 0-d
-            self.state[k] = dist.all_reduce_sum(torch.from_numpy(arr)).numpy().reshape(arr.shape)
-
-
-def save_states(accs: Iterable[Accumulator]) -> dict[str, np.ndarray]:
-    """States of several accumulators as flat npz arrays ``<metric>__<key>``."""
-    return {f"{a.metric}__{k}": v for a in accs for k, v in a.state.items()}
-
-
-def load_states(accs: Iterable[Accumulator], arrays: Any) -> None:
-    """Merge the states saved by :func:`save_states` into ``accs``."""
-    for a in accs:
-        a.merge({k: arrays[f"{a.metric}__{k}"] for k in a.keys if f"{a.metric}__{k}" in arrays})
-
-
-class FidAccumulator(Accumulator):
-    """FID (Heusel et al. 2017) from float64 Inception feature sums against reference ``mu``, ``sigma``."""
-
-    metric = "fid"
-    keys = ("n", "sum", "sum_outer")
-
-    def __init__(self, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Any = None) -> None:
-        self.ref_mu, self.ref_sigma, self.extractor = ref_mu, ref_sigma, extractor
-        super().__init__()
-
-    def empty_state(self) -> State:
-        from .fid import FEATURE_DIM
-
-        d = int(np.shape(self.ref_mu)[0]) if self.ref_mu is not None else FEATURE_DIM
-        return {"n": np.zeros((), np.float64), "sum": np.zeros(d, np.float64), "sum_outer": np.zeros((d, d), np.float64)}
-
-    def _stats(self) -> Any:
-        from .fid import FeatureStats
-
-        return FeatureStats(int(self.state["n"]), self.state["sum"], self.state["sum_outer"])
-
-    def update(self, batch: Batch) -> None:
-        stats = self._stats().update(self.extractor(batch.images))
-        self.state = {"n": np.asarray(stats.n, np.float64), "sum": stats.sum, "sum_outer": stats.sum_outer}
-
-    def value(self) -> float:
-        from .fid import fid_from_stats
-
-        return fid_from_stats(self._stats(), self.ref_mu, self.ref_sigma)
-
-
-class ClipScoreAccumulator(Accumulator):
-    """Mean CLIP score (Hessel et al. 2021) of text-to-image samples against their prompts."""
-
-    metric = "clip_score"
-    keys = ("n", "total")
-
-    def __init__(self, scorer: Any = None, prompt_of: Callable[[int], str] | None = None) -> None:
-        self.scorer, self.prompt_of = scorer, prompt_of
-        super().__init__()
-
-    def update(self, batch: Batch) -> None:
-        if self.scorer is None or self.prompt_of is None:
-            raise IIARuntimeError("internal: a CLIP-score accumulator built for merging cannot score images")
-        scores = self.scorer(batch.images.numpy(), [self.prompt_of(s) for s in batch.seeds])
-        self.state["n"] = self.state["n"] + scores.numel()
-        self.state["total"] = self.state["total"] + float(scores.to(torch.float64).sum())
-
-    def value(self) -> float:
-        if float(self.state["n"]) == 0:
-            raise IIARuntimeError("CLIP score of zero images")
-        return float(self.state["total"] / self.state["n"])
+# ----------------------------------------------------------------------------------------------------------
+# What an accumulator may need from the run (set up once per run by evaluate.MetricSetup)
 
 
 @dataclass
 class ReferenceSolutions:
-    """Final states of a high-accuracy solve (e.g. EDM Heun at NFE 999) of given seeds, computed once per
+    """Final states of a high-accuracy solve (e.g. EDM Heun at NFE 99) of given seeds, computed once per
     seed and kept for every (method, NFE) of the run."""
 
     solve: Callable[[list[int]], torch.Tensor]  # seeds -> final states [b, ...] (float64, CPU)
@@ -175,29 +56,375 @@ class ReferenceSolutions:
         return torch.stack([self.cache[s] for s in seeds])
 
 
-class IntegrationErrorAccumulator(Accumulator):
-    """RMSE of final states against the reference solve of the same noises, over the seeds ``wanted``
-    (this process's share of the error seeds; other seeds of a batch are ignored)."""
+@dataclass
+class MetricContext:
+    """The shared inputs of the accumulators of a run. Only what the run's metrics need is set; an
+    accumulator built for merging (``iia merge``) has the references but no networks."""
 
-    metric = "integration_rmse"
-    keys = ("sum_sq", "count")
+    extractor: Any = None  # FID Inception: uint8 images -> float64 features
+    ref_mu: np.ndarray | None = None
+    ref_sigma: np.ndarray | None = None
+    ref_features: np.ndarray | None = None  # float32 [m, d], KID's reference
+    reference: ReferenceSolutions | None = None  # integration_rmse's fine solve
+    clip: Any = None
+    prompt_of: Callable[[int], str] | None = None
 
-    def __init__(self, wanted: Sequence[int] = (), reference: ReferenceSolutions | None = None) -> None:
-        self.wanted, self.reference = set(wanted), reference
-        super().__init__()
+
+class Batch:
+    """One batch of final solver states and, computed on first use, its quantised images and features."""
+
+    def __init__(self, seeds: list[int], x: torch.Tensor, to_images: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.seeds, self.x, self._to_images = seeds, x, to_images
+        self._images: torch.Tensor | None = None
+        self._features: dict[int, np.ndarray] = {}
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 [b, H, W, C], quantised like EDM's PNG writer."""
+        if self._images is None:
+            self._images = self._to_images(self.x)
+        return self._images
+
+    def features(self, extractor: Any) -> np.ndarray:
+        """Inception features float32 [b, d] of the images, computed once per batch for every metric."""
+        key = id(extractor)
+        if key not in self._features:
+            self._features[key] = extractor(self.images).to(torch.float32).numpy()
+        return self._features[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accumulators
+
+
+class Accumulator:
+    """A metric over the seeds of one row: ``update`` with batches, per-seed ``state``, ``merge``, ``value``,
+    ``interval`` and the ``replicates`` that paired comparisons need."""
+
+    metric = ""
+
+    def __init__(self, seeds: Sequence[int], ctx: MetricContext | None = None) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.pos = {s: i for i, s in enumerate(self.seeds)}
+        self.ctx = ctx or MetricContext()
+        self.state: State = self.empty_state()
+
+    # subclasses: state layout, update, statistic
+    def empty_state(self) -> State:
+        raise NotImplementedError
 
     def update(self, batch: Batch) -> None:
-        idx = [k for k, s in enumerate(batch.seeds) if s in self.wanted]
-        if not idx:
-            return
-        if self.reference is None:
-            raise IIARuntimeError("internal: an integration-error accumulator built for merging has no reference")
-        ref = self.reference.of([batch.seeds[k] for k in idx])
-        diff = batch.x[idx].to(torch.float64).cpu() - ref
-        self.state["sum_sq"] = self.state["sum_sq"] + float(diff.pow(2).sum())
-        self.state["count"] = self.state["count"] + diff.numel()
+        raise NotImplementedError
+
+    def filled(self) -> np.ndarray:
+        """How many times each seed was accumulated (1 everywhere when complete)."""
+        raise NotImplementedError
 
     def value(self) -> float:
-        if float(self.state["count"]) == 0:
+        raise NotImplementedError
+
+    def interval(self) -> uncertainty.Interval:
+        raise NotImplementedError
+
+    def replicates(self) -> dict[str, Any]:
+        """What a paired comparison with another row on the same seeds needs (JSON-able)."""
+        raise NotImplementedError
+
+    # generic
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.state)
+
+    def _mine(self, batch: Batch) -> list[int]:
+        """Positions in the batch of the row's seeds (a batch holds only seeds this process samples, each
+        sampled by exactly one process)."""
+        return [k for k, s in enumerate(batch.seeds) if s in self.pos]
+
+    def merge(self, other: State, where: str = "") -> None:
+        """Add another state (of a rank, a shard or a checkpoint) to this one; refuse missing, misshapen or
+        non-finite arrays (a NaN would otherwise become a wrong number in the CSV)."""
+        src = f"{where}: " if where else ""
+        for k in self.keys:
+            if k not in other:
+                raise IIARuntimeError(f"{src}{self.metric} statistics lack {k!r} (written by an older iia_cli?)")
+            arr = np.asarray(other[k])
+            if arr.shape != self.state[k].shape:
+                raise IIARuntimeError(f"{src}{self.metric} statistics {k!r} have shape {list(arr.shape)}, "
+                                      f"expected {list(self.state[k].shape)}")
+            if not np.isfinite(arr).all():
+                raise IIARuntimeError(f"{src}{self.metric} statistics {k!r} hold NaN or infinite values; "
+                                      "recompute them (delete the file and rerun)")
+            self.state[k] = self.state[k] + arr.astype(self.state[k].dtype)
+
+    def all_reduce(self) -> None:
+        """Sum the state over torchrun ranks (identity in a single process)."""
+        for k in self.keys:
+            arr = np.array(self.state[k])  # a C-contiguous copy; 0-d arrays stay 0-d
+            self.state[k] = dist.all_reduce_sum(torch.from_numpy(arr)).numpy().reshape(arr.shape)
+
+    def check_complete(self, where: str = "") -> None:
+        """Raise unless every seed of the row was accumulated exactly once."""
+        f = self.filled()
+        if (f == 1).all():
+            return
+        missing, twice = int((f == 0).sum()), int((f > 1).sum())
+        what = ", ".join(p for p in (f"{missing} missing" if missing else "", f"{twice} counted twice" if twice
+                                     else "") if p)
+        raise IIARuntimeError(f"{where + ': ' if where else ''}{self.metric} statistics cover the row's "
+                              f"{len(self.seeds)} seeds incompletely ({what}); rerun the missing shards or remove "
+                              "duplicate shard files")
+
+
+class IntegrationErrorAccumulator(Accumulator):
+    """RMSE of final states against the reference solve of the same noises; per seed, the squared error summed
+    over the sample's elements and the number of elements."""
+
+    metric = "integration_rmse"
+
+    def empty_state(self) -> State:
+        n = len(self.seeds)
+        return {"sq": np.zeros(n, np.float64), "count": np.zeros(n, np.float64)}
+
+    def update(self, batch: Batch) -> None:
+        idx = self._mine(batch)
+        if not idx:
+            return
+        if self.ctx.reference is None:
+            raise IIARuntimeError("internal: an integration-error accumulator built for merging has no reference")
+        seeds = [batch.seeds[k] for k in idx]
+        diff = batch.x[idx].to(torch.float64).cpu() - self.ctx.reference.of(seeds)
+        per_seed = diff.pow(2).flatten(1).sum(1).numpy()
+        at = [self.pos[s] for s in seeds]
+        self.state["sq"][at] += per_seed
+        self.state["count"][at] += diff[0].numel()
+
+    def filled(self) -> np.ndarray:
+        per = self.state["count"]
+        size = per.max() if per.size and per.max() > 0 else 1.0
+        return per / size
+
+    def value(self) -> float:
+        if float(self.state["count"].sum()) == 0:
             raise IIARuntimeError("integration error of zero samples")
-        return math.sqrt(float(self.state["sum_sq"] / self.state["count"]))
+        return uncertainty.rmse_value(self.state["sq"], self.state["count"])
+
+    def interval(self) -> uncertainty.Interval:
+        return uncertainty.rmse_interval(self.state["sq"], self.state["count"])
+
+    def replicates(self) -> dict[str, Any]:
+        return {"kind": "seeds", "sq": uncertainty.encode_array(self.state["sq"]),
+                "count": uncertainty.encode_array(self.state["count"])}
+
+
+class FeatureAccumulator(Accumulator):
+    """A distance between the Inception features of the samples and a reference; per seed, the float32 feature
+    vector (exact under addition with zeros) and a fill count."""
+
+    def empty_state(self) -> State:
+        from .fid import FEATURE_DIM
+
+        d = FEATURE_DIM
+        if self.ctx.ref_mu is not None:
+            d = int(np.shape(self.ctx.ref_mu)[0])
+        elif self.ctx.ref_features is not None:
+            d = int(np.shape(self.ctx.ref_features)[1])
+        n = len(self.seeds)
+        return {"features": np.zeros((n, d), np.float32), "filled": np.zeros(n, np.float64)}
+
+    def update(self, batch: Batch) -> None:
+        idx = self._mine(batch)
+        if not idx:
+            return
+        if self.ctx.extractor is None:
+            raise IIARuntimeError(f"internal: a {self.metric} accumulator built for merging has no Inception network")
+        feats = batch.features(self.ctx.extractor)
+        at = [self.pos[batch.seeds[k]] for k in idx]
+        self.state["features"][at] += feats[idx]
+        self.state["filled"][at] += 1
+
+    def filled(self) -> np.ndarray:
+        return self.state["filled"]
+
+    def _x(self) -> np.ndarray:
+        if not (self.state["filled"] > 0).any():
+            raise IIARuntimeError(f"{self.metric} of zero images")
+        return self.state["features"].astype(np.float64)
+
+    def _jackknife(self) -> tuple[float, np.ndarray]:
+        if not hasattr(self, "_jk"):
+            self._jk = self.statistic(self._x())
+        return self._jk
+
+    def statistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        raise NotImplementedError
+
+    def value(self) -> float:
+        return float(self._jackknife()[0])
+
+    def interval(self) -> uncertainty.Interval:
+        value, loo = self._jackknife()
+        return uncertainty.jackknife_interval(value, loo)
+
+    def replicates(self) -> dict[str, Any]:
+        value, loo = self._jackknife()
+        return {"kind": "jackknife", "blocks": int(len(loo)), "loo": uncertainty.encode_array(loo)}
+
+    def merge(self, other: State, where: str = "") -> None:
+        self.__dict__.pop("_jk", None)
+        super().merge(other, where)
+
+    def all_reduce(self) -> None:
+        self.__dict__.pop("_jk", None)
+        super().all_reduce()
+
+
+class FidAccumulator(FeatureAccumulator):
+    """FID (Heusel et al. 2017) against reference ``mu``, ``sigma``."""
+
+    metric = "fid"
+
+    def statistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        if len(x) < 2:
+            raise IIARuntimeError(f"FID needs at least 2 images, got {len(x)}")
+        return uncertainty.fid_jackknife(x, self.ctx.ref_mu, self.ctx.ref_sigma)
+
+
+class KidAccumulator(FeatureAccumulator):
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with torch-fidelity's polynomial kernel against reference
+    features."""
+
+    metric = "kid"
+
+    def statistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        if len(x) < 2:
+            raise IIARuntimeError(f"KID needs at least 2 images, got {len(x)}")
+        return uncertainty.kid_jackknife(x, np.asarray(self.ctx.ref_features, np.float64))
+
+
+class FdInfAccumulator(FeatureAccumulator):
+    """FD-infinity (Chong & Forsyth 2020): FID on subsets of several sizes extrapolated to infinitely many
+    samples."""
+
+    metric = "fd_inf"
+
+    def statistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        if len(x) < 20:
+            raise IIARuntimeError(f"fd_inf needs at least 20 images (subsets of several sizes), got {len(x)}")
+        return uncertainty.fd_inf_jackknife(x, self.ctx.ref_mu, self.ctx.ref_sigma)
+
+
+class ClipScoreAccumulator(Accumulator):
+    """Mean CLIP score (Hessel et al. 2021) of text-to-image samples against their prompts."""
+
+    metric = "clip_score"
+
+    def empty_state(self) -> State:
+        n = len(self.seeds)
+        return {"scores": np.zeros(n, np.float64), "filled": np.zeros(n, np.float64)}
+
+    def update(self, batch: Batch) -> None:
+        idx = self._mine(batch)
+        if not idx:
+            return
+        if self.ctx.clip is None or self.ctx.prompt_of is None:
+            raise IIARuntimeError("internal: a CLIP-score accumulator built for merging cannot score images")
+        seeds = [batch.seeds[k] for k in idx]
+        scores = self.ctx.clip(batch.images[idx].numpy(), [self.ctx.prompt_of(s) for s in seeds])
+        at = [self.pos[s] for s in seeds]
+        self.state["scores"][at] += scores.to(torch.float64).numpy().reshape(-1)
+        self.state["filled"][at] += 1
+
+    def filled(self) -> np.ndarray:
+        return self.state["filled"]
+
+    def _jackknife(self) -> tuple[float, np.ndarray]:
+        s = self.state["scores"]
+        if len(s) == 0:
+            raise IIARuntimeError("CLIP score of zero images")
+        loo = np.array([np.delete(s, b).mean() for b in uncertainty.blocks(len(s))]) if len(s) > 1 else np.zeros(0)
+        return float(s.mean()), loo
+
+    def value(self) -> float:
+        return self._jackknife()[0]
+
+    def interval(self) -> uncertainty.Interval:
+        return uncertainty.jackknife_interval(*self._jackknife())
+
+    def replicates(self) -> dict[str, Any]:
+        _, loo = self._jackknife()
+        return {"kind": "jackknife", "blocks": int(len(loo)), "loo": uncertainty.encode_array(loo)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: its accumulator, what it needs from the run, how tables show it."""
+
+    accumulator: type[Accumulator]
+    label: str  # table and plot name
+    help: str  # one line for --metrics help and the README
+    higher_is_better: bool = False
+    needs: frozenset[str] = frozenset()  # inception, reference_stats, reference_features, fine_reference, clip
+    digits: str = "#.4g"  # format of values in tables
+
+    def fmt(self, value: float) -> str:
+        return format(value, self.digits)
+
+
+METRICS: dict[str, MetricSpec] = {
+    "integration_rmse": MetricSpec(IntegrationErrorAccumulator, "integration RMSE",
+                                   "RMSE of the final samples against a high-NFE reference solve of the same noises",
+                                   needs=frozenset({"fine_reference"})),
+    "kid": MetricSpec(KidAccumulator, "KID", "kernel Inception distance (unbiased, polynomial kernel) to the "
+                      "reference images", needs=frozenset({"inception", "reference_features"})),
+    "fd_inf": MetricSpec(FdInfAccumulator, "FD-infinity", "FID extrapolated to infinitely many samples "
+                         "(Chong & Forsyth 2020)", needs=frozenset({"inception", "reference_stats"}), digits=".2f"),
+    "fid": MetricSpec(FidAccumulator, "FID", "Frechet Inception distance to the reference statistics "
+                      "(biased upward at small N)", needs=frozenset({"inception", "reference_stats"}), digits=".2f"),
+    "clip_score": MetricSpec(ClipScoreAccumulator, "CLIP score", "mean CLIP score of text-to-image samples "
+                             "against their prompts", higher_is_better=True, needs=frozenset({"clip"})),
+}
+
+
+def metric_list() -> str:
+    return ", ".join(METRICS)
+
+
+def parse_metrics(spec: Any, option: str = "metrics") -> list[str]:
+    """'fid,integration_rmse' or a list -> metric names in registry order; unknown names are an error."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    names = [str(m).strip() for m in items if str(m).strip()]
+    if not names:
+        raise ConfigError(f"no metrics given in {option}; choose from {metric_list()}")
+    for m in names:
+        if m not in METRICS:
+            raise ConfigError(f"unknown metric {m!r} in {option}; choose from {metric_list()}")
+    return [m for m in METRICS if m in names]
+
+
+def make_accumulator(metric: str, seeds: Sequence[int], ctx: MetricContext | None = None) -> Accumulator:
+    return METRICS[metric].accumulator(seeds, ctx)
+
+
+def save_states(accs: Iterable[Accumulator]) -> dict[str, np.ndarray]:
+    """States of several accumulators as flat npz arrays ``<metric>__<key>``."""
+    return {f"{a.metric}__{k}": v for a in accs for k, v in a.state.items()}
+
+
+def load_states(accs: Iterable[Accumulator], arrays: Any, where: str = "") -> None:
+    """Merge the states saved by :func:`save_states` into ``accs``."""
+    for a in accs:
+        a.merge({k: arrays[f"{a.metric}__{k}"] for k in a.keys if f"{a.metric}__{k}" in arrays}, where)
+
+
+def result_fields(acc: Accumulator) -> dict[str, Any]:
+    """The CSV fields of a finished accumulator: value, its 95 % interval and the replicates."""
+    value = acc.value()
+    ci = acc.interval()
+    if not math.isfinite(value):
+        raise IIARuntimeError(f"{acc.metric} came out as {value}; refusing to write a non-finite result")
+    return {"value": value, "ci_low": ci.low, "ci_high": ci.high, "ci_method": ci.method, "ci_warning": ci.warning,
+            "ci_data": json.dumps(acc.replicates(), sort_keys=True)}

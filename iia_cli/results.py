@@ -27,11 +27,13 @@ from typing import Any
 from . import __version__
 from .atomic import write_rescue_copy
 from .errors import IIARuntimeError, MissingFileError
+from .metrics import METRICS
 from .paths import csv_lock
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
-    "n_samples", "metric", "value", "reference", "reference_sha256", "coefficient_file", "calibration_seconds",
+    "n_samples", "metric", "value", "ci_low", "ci_high", "ci_method", "ci_warning", "ci_data", "reference",
+    "reference_sha256", "coefficient_file", "calibration_seconds",
     "sampling_seconds", "device", "tool_version", "git_revision", "host", "timestamp", "identity", "identity_fields",
 ]
 REQUIRED_FOR_REPORT = ("method", "nfe", "metric", "value")
@@ -87,8 +89,9 @@ def check_header(path: str | Path) -> None:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise IIARuntimeError(f"results file {path} cannot be read ({exc})") from None
     if header != COLUMNS:
-        why = "it has no identity column (written by an older iia_cli)" if "identity" not in header else \
-            "its columns differ from the ones this tool writes"
+        why = ("it has no identity column (written by an older iia_cli)" if "identity" not in header else
+               "it has no interval columns (written by an older iia_cli; iia report still reads it)"
+               if "ci_low" not in header else "its columns differ from the ones this tool writes")
         raise IIARuntimeError(f"cannot append to results file {path}: {why}; write to a new file with --csv")
 
 
@@ -179,7 +182,10 @@ def normalise_results(df: Any, where: str = "results") -> Any:
         df[col] = num
     df = df[df["value"].notna() & df["nfe"].notna()].copy()
     df["nfe"] = df["nfe"].astype(int)
-    for col in ("method_params", "timestamp", "seeds", "grid", "identity", "identity_fields"):
+    for col in ("ci_low", "ci_high"):
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else float("nan")
+    for col in ("method_params", "timestamp", "seeds", "grid", "identity", "identity_fields", "ci_method", "ci_warning",
+                "ci_data"):
         if col not in df.columns:
             df[col] = ""
         df[col] = df[col].astype(object).fillna("").astype(str)
@@ -238,27 +244,23 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:36] + "..."
 
 
-# Metrics: display name and which direction is better; tables and plots list them in this order (the
-# integration error first: it is the metric that every model resolves, FID second).
-METRIC_INFO: dict[str, tuple[str, bool]] = {
-    "integration_rmse": ("integration RMSE", False),
-    "fid": ("FID", False),
-    "clip_score": ("CLIP score", True),
-}
-
-
 def metric_order(metrics: Any) -> list[str]:
-    """The metrics present, the known ones first in :data:`METRIC_INFO` order, then the rest by name."""
+    """The metrics present, registry order first (the integration error, then KID, FD-infinity, FID, CLIP
+    score), then unknown ones by name."""
     present = list(dict.fromkeys(str(m) for m in metrics))
-    return [m for m in METRIC_INFO if m in present] + sorted(m for m in present if m not in METRIC_INFO)
+    return [m for m in METRICS if m in present] + sorted(m for m in present if m not in METRICS)
 
 
 def higher_is_better(metric: str) -> bool:
-    return METRIC_INFO.get(metric, (metric, False))[1]
+    return METRICS[metric].higher_is_better if metric in METRICS else False
 
 
 def metric_name(metric: str) -> str:
-    return METRIC_INFO.get(metric, (metric, False))[0]
+    return METRICS[metric].label if metric in METRICS else metric
+
+
+def _fmt(metric: str, value: float) -> str:
+    return METRICS[metric].fmt(value) if metric in METRICS else f"{value:#.4g}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,12 +287,36 @@ def _base_label(method: str, params: str) -> str:
     return base + _params_label(json.dumps(keep))
 
 
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _pair(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Any:
+    """The paired comparison of two cells (lists of rows, one per seed range) on the first seed range they
+    share, or the reason there is none."""
+    from .compare import compare_rows
+
+    by_seeds = {str(r.get("seeds", "")): r for r in rows_b}
+    for r in rows_a:
+        other = by_seeds.get(str(r.get("seeds", "")))
+        if other is not None:
+            return compare_rows(r, other)
+    return "no seed range in common"
+
+
 def summary_table(df: Any, metric: str = "fid") -> Any:
     """methods x NFE of one metric (latest row per identity; where settings differ, the latest settings: see
     :func:`identity_conflicts`), one row per (label, NFE) with: ``value`` the best over seed ranges (min, or max
-    for a metric where higher is better), ``mean`` and ``count`` over seed ranges, ``base`` the label of the
-    base solver an IIA row corrects, ``ratio`` its value over that base's at the same NFE (NaN when absent), and
-    ``best`` whether it is the best value at its NFE. None when the metric has no rows."""
+    for a metric where higher is better) and its interval ``ci_low``/``ci_high``, ``mean`` and ``count`` over seed
+    ranges, ``base`` the label of the base solver an IIA row corrects, ``paired`` its paired comparison with that
+    base (a :class:`uncertainty.Paired`, or a string saying why there is none), ``ratio`` (NaN when absent) and
+    ``mark``: ``*`` for the best at its NFE when resolved against the runner-up, ``~`` for each method tied for
+    best (not resolved against the best). None when the metric has no rows."""
+    import pandas as pd
+
     sub = df[df["metric"] == metric]
     if sub.empty:
         return None
@@ -298,24 +324,78 @@ def summary_table(df: Any, metric: str = "fid") -> Any:
     params = sub["method_params"].fillna("")
     sub = sub.assign(label=sub["method"] + params.map(_params_label),
                      base=[_base_label(m, p) for m, p in zip(sub["method"], params)])
+    for col in ("ci_low", "ci_high", "ci_data", "ci_warning", "ci_method"):
+        if col not in sub:
+            sub[col] = ""
     high = higher_is_better(metric)
-    g = sub.groupby(["label", "nfe"], sort=False).agg(
-        value=("value", "max" if high else "min"), mean=("value", "mean"), count=("value", "count"),
-        base=("base", "first"), method=("method", "first")).reset_index()
-    values = {(lab, n): v for lab, n, v in zip(g["label"], g["nfe"], g["value"])}
-    g["ratio"] = [v / values[(b, n)] if b and values.get((b, n)) else float("nan")
-                  for b, n, v in zip(g["base"], g["nfe"], g["value"])]
-    target = g.groupby("nfe")["value"].transform("max" if high else "min")
-    g["best"] = g["value"] == target
+    out = []
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for (label, nfe), part in sub.groupby(["label", "nfe"], sort=False):
+        recs = part.to_dict("records")
+        cells[(label, int(nfe))] = recs
+        best = (max if high else min)(recs, key=lambda r: r["value"])
+        out.append(dict(label=label, nfe=int(nfe), value=best["value"], ci_low=_num(best["ci_low"]),
+                        ci_high=_num(best["ci_high"]), warning=str(best.get("ci_warning") or ""),
+                        mean=float(part["value"].mean()), count=len(part), base=recs[0]["base"],
+                        method=recs[0]["method"]))
+    g = pd.DataFrame(out)
+    paired, ratio = [], []
+    for r in out:
+        if r["base"] and (r["base"], r["nfe"]) in cells:
+            p = _pair(cells[(r["label"], r["nfe"])], cells[(r["base"], r["nfe"])])
+            base_value = next(x["value"] for x in out if x["label"] == r["base"] and x["nfe"] == r["nfe"])
+            paired.append(p)
+            ratio.append(p.ratio if not isinstance(p, str) else (r["value"] / base_value if base_value else float("nan")))
+        else:
+            paired.append(None)
+            ratio.append(float("nan"))
+    g["paired"] = pd.Series(paired, dtype=object, index=g.index)
+    g["ratio"] = ratio
+    marks, best_pair = [""] * len(out), [None] * len(out)
+    for nfe in dict.fromkeys(g["nfe"]):
+        idx = [i for i, r in enumerate(out) if r["nfe"] == nfe]
+        order = sorted(idx, key=lambda i: out[i]["value"], reverse=high)
+        top = order[0]
+        if len(order) == 1:
+            marks[top] = "*"
+            continue
+        vs = {i: _pair(cells[(out[top]["label"], nfe)], cells[(out[i]["label"], nfe)]) for i in order[1:]}
+        best_pair[top] = vs[order[1]]
+        runner = vs[order[1]]
+        if not isinstance(runner, str) and runner.resolved:
+            marks[top] = "*"
+        else:
+            marks[top] = "~"
+            for i in order[1:]:
+                if isinstance(vs[i], str) or not vs[i].resolved:
+                    marks[i] = "~"
+    g["mark"] = marks
+    g["best_vs_runner_up"] = pd.Series(best_pair, dtype=object, index=g.index)
+    g["best"] = [m == "*" for m in marks]
     return g
 
 
-def _fmt(metric: str, value: float) -> str:
-    return f"{value:.2f}" if metric == "fid" else f"{value:#.4g}"
+def _cell_text(metric: str, r: Any) -> str:
+    text = _fmt(metric, r.value)
+    if r.ci_low == r.ci_low and r.ci_high == r.ci_high:
+        text += f" [{_fmt(metric, r.ci_low)}, {_fmt(metric, r.ci_high)}]"
+    if r.warning:
+        text += "!"
+    if r.count > 1:
+        text += f" (mean {_fmt(metric, r.mean)})"
+    text += f" {r.mark}" if r.mark else "  "
+    p = r.paired
+    if p is not None and not isinstance(p, str):
+        from .compare import describe
+
+        text += "\n" + describe(p)
+    elif isinstance(p, str) and r.ratio == r.ratio:
+        text += f"\nx{r.ratio:.2f} (unpaired)"
+    return text
 
 
 def _metric_title(df: Any, metric: str, g: Any) -> str:
-    """'FID, 200 samples per seed range, best of 2 ranges (mean in brackets): lower is better'."""
+    """'integration RMSE to edm@nfe99, 64 seeds, 95 % intervals (lower is better)'."""
     sub = df[df["metric"] == metric]
     parts = [metric_name(metric)]
     if metric == "integration_rmse" and "reference" in sub:
@@ -328,6 +408,10 @@ def _metric_title(df: Any, metric: str, g: Any) -> str:
         ns = sorted({int(n) for n in pd.to_numeric(sub["n_samples"], errors="coerce") if n == n})
         if len(ns) == 1:
             parts.append(f"{ns[0]} samples")
+    if "ci_method" in sub:
+        methods = sorted({str(m) for m in sub["ci_method"].dropna() if str(m)})
+        if methods:
+            parts.append("95 % intervals: " + ", ".join(methods))
     if int(g["count"].max()) > 1:
         parts.append(f"{'max' if higher_is_better(metric) else 'min'} over seed ranges (mean)")
     return ", ".join(parts) + f" ({'higher' if higher_is_better(metric) else 'lower'} is better)"
@@ -344,11 +428,43 @@ def _params_label(text: str) -> str:
     return "".join(f" {k}={v}" for k, v in keep.items())
 
 
+def table_notes(g: Any, metric: str) -> list[str]:
+    """What a table cannot show in its cells: interval warnings, comparisons that could not be paired, and how
+    many seeds would resolve each unresolved IIA-vs-base comparison at the observed effect."""
+    from .uncertainty import seeds_to_resolve
+
+    from .compare import LEGACY
+
+    notes, legacy = [], False
+    for r in g.itertuples():
+        where = f"{r.label} nfe={r.nfe} {metric}"
+        if r.warning:
+            notes.append(f"{where}: {r.warning}")
+        p = r.paired
+        if p == LEGACY or r.best_vs_runner_up == LEGACY:
+            legacy = True
+        elif isinstance(p, str):
+            notes.append(f"{where}: no paired comparison with {r.base} ({p})")
+        elif p is not None and not p.resolved:
+            need = seeds_to_resolve(p.n, p)
+            if need is not None:
+                notes.append(f"{where}: x{p.ratio:.3f} vs {r.base} not resolved with {p.n} seeds; about {need:,} "
+                             "seeds would resolve it at this effect")
+        if r.mark == "~" and isinstance(r.best_vs_runner_up, str) and r.best_vs_runner_up != LEGACY:
+            notes.append(f"{where}: best value, but not compared with the runner-up ({r.best_vs_runner_up})")
+    if legacy:
+        notes.insert(0, f"{metric}: some rows have no interval data ({LEGACY}): they are shown without intervals, "
+                     "their ratios are unpaired and no comparison with them counts as resolved")
+    return notes
+
+
 def render_table(df: Any, title: str = "") -> Any:
-    """Rich tables, one per metric (integration error first, then FID, then the rest): rows = methods,
-    columns = NFE. A cell shows the value (the best over seed ranges, with the mean when there are several),
-    ``x0.52`` for an IIA row = its value / its base solver's at that NFE, and ``*`` (bold) for the best
-    method at that NFE. Each title says which direction is better."""
+    """Rich tables, one per metric (registry order): rows = methods, columns = NFE. A cell shows the value with
+    its 95 % interval (the best over seed ranges, with the mean when there are several), ``!`` when the interval
+    carries a warning, and for an IIA row its paired ratio to its base solver on the same seeds with that ratio's
+    interval and whether it is resolved; ``*`` (bold) marks the best method at an NFE when it is resolved against
+    the runner-up, ``~`` the methods tied for best. Each title says which direction is better; notes below a
+    table list warnings and the seeds an unresolved comparison would need."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -371,15 +487,58 @@ def render_table(df: Any, title: str = "") -> Any:
                 if r is None:
                     row.append("-")
                     continue
-                text = _fmt(metric, r.value) + (f" (mean {_fmt(metric, r.mean)})" if r.count > 1 else "")
-                text += f" x{r.ratio:.2f}" if r.ratio == r.ratio else ""
-                text += " *" if r.best else "  "
-                row.append(f"[bold]{text}[/bold]" if r.best else text)
+                text = _cell_text(metric, r)
+                row.append(Text(text, style="bold") if r.mark == "*" else Text(text))
             table.add_row(label, *row)
-        has_ratio = bool((g["ratio"] == g["ratio"]).any())
-        caption = ("x0.52 = IIA / its base solver at this NFE; " if has_ratio else "") + "* = best at this NFE"
+        has_ratio = any(p is not None for p in g["paired"])
+        caption = ("[a, b] = 95 % interval; " + ("x = IIA / its base solver on the same seeds, paired 95 % interval, "
+                   "resolved when it excludes 1; " if has_ratio else "")
+                   + "* = best at this NFE, resolved against the runner-up; ~ = tied for best (not resolved)")
+        if metric == "fid":
+            caption += ("; FID is biased upward at small N (not noise: the interval covers only the seeds' "
+                        "randomness), compare methods by the paired ratios or by KID")
+        notes = table_notes(g, metric)
         tables += [Text(_metric_title(df, metric, g), style="bold"), table, Text(caption, style="dim")]
+        tables += [Text(f"note: {n}") for n in notes]
     return Group(*([Text(title, style="bold underline")] if title and tables else []), *tables)
+
+
+def compare_methods(df: Any, a: str, b: str) -> Any:
+    """Every paired comparison of method labels ``a`` and ``b`` across NFEs and metrics, as a Rich table."""
+    from rich.table import Table
+
+    from .uncertainty import seeds_to_resolve
+
+    table = Table(title=f"{a} vs {b}: paired comparisons on the same seeds (ratio = {a} / {b})")
+    for col in ("metric", "NFE", a, b, "ratio [95 %]", "verdict", f"P({a} better)", "seeds", "note"):
+        table.add_column(col, justify="left" if col in ("metric", "verdict", "note") else "right", no_wrap=True)
+    found = 0
+    for metric in metric_order(df["metric"]):
+        g = summary_table(df, metric)
+        if g is None:
+            continue
+        sub = df[df["metric"] == metric]
+        sub, _ = identity_conflicts(sub)
+        sub = sub.assign(label=sub["method"] + sub["method_params"].fillna("").map(_params_label))
+        for nfe in sorted({int(n) for n in sub["nfe"]}):
+            ra = sub[(sub["label"] == a) & (sub["nfe"] == nfe)].to_dict("records")
+            rb = sub[(sub["label"] == b) & (sub["nfe"] == nfe)].to_dict("records")
+            if not ra or not rb:
+                continue
+            found += 1
+            p = _pair(ra, rb)
+            va, vb = _fmt(metric, ra[0]["value"]), _fmt(metric, rb[0]["value"])
+            if isinstance(p, str):
+                table.add_row(metric_name(metric), str(nfe), va, vb, "-", "not paired", "-", "-", p)
+                continue
+            better = p.ratio > 1 if higher_is_better(metric) else p.ratio < 1
+            verdict = (f"{a if better else b} better" if p.resolved else "not resolved")
+            pi = "-" if p.prob_improvement is None else f"{p.prob_improvement:.2f}"
+            need = seeds_to_resolve(p.n, p) if not p.resolved else None
+            note = p.warning or (f"about {need:,} seeds would resolve it" if need else "")
+            table.add_row(metric_name(metric), str(nfe), va, vb, f"x{p.ratio:.3f} [{p.low:.3f}, {p.high:.3f}]",
+                          verdict, pi, str(p.n), note)
+    return table, found
 
 
 def figure_title(df: Any) -> str:
@@ -398,10 +557,7 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
     log y-scale where a panel's values span more than a decade, integer NFE ticks, the title naming the
     experiment and model, one legend outside the panels. An IIA method and its base solver share a colour:
     IIA solid, the base dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend or figure state
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     wanted = metric_order(df["metric"]) if metrics is None else list(metrics)
@@ -410,7 +566,8 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
     if missing:
         have = ", ".join(metric_order(df["metric"])) or "none"
         raise IIARuntimeError(f"no {', '.join(missing)} rows to plot (metrics in the results: {have})")
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), 3.8), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(tables), 3.8))
+    axes = fig.subplots(1, len(tables), squeeze=False)
     families: dict[str, int] = {}
     markers = ("o", "s", "^", "D", "v", "P")
     styles: dict[str, dict[str, Any]] = {}
@@ -432,6 +589,9 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
             st = styles[label]
             (line,) = ax.plot(part["nfe"], part["value"], color=st["color"], linestyle=st["ls"], marker=st["marker"],
                               label=label)
+            if part["ci_low"].notna().all() and part["ci_high"].notna().all():  # the 95 % interval as a band
+                ax.fill_between(part["nfe"], part["ci_low"], part["ci_high"], color=st["color"], alpha=0.12,
+                                linewidth=0)
             handles.setdefault(label, line)
         vals = g["value"][g["value"] > 0]
         if len(vals) == len(g) and vals.max() / vals.min() > 10:
@@ -449,7 +609,8 @@ def results_figure(df: Any, metrics: Sequence[str] | None = None, title: str | N
                      fontsize=10)
         ax.grid(alpha=0.3, which="both")
     head = title if title is not None else figure_title(df)
-    fig.suptitle((f"{head}: " if head else "") + "IIA (solid) vs its base solver (dashed)", fontsize=11)
+    fig.suptitle((f"{head}: " if head else "") + "IIA (solid) vs its base solver (dashed), 95 % intervals shaded",
+                 fontsize=11)
     fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                frameon=False)
     fig.tight_layout()
@@ -466,10 +627,7 @@ def _minor_log_label(v: float, _: Any = None) -> str:
 
 def plot_results(df: Any, out: str | Path, metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Write :func:`results_figure` to a PNG."""
-    import matplotlib.pyplot as plt
-
     fig = results_figure(df, metrics, title)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return Path(out)

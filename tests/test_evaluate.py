@@ -47,7 +47,11 @@ def test_evaluate_writes_tidy_csv_and_report(cli, eval_cfg, tmp_path, inception_
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
         assert f.seek(0) == 0 and next(csv.reader(f)) == COLUMNS
-    assert len(rows) == 2 * (1 + 2)  # per method: one integration error row, one FID row per seed range
+    assert len(rows) == 2 * (1 + 2 + 2)  # per method: one integration error row, a KID and a FID row per seed range
+    for row in rows:  # every row carries its 95 % interval and the replicates that paired comparisons need
+        assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"]), row
+        assert row["ci_method"].startswith("bootstrap-seeds" if row["metric"] == "integration_rmse" else "jackknife")
+        assert json.loads(row["ci_data"])["kind"] in ("seeds", "jackknife")
     fid_rows = [row for row in rows if row["metric"] == "fid"]
     assert {row["seeds"] for row in fid_rows} == {"0-14", "15-29"}
     revision = _revision()
@@ -65,7 +69,7 @@ def test_evaluate_writes_tidy_csv_and_report(cli, eval_cfg, tmp_path, inception_
     assert err["iia-edm"] < err["edm"]
     # the printed table shows the same numbers as the CSV
     edm_fids = sorted(float(row["value"]) for row in fid_rows if row["method"] == "edm")
-    assert f"{edm_fids[0]:.2f} (mean {sum(edm_fids) / 2:.2f})" in r.stdout
+    assert f"{edm_fids[0]:.2f} [" in r.stdout and f"(mean {sum(edm_fids) / 2:.2f})" in r.stdout
     # rerunning skips what is done; --fresh recomputes, appends (never rewrites) and reuses the coefficients
     before = csv_path.read_bytes()
     r = cli(["evaluate", "--config", eval_cfg, "--methods", "iia-edm", "--no-fid"])
@@ -277,17 +281,19 @@ def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path
     assert r.exit_code == 0, r.output
     rows = _rows(tmp_path / "results" / "count.csv")
     assert sorted((r["method"], r["metric"]) for r in rows) == sorted(
-        (m, k) for m in ("ddim", "dpm-solver++-2m") for k in ("fid", "integration_rmse"))
+        (m, k) for m in ("ddim", "dpm-solver++-2m") for k in ("fid", "integration_rmse", "kid"))
     # each seed sampled once per (method, NFE) for every metric, plus one reference solve of the error seeds
     assert calls() == 2 * 10 * 5 + 6 * ref_nfe
-    # another FID reference: the FID rows are recomputed (the integration errors are skipped, no reference solve)
+    # another FID reference: the KID and FID rows are recomputed (the integration errors are skipped, no
+    # reference solve)
     r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
     assert r.exit_code == 0, r.output
     rows = _rows(tmp_path / "results" / "count.csv")
-    assert [r["metric"] for r in rows[4:]] == ["fid", "fid"] and calls() == 2 * 10 * 5
-    assert rows[4]["reference_sha256"] != rows[0 if rows[0]["metric"] == "fid" else 1]["reference_sha256"]
+    assert [r["metric"] for r in rows[6:]] == ["kid", "fid", "kid", "fid"] and calls() == 2 * 10 * 5
+    old = {r["metric"]: r["reference_sha256"] for r in rows[:3]}
+    assert rows[6]["reference_sha256"] != old["kid"] and rows[7]["reference_sha256"] != old["fid"]
     r = cli(["evaluate", "--config", path, "--set", "fid.reference_samples=14"])
-    assert r.exit_code == 0 and "all 4 rows already in" in r.output and calls() == 0
+    assert r.exit_code == 0 and "all 6 rows already in" in r.output and calls() == 0
 
 
 def _refuse_writes(monkeypatch, match):

@@ -50,10 +50,10 @@ def test_progress_lines_for_reference_statistics(capsys, tmp_path, monkeypatch, 
     path, mu, _, _ = resolve_reference(load_config(tmp_path / "c.yaml"), inception_weights, "cpu", log)
     err = capsys.readouterr().err.splitlines()
     assert path.is_file() and mu.shape == (2048,)
-    assert "reference statistics of builtin:mnist: started, 12 images" in err
-    assert any(line.startswith("reference statistics of builtin:mnist: 8/12 images (67%)") and "ETA" in line
+    assert "reference features of builtin:mnist: started, 12 images" in err
+    assert any(line.startswith("reference features of builtin:mnist: 8/12 images (67%)") and "ETA" in line
                for line in err), err
-    assert any(line.startswith("reference statistics of builtin:mnist: 12 images in ") for line in err), err
+    assert any(line.startswith("reference features of builtin:mnist: 12 images in ") for line in err), err
 
 
 def test_progress_on_a_terminal_uses_one_live_display_for_nested_steps(monkeypatch):
@@ -106,14 +106,16 @@ def test_table_shows_ratio_to_base_best_mark_direction_and_error_first(cli, tmp_
     assert "FID, 10 samples (lower is better)" in out and "CLIP score, 10 samples (higher is better)" in out
     assert "seed ranges" not in out  # one range: no min/mean wording
     table = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-             for line in out.split("FID, 10")[0].splitlines() if line.startswith("│")}
-    # iia-edm / edm and iia-dpm-solver++-2m / dpm-solver++-2m (the base from the method registry)
-    assert table["iia-edm r=1"] == ["0.2000 x0.25", "0.01000 x0.50 *"]
-    assert table["iia-dpm-solver++-2m"] == ["0.05000 x0.50 *", "-"]
-    assert table["edm"] == ["0.8000", "0.02000"]
+             for line in out.split("FID, 10")[0].splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    # rows without interval data (as an older iia_cli wrote them): ratios to the base (from the method registry)
+    # are shown unpaired on a second line, and without a paired comparison no best mark is resolved: all tie
+    assert table["iia-edm r=1"] == ["0.2000 ~", "0.01000 ~"]
+    assert table["iia-dpm-solver++-2m"] == ["0.05000 ~", "-"]
+    assert table["edm"] == ["0.8000 ~", "0.02000 ~"]
+    assert "x0.25 (unpaired)" in out and "x0.50 (unpaired)" in out and "no interval data" in out
     fid = out.split("FID, 10")[1].split("CLIP")[0]
-    assert "30.00 x0.75 *" in fid and "20.00 *" in fid and "25.00 x1.25" in fid
-    assert "0.3100 x1.03 *" in out.split("CLIP score")[1]  # higher is better: the max is marked
+    assert "30.00 ~" in fid and "20.00 ~" in fid and "x0.75 (unpaired)" in fid and "x1.25 (unpaired)" in fid
+    assert "x1.03 (unpaired)" in out.split("CLIP score")[1]  # higher is better: 0.31 / 0.30
     # two seed ranges: the best of the ranges with the mean, and the title says so
     _write(path, [("edm", 6, "fid", 44.0, "10-19")])
     out = cli(["report", path]).stdout
@@ -142,8 +144,10 @@ def test_plot_draws_one_panel_per_metric(cli, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 10000
     r = cli(["report", path, "--plot", tmp_path / "q.png", "--metric", "fid"])
     assert r.exit_code == 0 and len(results_figure(read_results(path), ["fid"]).axes) == 1
-    r = cli(["report", path, "--plot", tmp_path / "q.png", "--metric", "bogus"])
-    assert r.exit_code == 1 and "no bogus rows to plot" in r.output
+    r = cli(["report", path, "--plot", tmp_path / "q.png", "--metric", "bogus"])  # a usage error: exit 2
+    assert r.exit_code == 2 and "unknown metric 'bogus' in --metric; choose from integration_rmse, kid" in r.output
+    r = cli(["report", path, "--plot", tmp_path / "q.png", "--metric", "kid"])  # valid, but not in this CSV
+    assert r.exit_code == 1 and "no kid rows to plot" in r.output
 
 
 def test_evaluate_after_a_full_skip_says_so_and_shows_only_the_requested_nfe(cli, err_cfg, tmp_path):

@@ -48,7 +48,8 @@ __all__ = [
     "BUILTIN_PREFIX", "ENV_INCEPTION_WEIGHTS", "FEATURE_DIM", "FEATURE_EXTRACTOR_NAME", "FID_HELPER_PACKAGE",
     "FID_HELPER_PIP", "FID_HELPER_SHA256", "HOW_TO_PROVIDE_WEIGHTS", "IMAGE_SUFFIXES",
     "TORCH_FIDELITY_WEIGHTS_FILENAME", "FeatureExtractor", "FeatureStats", "ProgressFn", "WeightsSource",
-    "check_reference_stats", "compute_reference", "compute_stats", "convert_fid_helper_state_dict",
+    "check_reference_stats", "compute_reference", "compute_reference_features", "compute_stats", "features_sha256",
+    "load_reference_features", "convert_fid_helper_state_dict",
     "fid_from_stats", "fid_helper_network_path", "fid_of_images", "frechet_distance", "install_fid_helper_weights",
     "iter_image_batches", "list_image_files", "load_inception_state", "load_reference", "resolve_device",
     "resolve_inception_weights", "sha256_of_file", "torch_fidelity_weights_path",
@@ -99,6 +100,72 @@ def compute_reference(
     if limit is not None and limit < 2:
         raise ConfigError(f"--limit must be at least 2 images, got {limit}")
     return _source_stats(data_spec, weights_path, device, batch_size, limit, progress).to_reference_npz(out_path)
+
+
+def compute_reference_features(
+    data_spec: str | Path,
+    features_path: str | Path,
+    weights_path: str | Path,
+    stats_path: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """Inception features (float32 [N, 2048], as the network gives them) of the first ``limit`` images of
+    ``data_spec``, written to ``features_path`` (key ``features``); with ``stats_path``, also the reference
+    statistics from the same pass, bit-identical to :func:`compute_reference` (the sums are taken batch by batch
+    in the same order), so one Inception pass serves FID, KID and FD-infinity."""
+    if limit is not None and limit < 2:
+        raise ConfigError(f"--limit must be at least 2 images, got {limit}")
+    batches = iter_image_batches(data_spec, batch_size)
+    extractor = FeatureExtractor(weights_path, device=device, batch_size=batch_size)
+    stats, parts = FeatureStats.empty(), []
+    for batch in _take(batches, limit):
+        f = extractor(batch)
+        stats.update(f)
+        parts.append(f.to(torch.float32).numpy())
+        if progress is not None:
+            progress(stats.n)
+    if stats.n == 0:
+        raise IIARuntimeError("no images to compute reference features from")
+    features = np.concatenate(parts)
+    from ..atomic import savez_atomic
+
+    savez_atomic(Path(features_path), features=features)
+    if stats_path is not None:
+        stats.to_reference_npz(stats_path)
+    return features
+
+
+def features_sha256(features: np.ndarray) -> str:
+    """Content hash of a float32 feature array (independent of the file's zip metadata)."""
+    import hashlib
+
+    arr = np.ascontiguousarray(features, dtype="<f4")
+    return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def load_reference_features(path: str | Path) -> tuple[np.ndarray, str]:
+    """Reference features ``(float32 [N, d], content sha256)`` from an ``.npz`` with key ``features``, read as
+    data (no pickles)."""
+    from ..errors import MissingFileError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingFileError("reference features", path, "give fid.reference as a data spec (e.g. "
+                               "builtin:mnist-heldout32) so that iia evaluate computes them")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feats = np.asarray(data["features"])
+    except Exception as exc:  # noqa: BLE001 -- truncated or foreign file
+        raise IIARuntimeError(f"reference features {path} are unreadable ({type(exc).__name__}); delete the file "
+                              "to recompute it") from None
+    if feats.ndim != 2 or feats.shape[0] < 2 or feats.dtype.kind != "f" or not np.isfinite(feats).all():
+        raise IIARuntimeError(f"reference features {path} must be a finite float array [N >= 2, d], got "
+                              f"{feats.dtype} {list(feats.shape)}; delete the file to recompute it")
+    feats = feats.astype(np.float32)
+    return feats, features_sha256(feats)
 
 
 def fid_from_stats(stats: FeatureStats, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
