@@ -57,7 +57,9 @@ def compare_rows(a: Mapping[str, Any], b: Mapping[str, Any]) -> Paired | str:
 def describe(p: Paired) -> str:
     """'x0.76 [0.70, 0.83] resolved'."""
     verdict = "resolved" if p.resolved else "not resolved"
-    return f"x{p.ratio:.2f} [{p.low:.2f}, {p.high:.2f}] {verdict}"
+    # two decimals, three where a bound would round to 1.00 and hide which side of 1 it is on
+    d = 3 if any(round(v, 2) == 1.0 and v != 1.0 for v in (p.low, p.high)) else 2
+    return f"x{p.ratio:.{d}f} [{p.low:.{d}f}, {p.high:.{d}f}] {verdict}"
 
 
 def _n_samples(row: Mapping[str, Any]) -> int:

@@ -38,6 +38,7 @@ class EvaluateResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # rows computed and appended by this run
     identities: list[str] = field(default_factory=list)  # identities of every row of the run, computed or skipped
     skipped: int = 0  # rows already in the CSV (same identity)
+    interval_seconds: float = 0.0  # time spent on values' intervals, KID and replicates (the uncertainty's cost)
 
 
 def parse_seed_ranges(spec: Any) -> list[list[int]]:
@@ -384,6 +385,8 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     on_err = [m for m in chosen if "fine_reference" in METRICS[m].needs]  # metrics on the error seeds only
     err_seeds = ranges[0][: max(0, ev.error_samples)] if on_err else []
     setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log)
+    t_run = time.perf_counter()
+    timing = {"interval_seconds": 0.0}
     all_rows: list[dict[str, Any]] = []
     identities: list[str] = []
     skipped = 0
@@ -406,7 +409,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
         skipped += len(cells) - len(todo)
         if not todo:
             continue
-        rows = _evaluate_cells(p, coeffs, todo, ranges, setup, fresh, progress, log)
+        rows = _evaluate_cells(p, coeffs, todo, ranges, setup, fresh, progress, log, timing)
         if rows and ctx.is_main and not ctx.shard:  # after each (method, NFE): nothing is lost if a later one fails
             written = append_rows(csv_path, rows, skip_done=not fresh)
             if len(written) < len(rows):
@@ -420,7 +423,12 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if ctx.shard:
         log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in {_shard_dir(cfg)}/; "
             f"combine them with `iia merge {_shard_dir(cfg)} --csv {csv_path}`")
-    return EvaluateResult(csv_path, all_rows, identities, skipped)
+    if all_rows:
+        total = time.perf_counter() - t_run
+        log(f"uncertainty: values, 95 % intervals and replicates of {len(all_rows)} rows took "
+            f"{timing['interval_seconds']:.1f} s of this run's {total:.0f} s "
+            f"({100 * timing['interval_seconds'] / max(total, 1e-9):.1f} %)")
+    return EvaluateResult(csv_path, all_rows, identities, skipped, timing["interval_seconds"])
 
 
 def _todo(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, setup: MetricSetup, csv_path: Path,
@@ -440,7 +448,8 @@ def _todo(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, s
 
 
 def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list[Cell], ranges: list[list[int]],
-                    setup: MetricSetup, fresh: bool, progress: bool, log: LogFn) -> list[dict[str, Any]]:
+                    setup: MetricSetup, fresh: bool, progress: bool, log: LogFn,
+                    timing: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Sample each seed range once for the cells of this (method, NFE), then finish every cell generically:
     a shard file (--shard), or all-reduced state -> value -> row."""
     cfg, ctx = p.cfg, dist.context()
@@ -483,7 +492,10 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
                 continue
             acc.all_reduce()
             acc.check_complete()
+            t0 = time.perf_counter()
             row.update(result_fields(acc))
+            if timing is not None:
+                timing["interval_seconds"] += time.perf_counter() - t0
             rows.append(row)
             log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {METRICS[cell.metric].fmt(row['value'])} "
                 f"[{METRICS[cell.metric].fmt(row['ci_low'])}, {METRICS[cell.metric].fmt(row['ci_high'])}] "
