@@ -192,7 +192,7 @@ class MetricSetup:
     statistics and features, the CLIP scorer, the reference solve of the integration-error seeds."""
 
     def __init__(self, cfg: ExperimentConfig, metrics: list[str], base: Prepared, model: Any, err_seeds: list[int],
-                 inception_weights: str | Path | None, log: LogFn) -> None:
+                 inception_weights: str | Path | None, log: LogFn, fresh: bool = False) -> None:
         self.cfg, self.metrics, self.model, self.err_seeds = cfg, metrics, model, err_seeds
         self.fields: dict[str, dict[str, Any]] = {}
         self.columns: dict[str, tuple[str, str]] = {}  # metric -> (reference, reference_sha256) columns
@@ -207,9 +207,19 @@ class MetricSetup:
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
             ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
-            self.ctx.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds))
             fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
                                     "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
+            key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,
+                   "state_dtype": str(ref.state_dtype), "network_dtype": str(model_dtype(model)),
+                   "class_label": cfg.sampler.class_label}
+            store = layout.reference_cache_dir() / "solves" / (
+                f"{ev.reference_method}-nfe{ref.nfe}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+                + ".npz")
+            if fresh:
+                store.unlink(missing_ok=True)
+            self.ctx.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds), path=store,
+                                                    seeds=dist.split(err_seeds), log=log,
+                                                    save=dist.context().is_main)
             for m in metrics:
                 if "fine_reference" in needs[m]:
                     self.fields[m], self.columns[m] = dict(fields), (ref_name, "")
@@ -320,7 +330,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
         bar.resume(done)
         t0 = time.perf_counter()
         for chunk, x in sample_batches(model, p.method, p.sigmas, mine[done:], p.batch, coeffs, p.device,
-                                       p.state_dtype, p.cfg.sampler.class_label):
+                                       p.state_dtype, p.cfg.sampler.class_label, heartbeat=bar):
             t_sample += time.perf_counter() - t0
             batch = Batch(chunk, x, lambda x: quantize(to_images(model, x)))
             for acc in accs:
@@ -384,7 +394,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     chosen = choose_metrics(cfg, requested, model)
     on_err = [m for m in chosen if "fine_reference" in METRICS[m].needs]  # metrics on the error seeds only
     err_seeds = ranges[0][: max(0, ev.error_samples)] if on_err else []
-    setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log)
+    setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log, fresh=fresh)
     t_run = time.perf_counter()
     timing = {"interval_seconds": 0.0}
     all_rows: list[dict[str, Any]] = []

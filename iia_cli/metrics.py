@@ -39,17 +39,56 @@ State = dict[str, np.ndarray]
 
 @dataclass
 class ReferenceSolutions:
-    """Final states of a high-accuracy solve (e.g. EDM Heun at NFE 99) of given seeds, computed once per
-    seed and kept for every (method, NFE) of the run."""
+    """Final states of a high-accuracy solve (e.g. EDM Heun at NFE 99) of given seeds, computed once per seed and
+    kept for every (method, NFE) of the run. With ``path``, solutions are also kept on disk by the reference's
+    identity (model fingerprint, solver, exact grid, dtypes, device type) and reused by later runs, CSVs and
+    experiments; ``seeds`` (this process's error seeds) are then solved together on the first request."""
 
     solve: Callable[[list[int]], torch.Tensor]  # seeds -> final states [b, ...] (float64, CPU)
     cache: dict[int, torch.Tensor] = field(default_factory=dict)
+    path: Any = None  # Path of the on-disk store, or None
+    seeds: Sequence[int] = ()
+    log: Callable[[str], None] | None = None
+    save: bool = True  # whether this process writes the store (rank 0)
+    _loaded: bool = False
+
+    def _load(self) -> None:
+        self._loaded = True
+        if self.path is None or not self.path.is_file():
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                seeds, xs = data["seeds"], data["x"]
+            if xs.dtype != np.float64 or len(seeds) != len(xs) or not np.isfinite(xs).all():
+                raise ValueError("malformed")
+        except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file is recomputed, not trusted
+            if self.log:
+                self.log(f"reference solutions {self.path} are unreadable ({type(exc).__name__}); recomputing them")
+            return
+        for s, x in zip(seeds.tolist(), xs):
+            self.cache.setdefault(int(s), torch.from_numpy(np.array(x)))
+        if self.log:
+            have = sum(1 for s in self.seeds if s in self.cache)
+            self.log(f"reference solutions of {have} of {len(self.seeds) or have} error seeds from {self.path}")
 
     def ensure(self, seeds: Sequence[int]) -> None:
+        if not self._loaded:
+            self._load()
+            seeds = list(dict.fromkeys([*self.seeds, *seeds]))  # the first request solves every error seed
         missing = [s for s in seeds if s not in self.cache]
         if missing:
             for s, x in zip(missing, self.solve(missing)):
                 self.cache[s] = x
+            if self.path is not None and self.save:
+                from .atomic import savez_atomic
+
+                order = sorted(self.cache)
+                try:
+                    savez_atomic(self.path, seeds=np.asarray(order, np.int64),
+                                 x=np.stack([self.cache[s].numpy() for s in order]))
+                except OSError as exc:  # the store only saves time: a failure is a warning
+                    if self.log:
+                        self.log(f"warning: could not store reference solutions in {self.path} ({exc.strerror})")
 
     def of(self, seeds: Sequence[int]) -> torch.Tensor:
         self.ensure(seeds)

@@ -130,6 +130,20 @@ class ImageProgress:
                 log(f"{self.description}: {self.done}{of}, {self.rate_text() or '-'}"
                     + (f", ETA {duration(eta)}" if eta is not None else ""))
 
+    def in_batch(self, size: int, fraction: float) -> None:
+        """A heartbeat from inside a batch of ``size`` units, ``fraction`` of it done: the bar moves, and a
+        plain log gets a line when ``log_every_s`` passed since the last one (no silence during long batches)."""
+        if not self._open or not self.enabled:
+            return
+        if self._task is not None and _live is not None:
+            _live.update(self._task, completed=self.done + size * fraction)
+            return
+        now = time.perf_counter()
+        if now - self._last_log >= self.log_every_s and self.log_every_s > 0:
+            self._last_log, self._lines = now, self._lines + 1
+            of = f"/{self.total} {self.unit}" if self.total else f" {self.unit}"
+            log(f"{self.description}: {self.done}{of} done, the next {size} at {100 * fraction:.0f}% of their steps")
+
     def close(self, completed: bool = True) -> None:
         """End the bar (or log the final line); called by ``__exit__``, or by ``advance`` at the total."""
         global _live_tasks

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,20 +201,25 @@ def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
 
 def run_steps(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
               coeffs: Coefficients | None = None, history: History = (), start: int = 0,
-              stop: int | None = None) -> torch.Tensor:
+              stop: int | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The sampling loop: steps ``start .. stop - 1`` of ``sigmas`` from state x. IIA methods add their
-    correction when ``coeffs`` are given (None = zero coefficients = the base solver)."""
+    correction when ``coeffs`` are given (None = zero coefficients = the base solver). ``on_step(done, total)``
+    is called after each step (a progress heartbeat inside a long batch)."""
     stop = len(sigmas) - 1 if stop is None else stop
     for i in range(start, stop):
         x, history, _ = advance(method, denoise, x, sigmas, i, history, coeffs)
+        if on_step is not None:
+            on_step(i + 1 - start, stop - start)
     return x
 
 
 def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequence[int], batch: int,
                    coeffs: Coefficients | None = None, device: torch.device | str = "cpu",
                    state_dtype: torch.dtype = torch.float64, class_label: int | None = None,
-                   progress: Any = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, final states [b, C, H, W] in state_dtype) batch by batch, in seed order.
+                   progress: Any = None, heartbeat: Any = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (seeds, final states [b, C, H, W] in state_dtype) batch by batch, in seed order. ``progress``
+    (an ImageProgress) advances per batch; ``heartbeat`` (default: ``progress``) hears of every step inside a
+    batch, so that a long batch is not silent.
 
     Raises IIARuntimeError (naming method, NFE and seeds) if a batch contains NaN or Inf."""
     if batch < 1:
@@ -226,7 +231,9 @@ def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequ
         chunk = list(seeds[b * batch : (b + 1) * batch])
         noise, labels = noise_and_conditioning(model, chunk, device, class_label)
         x = noise.to(state_dtype) * float(sig[0])
-        x = run_steps(method, BoundDenoiser(model, labels), x, sig, coeffs)
+        beat = heartbeat if heartbeat is not None else progress
+        on_step = (lambda i, n, size=len(chunk), beat=beat: beat.in_batch(size, i / n)) if beat is not None else None
+        x = run_steps(method, BoundDenoiser(model, labels), x, sig, coeffs, on_step=on_step)
         if not bool(torch.isfinite(x).all()):
             bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
             raise IIARuntimeError(f"{method.name} at NFE {method.solver.nfe_of_grid(sig)}: non-finite samples (NaN/Inf) for seeds "

@@ -28,8 +28,8 @@ def test_progress_lines_for_reference_solve_calibration_and_sampling(cli, err_cf
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     # not a TTY: plain lines, a start line, then the count with percentage, rate and ETA, then the end line
-    assert "reference solve edm nfe=19: started, 2 images" in lines
-    assert any(line.startswith("reference solve edm nfe=19: 2 images in ") and "img/s" in line for line in lines)
+    assert "reference solve edm nfe=19: started, 4 images" in lines  # every error seed in one solve
+    assert any(line.startswith("reference solve edm nfe=19: 4 images in ") and "img/s" in line for line in lines)
     assert "calibrating iia-ddim (4 noises): started, 5 steps" in lines
     step = [line for line in lines if line.startswith("calibrating iia-ddim (4 noises): 2/5 steps (40%)")]
     assert step and "step/s" in step[0] and "ETA" in step[0]
@@ -54,6 +54,49 @@ def test_progress_lines_for_reference_statistics(capsys, tmp_path, monkeypatch, 
     assert any(line.startswith("reference features of builtin:mnist: 8/12 images (67%)") and "ETA" in line
                for line in err), err
     assert any(line.startswith("reference features of builtin:mnist: 12 images in ") for line in err), err
+
+
+def test_reference_solutions_are_stored_and_reused_across_runs(cli, err_cfg):
+    r = cli(["evaluate", "--config", err_cfg, "--nfe", "5", "--methods", "ddim"])
+    assert r.exit_code == 0 and "reference solve edm nfe=19: started, 4 images" in r.output
+    (store,) = (err_cfg.parent / "results" / "cache" / "solves").glob("edm-nfe19-*.npz")
+    first = store.read_bytes()
+    r = cli(["evaluate", "--config", err_cfg, "--nfe", "7", "--methods", "ddim", "--csv", "other.csv"])
+    assert r.exit_code == 0, r.output
+    assert "reference solve" not in r.output and f"reference solutions of 4 of 4 error seeds from {store.relative_to(err_cfg.parent)}" in r.output
+    assert store.read_bytes() == first
+    # more error seeds: only the new ones are solved; --fresh recomputes the store
+    r = cli(["evaluate", "--config", err_cfg, "--nfe", "5", "--methods", "ddim", "--set", "evaluate.error_samples=6",
+             "--set", "evaluate.samples=6"])
+    assert r.exit_code == 0 and "reference solve edm nfe=19: started, 2 images" in r.output, r.output
+    r = cli(["evaluate", "--config", err_cfg, "--nfe", "5", "--methods", "ddim", "--fresh"])
+    assert r.exit_code == 0 and "reference solve edm nfe=19: started, 4 images" in r.output
+
+
+def test_a_long_batch_is_not_silent(tmp_path, monkeypatch, capsys):
+    """A heartbeat from inside a batch: one sampling batch whose steps take longer than the progress interval
+    logs lines during the batch, not only at its end."""
+    import time
+
+    import torch
+
+    from iia_cli.methods import make_method
+    from iia_cli.progress import ImageProgress
+    from iia_cli.sampling import sample_batches
+
+    class Slow:
+        shape, sigma_min, sigma_max, dtype = (1, 2, 2), 0.002, 80.0, torch.float64
+
+        def __call__(self, x, sigma, class_labels=None):
+            time.sleep(0.03)
+            return x * 0
+
+    sigmas = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.01, 0.0], dtype=torch.float64)
+    with ImageProgress(4, "slow batch", log_every_s=0.05) as bar:
+        list(sample_batches(Slow(), make_method("ddim"), sigmas, [0, 1, 2, 3], 4, heartbeat=bar))
+    err = capsys.readouterr().err.splitlines()
+    beats = [line for line in err if "the next 4 at" in line]
+    assert len(beats) >= 2 and beats[0].startswith("slow batch: 0/4 images done, the next 4 at"), err
 
 
 def test_progress_on_a_terminal_uses_one_live_display_for_nested_steps(monkeypatch):
