@@ -67,3 +67,9 @@ def _n_samples(row: Mapping[str, Any]) -> int:
         return int(float(row.get("n_samples") or 0))
     except (TypeError, ValueError):
         return 0
+
+
+def identical(p: Paired) -> bool:
+    """Whether the two rows are the same numbers on every replicate (ratio exactly 1 with a zero-width
+    interval): an IIA method whose corrections are off equals its base solver."""
+    return p.ratio == 1.0 and p.low == 1.0 and p.high == 1.0

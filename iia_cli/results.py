@@ -386,9 +386,9 @@ def _cell_text(metric: str, r: Any) -> str:
     text += f" {r.mark}" if r.mark else "  "
     p = r.paired
     if p is not None and not isinstance(p, str):
-        from .compare import describe
+        from .compare import describe, identical
 
-        text += "\n" + describe(p)
+        text += "\n" + ("= base (same samples)" if identical(p) else describe(p))
     elif isinstance(p, str) and r.ratio == r.ratio:
         text += f"\nx{r.ratio:.2f} (unpaired)"
     return text
@@ -433,7 +433,7 @@ def table_notes(g: Any, metric: str) -> list[str]:
     many seeds would resolve each unresolved IIA-vs-base comparison at the observed effect."""
     from .uncertainty import seeds_to_resolve
 
-    from .compare import LEGACY
+    from .compare import LEGACY, identical
 
     notes, legacy = [], False
     for r in g.itertuples():
@@ -445,6 +445,9 @@ def table_notes(g: Any, metric: str) -> list[str]:
             legacy = True
         elif isinstance(p, str):
             notes.append(f"{where}: no paired comparison with {r.base} ({p})")
+        elif p is not None and identical(p):
+            notes.append(f"{where}: identical to {r.base} on these seeds (its corrections are off: the guard chose "
+                         "alpha = 0, or the coefficients are zero)")
         elif p is not None and not p.resolved:
             need = seeds_to_resolve(p.n, p)
             if need is not None:

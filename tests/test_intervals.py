@@ -67,6 +67,16 @@ def test_a_method_compared_with_itself_is_never_resolved(cli, synthetic_csv):
     assert r.exit_code == 0 and "x1.000 [1.000, 1.000]" in body and "not resolved" in body and "better" not in body
 
 
+def test_an_iia_row_identical_to_its_base_says_so(cli, tmp_path):
+    base = np.random.default_rng(1).gamma(2.0, 1.0, 32) * 16
+    path = tmp_path / "same.csv"
+    append_rows(path, [_err_row("ddim", 6, base, "0-31"), _err_row("iia-ddim", 6, base, "0-31")])
+    out = cli(["report", path]).stdout
+    assert "= base (same samples)" in out and "identical to ddim on these seeds" in out
+    cells = out.split("┡")[1].split("└")[0]
+    assert "x1.00" not in cells and "*" not in cells and cells.count("~") == 2  # a tie, not a win
+
+
 def test_rows_of_an_older_iia_cli_are_read_but_never_paired(cli, synthetic_csv, tmp_path):
     old = tmp_path / "old.csv"
     with open(synthetic_csv, newline="") as f:
