@@ -14,7 +14,7 @@ import yaml
 from iia_cli import api
 from iia_cli.config import load_config
 from iia_cli.errors import ConfigError
-from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, choose_alpha, greedy_pass,
+from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, TeacherCache, choose_alpha, greedy_pass,
                          teacher_trajectory)
 from iia_cli.methods import make_method
 from iia_cli.models.gaussian import GaussianModel
@@ -84,8 +84,78 @@ def test_teacher_is_a_high_accuracy_solve_and_is_reused():
     states, calls = teacher_trajectory(Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
     err10, err20 = (float((s[-1][0] - exact).abs().max()) for s in (coarse, states))
     assert err20 < 2e-3 and err10 / err20 > 3.5  # Heun: second order in the sub-step
-    again, calls2 = teacher_trajectory(Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
-    assert again is states and calls2 == calls == 2 * 20 * 5 - 1
+    assert calls == 2 * 20 * 5 - 1
+    cache = TeacherCache()
+    fp = model.fingerprint()
+    first = cache.trajectory(fp, Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    again = cache.trajectory(fp, Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    assert again is first and cache.solves == 1 and first[1] == calls
+    torch.testing.assert_close(first[0][-1][0], states[-1][0], rtol=0, atol=0)
+    # another teacher, grid or set of noises is another entry
+    cache.trajectory(fp, Teacher("edm", 10), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    cache.trajectory(fp, Teacher("edm", 20), model, sig[1:], [[0, 1, 2, 3]], [x0], [None])
+    cache.trajectory(fp, Teacher("edm", 20), model, sig, [[4, 5, 6, 7]], [x0], [None])
+    assert cache.solves == 4 and len(cache) == 4
+
+
+def test_teacher_cache_is_keyed_by_fingerprint_not_object_id():
+    """Two objects of one model (same fingerprint) share an entry; a model with another fingerprint gets its own."""
+    sig = torch.tensor([80.0, 5.0, 0.5, 0.0], dtype=torch.float64)
+    x0 = make_noise(range(2), (1, 4, 4), CPU)[0].double() * 80
+    cache, teacher = TeacherCache(), Teacher("edm", 4)
+    one, twin, other = (GaussianModel(shape=(1, 4, 4), std=s) for s in (0.5, 0.5, 2.0))
+    assert one.fingerprint() == twin.fingerprint() != other.fingerprint()
+    a = cache.trajectory(one.fingerprint(), teacher, one, sig, [[0, 1]], [x0], [None])
+    assert cache.trajectory(twin.fingerprint(), teacher, twin, sig, [[0, 1]], [x0], [None]) is a
+    b = cache.trajectory(other.fingerprint(), teacher, other, sig, [[0, 1]], [x0], [None])
+    assert cache.solves == 2 and b is not a
+    own, _ = teacher_trajectory(teacher, other, sig, [[0, 1]], [x0], [None])
+    torch.testing.assert_close(b[0][-1][0], own[-1][0], rtol=0, atol=0)
+    assert float((b[0][-1][0] - a[0][-1][0]).abs().max()) > 0.1
+
+
+def test_teacher_cache_after_id_reuse_gives_the_new_model_its_own_states():
+    """A model created after another was garbage-collected often gets its id() (CPython reuses the freed slot);
+    it must still get its own teacher states, which an id()-keyed cache fails."""
+    import gc
+
+    sig = torch.tensor([80.0, 5.0, 0.5, 0.0], dtype=torch.float64)
+    x0 = make_noise(range(2), (1, 4, 4), CPU)[0].double() * 80
+    cache, teacher = TeacherCache(), Teacher("edm", 4)
+    for _ in range(200):
+        first = GaussianModel(shape=(1, 4, 4), std=0.5)
+        first_id = id(first)
+        first_states, _ = cache.trajectory(first.fingerprint(), teacher, first, sig, [[0, 1]], [x0], [None])
+        gc.collect()
+        del first  # freed here (no cycles left), so the next object of its size may take its slot
+        second = GaussianModel(shape=(1, 4, 4), std=2.0)  # another data distribution: other ODE solutions
+        if id(second) == first_id:
+            break
+        cache.clear()
+    else:
+        pytest.skip("no id() reuse in 200 attempts on this Python; test_teacher_cache_is_keyed_by_fingerprint... "
+                    "covers the key")
+    got, _ = cache.trajectory(second.fingerprint(), teacher, second, sig, [[0, 1]], [x0], [None])
+    own, _ = teacher_trajectory(teacher, second, sig, [[0, 1]], [x0], [None])
+    assert got is not first_states
+    torch.testing.assert_close(got[-1][0], own[-1][0], rtol=0, atol=0)
+
+
+def test_prepare_keeps_no_state_on_the_model_object(tmp_path, monkeypatch):
+    """sampler.batch: auto and calibration remember what they learn about a model in a ModelMemo keyed by its
+    fingerprint, not as attributes of the user's object."""
+    cfg = _cfg(tmp_path, guard=True)
+    model = GaussianModel(shape=(1, 4, 4), std=0.5)
+    before = dict(vars(model))
+    memo = api.ModelMemo()
+    cfg_auto = load_config(None, [("model.kind", "gaussian"), ("model.shape", [1, 4, 4]), ("sampler.batch", "auto")])
+    probes = []
+    monkeypatch.setattr(api, "auto_batch", lambda m, device: probes.append(m) or 16)
+    p = api.prepare(cfg_auto, model=model, memo=memo)
+    assert p.batch == 16 and api.prepare(cfg_auto, model=model, memo=memo).batch == 16 and len(probes) == 1
+    api.calibrate(cfg, prepared=api.prepare(cfg, model=model, memo=memo), log=lambda m: None, verbose=False)
+    assert memo.teachers.solves >= 1
+    assert vars(model).keys() == before.keys() and all(vars(model)[k] is v for k, v in before.items())
 
 
 def test_choose_alpha_takes_the_best_shrink_and_never_loses_on_a_fold():

@@ -286,11 +286,16 @@ def test_speed_option_errors_and_auto_batch(cli, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "sampler.dtype='float8' is not valid" in r.output
     r = cli(["sample", "--config", cfg, "--batch", "lots", "--out", tmp_path / "x.npz"])
     assert r.exit_code == 2 and "positive integer or auto" in r.output
-    # sampler.batch: auto asks the probe once per model; an explicit batch never probes
+    # sampler.batch: auto asks the probe once per model (fingerprint) and device; an explicit batch never probes
     probes = []
     monkeypatch.setattr(api, "auto_batch", lambda model, device: probes.append(device.type) or 24)
-    p = api.prepare(load_config(cfg))
+    memo = api.ModelMemo()
+    p = api.prepare(load_config(cfg), memo=memo)
     assert p.batch == 24 and probes == ["cpu"]
-    assert api.prepare(load_config(cfg), model=p.model, fingerprint=p.fingerprint).batch == 24 and len(probes) == 1
+    assert api.prepare(load_config(cfg), model=p.model, fingerprint=p.fingerprint, memo=memo).batch == 24
+    assert api.prepare(load_config(cfg), memo=memo).batch == 24 and len(probes) == 1  # a new object of one model
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "std": 0.25}}))
+    assert api.prepare(load_config(other), memo=memo).batch == 24 and len(probes) == 2  # another model: probed
     cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}, "sampler": {"batch": 5}}))
-    assert api.prepare(load_config(cfg)).batch == 5 and len(probes) == 1
+    assert api.prepare(load_config(cfg), memo=memo).batch == 5 and len(probes) == 2
