@@ -313,11 +313,18 @@ def test_negative_prompt_decode_cache_and_fingerprint(sd: dict[str, Path], ref: 
     assert fp not in prints and len(set(prints)) == len(prints)
 
 
-def test_bfloat16_network(sd: dict[str, Path]) -> None:
-    """Half-precision UNet and text encoder: float32 states in and out, the VAE still in float32."""
+def test_bfloat16_network(sd: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-precision UNet and text encoder: float32 states in and out, the VAE still in float32. Loading leaves
+    the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
     from iia_cli.models.diffusers_sd import load_sd_pipeline
 
+    import diffusers  # noqa: F401  (torch's inductor, imported by diffusers, sets TORCHINDUCTOR_CACHE_DIR: not ours)
+    import transformers  # noqa: F401
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it for every test
+    environ = dict(os.environ)
     full = load_sd_pipeline(sd["epsilon"], prompts=sd["prompts"])
+    assert dict(os.environ) == environ
     half = load_sd_pipeline(sd["epsilon"], prompts=sd["prompts"], dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
     assert half.condition([0]).dtype == torch.bfloat16 and half.fingerprint() != full.fingerprint()

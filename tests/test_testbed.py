@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def test_heldout_split_is_disjoint_and_balanced() -> None:
         assert all(any(np.array_equal(x, h) for h in held) for x in last[:3])
 
 
-def test_shipped_network_loads_and_is_trained() -> None:
+def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
-    digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not)."""
+    digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not).
+    Loading leaves the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
     from iia_cli.cli import DEFAULT_CONFIG
     from iia_cli.config import load_config
     from iia_cli.models import load_model, model_fingerprint
@@ -39,7 +41,12 @@ def test_shipped_network_loads_and_is_trained() -> None:
 
     cfg = load_config(DEFAULT_CONFIG)  # the built-in default evaluates this network
     assert cfg.model.kind == "diffusers" and cfg.model.params["path"] == "builtin:mnist-ddpm"
+    import diffusers  # noqa: F401  (torch's inductor, imported by diffusers, sets TORCHINDUCTOR_CACHE_DIR: not ours)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it for every test
+    environ = dict(os.environ)
     model = load_model(cfg.model.kind, cfg.model.params)
+    assert dict(os.environ) == environ
     assert tuple(model.shape) == (1, 32, 32)
     fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)  # the CSV's model_sha256
     assert fingerprint[:16] in (ROOT / "README.md").read_text(), "README must state the testbed's fingerprint"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -223,7 +222,6 @@ def _weight_files(folder: Path, prefixes: tuple[str, ...]) -> tuple[list[Path], 
 
 
 def _import_libraries() -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import diffusers
         import transformers

@@ -23,7 +23,6 @@ import enum
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +144,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _import_unet2d() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from diffusers import UNet2DModel
     except ImportError as err:
