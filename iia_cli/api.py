@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, envvars
 from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError, MissingFileError
@@ -309,8 +308,9 @@ class SampleResult:
 
 
 def checkpoint_interval() -> float:
-    """Seconds between partial-progress checkpoints (env ``IIA_CHECKPOINT_EVERY_S``, default 30)."""
-    return float(os.environ.get("IIA_CHECKPOINT_EVERY_S", "30"))
+    """Seconds between partial-progress checkpoints (env ``IIA_CHECKPOINT_EVERY_S``, default 30; a bad value is a
+    ConfigError naming the variable). Read it once per run, before the sampling loop."""
+    return envvars.checkpoint_every_s()
 
 
 def save_checkpoint(save: Callable[[], None], path: Path, log: LogFn) -> bool:
@@ -376,6 +376,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
         + (f", coefficients {coeff_path}" if coeff_path else "")
         + (f", {dist.context().world} processes" if dist.context().distributed else ""))
+    every = checkpoint_interval() if partial is not None else math.inf
     t0 = last_checkpoint = time.perf_counter()
     with ImageProgress(len(todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
         for chunk, x in sample_batches(p.model, p.method, p.sigmas, todo, batch, coeff_values, p.device,
@@ -389,7 +390,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
                     atomic_write(path, lambda tmp, im=u8[k]: save_png(im, tmp, "PNG"))
                 if to_npz or keep or grid_png:
                     done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
-            if partial is not None and time.perf_counter() - last_checkpoint >= checkpoint_interval():
+            if partial is not None and time.perf_counter() - last_checkpoint >= every:
                 written = save_checkpoint(lambda: _save_partial(partial, done, meta), partial, log)
                 last_checkpoint = time.perf_counter() if written else math.inf
     seconds = time.perf_counter() - t0

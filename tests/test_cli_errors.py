@@ -354,3 +354,33 @@ def test_internal_errors_are_one_line(cli, gauss_cfg, work, monkeypatch):
     monkeypatch.setenv("IIA_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli(["sample", "--config", gauss_cfg, "--out", "o.npz"])
+
+
+@pytest.mark.parametrize("name, value, valid", [
+    ("IIA_CHECKPOINT_EVERY_S", "soon", "a number of seconds >= 0"),
+    ("IIA_CHECKPOINT_EVERY_S", "-5", "a number of seconds >= 0"),
+    ("IIA_PROGRESS_EVERY_S", "nan", "a number of seconds >= 0"),
+    ("WORLD_SIZE", "two", "an integer >= 1"),
+    ("RANK", "3", "0..0"),
+])
+@pytest.mark.parametrize("command", ["sample", "calibrate", "evaluate"])
+def test_bad_environment_knob_is_one_line_before_any_work(cli, gauss_cfg, work, monkeypatch, name, value, valid,
+                                                           command):
+    before = work()
+    monkeypatch.setenv(name, value)
+    args = [command, "--config", gauss_cfg] + (["--out", "x.npz"] if command == "sample" else [])
+    r = cli(args)
+    assert_one_line_error(r, 2, name, repr(value), valid)
+    assert work() == before  # nothing written
+
+
+def test_environment_knobs_are_read_once_per_run(cli, gauss_cfg, work, monkeypatch):
+    """The checkpoint interval is read before the sampling loop, not at every batch."""
+    from iia_cli import envvars
+
+    reads = []
+    real = envvars.seconds
+    monkeypatch.setattr(envvars, "seconds", lambda name: reads.append(name) or real(name))
+    r = cli(["sample", "--config", gauss_cfg, "--seeds", "0-11", "--batch", "2", "--out", "x.npz"])
+    assert r.exit_code == 0, r.output
+    assert reads.count("IIA_CHECKPOINT_EVERY_S") == 2  # the CLI's up-front check and the run's one read
