@@ -384,3 +384,29 @@ def test_environment_knobs_are_read_once_per_run(cli, gauss_cfg, work, monkeypat
     r = cli(["sample", "--config", gauss_cfg, "--seeds", "0-11", "--batch", "2", "--out", "x.npz"])
     assert r.exit_code == 0, r.output
     assert reads.count("IIA_CHECKPOINT_EVERY_S") == 2  # the CLI's up-front check and the run's one read
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch, shard):
+    """The up-front output checks of `iia evaluate` follow layout.py (the results CSV, the shard directory and the
+    FID checkpoints), not a second copy of the paths."""
+    from iia_cli import layout
+    from iia_cli.config import load_config
+    from iia_cli.paths import OutputPlan, plan_evaluate_outputs
+
+    monkeypatch.chdir(tmp_path)
+    moved = tmp_path / "elsewhere" / "results"
+    monkeypatch.setattr(layout, "RESULTS_DIR", moved)
+    cfg = load_config(None, [("model.kind", "gaussian"), ("experiment", "moved"),
+                             ("calibration.out_dir", str(tmp_path / "coeffs"))])
+    plan = OutputPlan()
+    plan_evaluate_outputs(plan, cfg, None, shard=shard, fid=True)
+    planned = set(plan.to_create)
+    assert layout.partial_dir() in planned and (layout.shard_dir("moved") in planned) == shard
+    assert all(not str(p).startswith(str(tmp_path / "results")) for p in planned), planned
+    (tmp_path / "blocked").write_text("a file where the results directory would go\n")
+    monkeypatch.setattr(layout, "RESULTS_DIR", tmp_path / "blocked" / "results")
+    from iia_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="blocked is a file, not a directory"):
+        plan_evaluate_outputs(OutputPlan(), cfg, None, shard=shard, fid=False)
