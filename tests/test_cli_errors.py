@@ -410,3 +410,25 @@ def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch
 
     with pytest.raises(ConfigError, match="blocked is a file, not a directory"):
         plan_evaluate_outputs(OutputPlan(), cfg, None, shard=shard, fid=False)
+
+
+def _binary_configs(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "picture.yaml"
+    Image.new("L", (4, 4)).save(png, format="PNG")
+    noise = tmp_path / "noise.yaml"
+    noise.write_bytes(b"model:\n  kind: gaussian\n" + b"\xff" + os.urandom(256))  # not UTF-8 from the \xff on
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"model:\x00\x01\x02\n")  # UTF-8, but not YAML text
+    return {png: "is not a text file", noise: "is not a text file", nul: "is not valid YAML"}
+
+
+@pytest.mark.parametrize("command", ["sample", "calibrate", "evaluate", "config"])
+def test_binary_config_file_is_a_one_line_usage_error(cli, work, tmp_path, command):
+    for path, needle in _binary_configs(tmp_path).items():
+        before = work()
+        r = cli([command, "--config", path])
+        assert_one_line_error(r, 2, f"config {path}", needle)
+        assert "internal error" not in r.output
+        assert work() == before
