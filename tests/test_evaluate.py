@@ -214,18 +214,30 @@ def test_merge_and_report_reject_bad_files_in_one_line(cli, err_cfg, tmp_path):
     assert r.exit_code == 0 and "248.32" in r.stdout and "0.8035" in r.stdout
 
 
+def _append_at_once(path, row, barrier, written):
+    """A writer process: waits for the others, appends ``row`` with skip_done, reports how many rows it wrote."""
+    from iia_cli.results import append_rows
+
+    barrier.wait(120)
+    written.put(len(append_rows(path, [row], skip_done=True)))
+
+
 def test_append_checks_identity_under_the_lock(tmp_path):
     from iia_cli.results import append_rows, make_row, row_identity
 
     ident, text = row_identity({"method": "edm", "nfe": 6})
     row = make_row(method="edm", nfe=6, metric="fid", value=1.0, identity=ident, identity_fields=text)
     path = tmp_path / "r.csv"
-    procs = [mp.get_context("spawn").Process(target=append_rows, args=(path, [row]), kwargs={"skip_done": True})
-             for _ in range(3)]
+    ctx = mp.get_context("spawn")
+    barrier, written = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_append_at_once, args=(path, row, barrier, written)) for _ in range(3)]
     for p in procs:
         p.start()
+    counts = [written.get(timeout=180) for _ in procs]  # before join: a child exits once its queue is flushed
     for p in procs:
         p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(counts) == [0, 0, 1]  # all three raced; exactly one wrote the row, the others saw it done
     assert len(_rows(path)) == 1
     assert append_rows(path, [row], skip_done=True) == [] and len(_rows(path)) == 1
     assert len(append_rows(path, [row])) == 1 and len(_rows(path)) == 2  # --fresh appends

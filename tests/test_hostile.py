@@ -195,13 +195,30 @@ def test_edm_test_pickles_need_trust_code(cli, tmp_path: Path) -> None:
     _fails(r, 2, "model.trust_code")
 
 
-def test_known_edm_sources_are_recorded_as_hashes_only() -> None:
+def test_known_edm_sources_are_recorded_as_hashes_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allow-list holds sha256 hex digests in the form the loader compares (lowercase hexdigest of the UTF-8
+    source): a source whose digest is listed runs without trust_code, and unlisting it refuses it again."""
+    import hashlib
+    import re
+
+    from ckpt_builders import SOURCES
+    from iia_cli.errors import IIARuntimeError
     from iia_cli.models import edm_pkl
 
     assert len(edm_pkl.KNOWN_EDM_SOURCES) == 4
-    assert all(len(k) == 64 and int(k, 16) >= 0 for k in edm_pkl.KNOWN_EDM_SOURCES)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in edm_pkl.KNOWN_EDM_SOURCES)  # else it never matches
     assert {v.split()[1] for v in edm_pkl.KNOWN_EDM_SOURCES.values()} == {
         "training/networks.py", "training/loss.py", "training/augment.py"}
+    pkl = write_edm_pickle(tmp_path / "tiny.pkl")
+    with pytest.raises(IIARuntimeError, match="class TinyPrecond"):
+        edm_pkl.load_edm_pickle(pkl)
+    digest = hashlib.sha256(SOURCES["tiny_edm_net"].encode("utf-8")).hexdigest()
+    monkeypatch.setitem(edm_pkl.KNOWN_EDM_SOURCES, digest, "this test's tiny_edm_net")
+    model = edm_pkl.load_edm_pickle(pkl)  # listed: runs without trust_code
+    assert tuple(model.shape) == (3, 8, 8)
+    monkeypatch.delitem(edm_pkl.KNOWN_EDM_SOURCES, digest)
+    with pytest.raises(IIARuntimeError, match="class TinyPrecond"):
+        edm_pkl.load_edm_pickle(pkl)
 
 
 # ==================================================================================================
