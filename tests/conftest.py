@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from iia_cli import fid
@@ -25,6 +26,38 @@ def _cache_dir(tmp_path_factory):
     if "IIA_CACHE_DIR" not in os.environ:
         os.environ["IIA_CACHE_DIR"] = str(tmp_path_factory.mktemp("iia_cache"))
     yield
+
+
+class ConfigWriter:
+    """``write_config(tree, name="config.yaml", **sections) -> Path``: a YAML experiment config in ``dir`` (the test's
+    tmp_path). Each keyword section is merged into the tree's section of that name (a dict one level deep; any
+    other value replaces it); Paths become strings."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def __call__(self, tree: dict | None = None, name: str = "config.yaml", **sections) -> Path:
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in (tree or {}).items()}
+        for key, value in sections.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+        path = self.dir / (name if name.endswith(".yaml") else f"{name}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+        return path
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> ConfigWriter:
+    """The one YAML config writer of the tests (see :class:`ConfigWriter`)."""
+    return ConfigWriter(tmp_path)
 
 
 @pytest.fixture

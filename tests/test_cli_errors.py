@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX = set("╭╮╰╯│─┃━")
@@ -18,7 +17,7 @@ COMMANDS = ["sample", "calibrate", "fid-weights", "fid-ref", "fid", "evaluate", 
 
 
 @pytest.fixture
-def gauss_cfg(tmp_path):
+def gauss_cfg(tmp_path, write_config):
     cfg = {
         "experiment": "gauss-err",
         "model": {"kind": "gaussian", "shape": [1, 4, 4]},
@@ -26,9 +25,7 @@ def gauss_cfg(tmp_path):
         "calibration": {"samples": 8, "val_samples": 0, "out_dir": str(tmp_path / "coeffs")},
         "evaluate": {"methods": ["edm"], "nfe": [5], "samples": 4, "error_samples": 2, "reference_nfe": 21},
     }
-    path = tmp_path / "gauss.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "gauss.yaml")
 
 
 @pytest.fixture
@@ -320,7 +317,7 @@ def test_live_writers_temp_is_kept(tmp_path):
     assert remove_stale_temps(tmp_path) == [] and mine.exists() and user.exists()
 
 
-def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path):
+def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path, write_config):
     (tmp_path / "nanmodel.py").write_text(
         "import torch\n"
         "class NaN:\n"
@@ -329,9 +326,8 @@ def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path):
         "        return x * float('nan')\n"
         "def build():\n"
         "    return NaN()\n")
-    cfg = tmp_path / "nan.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "python", "factory": f"{tmp_path / 'nanmodel.py'}:build"},
-                                   "sampler": {"method": "ddim", "nfe": 3}}))
+    cfg = write_config({"model": {"kind": "python", "factory": f"{tmp_path / 'nanmodel.py'}:build"},
+                        "sampler": {"method": "ddim", "nfe": 3}}, "nan.yaml")
     r = cli(["sample", "--config", cfg, "--seeds", "0-1", "--out", "new/pngs"])
     assert_one_line_error(r, 1, "non-finite samples")
     assert not (tmp_path / "new").exists()

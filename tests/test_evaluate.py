@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from iia_cli.results import COLUMNS
 
@@ -22,7 +21,7 @@ def _revision() -> str:
 
 
 @pytest.fixture
-def eval_cfg(tmp_path, monkeypatch):
+def eval_cfg(tmp_path, monkeypatch, write_config):
     monkeypatch.chdir(tmp_path)
     cfg = {
         "experiment": "tiny",
@@ -33,9 +32,7 @@ def eval_cfg(tmp_path, monkeypatch):
         "evaluate": {"methods": ["edm", "iia-edm"], "nfe": [5], "seed_ranges": ["0-14", "15-29"],
                      "error_samples": 8, "reference_nfe": 199},
     }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "tiny.yaml")
 
 
 @pytest.mark.slow
@@ -102,7 +99,7 @@ def _rows(path):
 
 
 @pytest.fixture
-def err_cfg(tmp_path, monkeypatch):
+def err_cfg(tmp_path, monkeypatch, write_config):
     """Integration error only: no FID reference and no Inception weights anywhere."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("IIA_INCEPTION_WEIGHTS", raising=False)
@@ -111,9 +108,7 @@ def err_cfg(tmp_path, monkeypatch):
            "calibration": {"samples": 8, "val_samples": 0, "substeps": 2},
            "evaluate": {"methods": ["iia-ddim"], "nfe": [5], "samples": 6, "error_samples": 4, "reference_nfe": 19,
                         "metrics": ["integration_rmse"]}}
-    path = tmp_path / "ident.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "ident.yaml")
 
 
 def test_identity_skips_identical_reruns_and_recomputes_changed_settings(cli, err_cfg, tmp_path):
@@ -263,7 +258,8 @@ def build(log):
 
 
 @pytest.mark.slow
-def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch):
+def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch,
+                                                                    write_config):
     from iia_cli.api import prepare
     from iia_cli.config import load_config
 
@@ -276,8 +272,7 @@ def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path
            "sampler": {"batch": 4}, "fid": {"reference": "builtin:mnist", "reference_samples": 12, "batch": 12},
            "evaluate": {"methods": ["ddim", "dpm-solver++-2m"], "nfe": [5], "samples": 10, "error_samples": 6,
                         "reference_nfe": 19}}
-    path = tmp_path / "count.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(cfg, "count.yaml")
     ref_nfe = prepare(load_config(path), "edm", 19).nfe
 
     def calls():

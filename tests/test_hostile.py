@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import ConfigWriter
 from ckpt_builders import write_edm_pickle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,19 +44,12 @@ def _fails(r: Any, code: int, *needles: str) -> str:
     return line
 
 
-def _write_yaml(path: Path, tree: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
 def _gaussian_cfg(tmp_path: Path, **extra: Any) -> Path:
     tree: dict[str, Any] = {"experiment": "hostile", "model": {"kind": "gaussian", "shape": [1, 4, 4]},
                             "sampler": {"device": "cpu", "batch": 4},
                             "calibration": {"samples": 8, "val_samples": 0, "substeps": 2,
                                             "out_dir": str(tmp_path / "coeffs")}}
-    for key, value in extra.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return _write_yaml(tmp_path / "gauss.yaml", tree)
+    return ConfigWriter(tmp_path)(tree, "gauss.yaml", **extra)
 
 
 # ==================================================================================================
@@ -112,8 +105,8 @@ def _payloads(tmp_path: Path, marker: Path) -> dict[str, bytes]:
 
 
 def _edm_cfg(tmp_path: Path, pkl: Path, **model: Any) -> Path:
-    return _write_yaml(tmp_path / "edm.yaml", {"experiment": "evil", "model": {"kind": "edm-pkl", "path": str(pkl), **model},
-                                               "sampler": {"device": "cpu", "batch": 2}})
+    return ConfigWriter(tmp_path)({"experiment": "evil", "model": {"kind": "edm-pkl", "path": str(pkl), **model},
+                                   "sampler": {"device": "cpu", "batch": 2}}, "edm.yaml")
 
 
 @pytest.mark.parametrize("name", ["os.system", "posix.system", "builtins.eval", "subprocess.Popen", "torch.load",
@@ -357,8 +350,8 @@ def test_python_factory_errors_one_line(cli, tmp_path: Path, case: str) -> None:
     src, needle = FACTORIES[case]
     module = tmp_path / "userfactory.py"
     module.write_text(src)
-    cfg = _write_yaml(tmp_path / "f.yaml", {"model": {"kind": "python", "factory": f"{module}:build"},
-                                            "sampler": {"device": "cpu", "batch": 2}})
+    cfg = ConfigWriter(tmp_path)({"model": {"kind": "python", "factory": f"{module}:build"},
+                                  "sampler": {"device": "cpu", "batch": 2}}, "f.yaml")
     r = cli(["sample", "--config", cfg, "--method", "ddim", "--nfe", 3, "--seeds", "0-1", "--out", tmp_path / "o.npz"])
     _fails(r, 1, needle)
     assert not (tmp_path / "o.npz").exists()

@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import ConfigWriter
 from ckpt_builders import HAS_DIFFUSERS
 
 try:
@@ -151,11 +151,7 @@ def _write_cfg(tmp_path: Path, sd: dict[str, Path], name: str = "sd", model: dic
         "sampler": {"batch": 4, "device": "cpu"},
         "calibration": {"samples": 4, "val_samples": 2, "substeps": 3, "out_dir": str(tmp_path / "coeffs")},
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return ConfigWriter(tmp_path)(cfg, name, **sections)
 
 
 def _ok(r: Any) -> Any:
