@@ -241,6 +241,7 @@ def test_diffusers_discrete_ddim_matches_diffusers(cli, unet_dirs: dict[str, Pat
     torch.testing.assert_close(torch.from_numpy(out["x"]), ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @needs_diffusers
 def test_diffusers_iia_ddim_calibrate_sample(cli, unet_dirs: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, {"kind": "diffusers", "path": unet_dirs["epsilon"]}, grid={"kind": "discrete"})

@@ -217,6 +217,7 @@ def _append_at_once(path, row, barrier, written):
     written.put(len(append_rows(path, [row], skip_done=True)))
 
 
+@pytest.mark.slow
 def test_append_checks_identity_under_the_lock(tmp_path):
     from iia_cli.results import append_rows, make_row, row_identity
 

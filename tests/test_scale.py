@@ -189,6 +189,7 @@ def _append_many(path, worker):
         append_rows(path, [make_row(experiment=f"w{worker}", method="edm", nfe=k, metric="fid", value=k * 0.5)])
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_no_rows(tmp_path):
     path = tmp_path / "r.csv"
     procs = [mp.get_context("spawn").Process(target=_append_many, args=(path, w)) for w in range(4)]

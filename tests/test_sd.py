@@ -417,6 +417,7 @@ def test_sample_base_solvers_cli(cli, sd: dict[str, Path], tmp_path: Path) -> No
         assert im.size == IMAGE[:2] and im.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_guided_iia_ddim_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd)
     r = _ok(cli(["calibrate", "--config", cfg, "--method", "iia-ddim", "--nfe", 5]))
@@ -442,6 +443,7 @@ def test_guided_iia_ddim_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path
     assert r.exit_code == 2 and "another model" in _error_line(r)
 
 
+@pytest.mark.slow
 def test_iia_dpm_solver_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd)
     r = _ok(cli(["calibrate", "--config", cfg, "--method", "iia-dpm-solver++-2m", "--nfe", 5]))
@@ -454,6 +456,7 @@ def test_iia_dpm_solver_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path:
     assert np.isfinite(out["x"]).all() and out["images"].shape == (2, *IMAGE)
 
 
+@pytest.mark.slow
 def test_evaluate_no_fid_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd, evaluate={"methods": ["ddim", "iia-ddim", "dpm-solver++-2m", "iia-dpm-solver++-2m"],
                                              "nfe": [4], "samples": 2, "error_samples": 2, "reference_method": "ddim",

@@ -76,6 +76,7 @@ def _train(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 
+@pytest.mark.slow
 def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -97,6 +98,7 @@ def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert "Traceback" not in other.stderr
 
 
+@pytest.mark.slow
 def test_gmm_exact_reference_matches_the_mixture() -> None:
     """builtin:gmm-mnist-exact holds exact samples of the mixture: their mean is the mixture's mean."""
     from iia_cli.data import GMM_EXACT_SAMPLES, load_builtin_images
@@ -129,6 +131,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["garbage", "hostile", "not-a-checkpoint"])
 def test_bad_training_checkpoint_is_a_one_line_error(tmp_path: Path, kind: str) -> None:
     """A malformed or malicious checkpoint.pt in --work: one line, exit 1, nothing executed, nothing trained."""
