@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, envvars
 from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
-from .iia import (CoefficientSet, Teacher, calibrate_coefficients, calibration_tag, coefficient_filename,
-                  paper_coefficients)
+from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
+                  coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
 from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
@@ -34,6 +33,33 @@ from .progress import ImageProgress, log as default_log
 from .sampling import Coefficients, to_images, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
 
 LogFn = Callable[[str], None]
+
+
+class ModelMemo:
+    """What a process keeps between runs on one model: the automatic batch size (per device) and the IIA teacher's
+    trajectories (:class:`~iia_cli.iia.TeacherCache`). Keyed by the model's fingerprint, never by the Python
+    object (``id()`` is reused after garbage collection) and never stored on the user's model object.
+
+    :func:`prepare` uses :data:`MEMO`, the process's one, so that ``iia evaluate``'s methods on one grid share
+    the teacher; pass ``memo=ModelMemo()`` to keep a run apart."""
+
+    def __init__(self, teachers: int = 4) -> None:
+        self.teachers = TeacherCache(teachers)
+        self._batch: dict[tuple[str, str], int] = {}
+
+    def auto_batch(self, fingerprint: str, model: Any, device: torch.device) -> int:
+        """``sampler.batch: auto``, probed once per model and device."""
+        key = (fingerprint, str(device))
+        if key not in self._batch:
+            self._batch[key] = int(auto_batch(model, device))
+        return self._batch[key]
+
+    def clear(self) -> None:
+        self.teachers.clear()
+        self._batch.clear()
+
+
+MEMO = ModelMemo()
 
 
 @dataclass
@@ -50,6 +76,7 @@ class Prepared:
     fingerprint: str
     batch: int = 64
     note: str = ""
+    memo: ModelMemo = field(default_factory=lambda: MEMO)
 
 
 def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int) -> tuple[torch.Tensor, int]:
@@ -63,8 +90,10 @@ def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int) -> t
 
 
 def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, model: Any = None,
-            fingerprint: str | None = None) -> Prepared:
-    """Load the model (unless given) and build the method and grid of ``cfg`` (or the overrides)."""
+            fingerprint: str | None = None, memo: ModelMemo | None = None) -> Prepared:
+    """Load the model (unless given) and build the method and grid of ``cfg`` (or the overrides). ``memo``: where
+    the automatic batch size and the teacher's trajectories are kept (default :data:`MEMO`)."""
+    memo = MEMO if memo is None else memo
     s = cfg.sampler
     device = resolve_device(s.device)
     state_dtype = resolve_state_dtype(s.state_dtype, device)
@@ -82,21 +111,9 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if fingerprint is None:
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
     sigmas, real_nfe = build_grid(cfg, meth, model, check_nfe(s.nfe if nfe is None else nfe, "nfe"))
-    batch = s.batch if isinstance(s.batch, int) else _auto_batch(model, device)
+    batch = s.batch if isinstance(s.batch, int) else memo.auto_batch(fingerprint, model, device)
     return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint, batch,
-                    meth.solver.grid_note(sigmas))
-
-
-def _auto_batch(model: Any, device: torch.device) -> int:
-    """``sampler.batch: auto``, probed once per model."""
-    cached = getattr(model, "_iia_auto_batch", None)
-    if cached is None:
-        cached = auto_batch(model, device)
-        try:
-            model._iia_auto_batch = cached
-        except AttributeError:
-            pass
-    return int(cached)
+                    meth.solver.grid_note(sigmas), memo)
 
 
 def _grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -139,7 +156,8 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
         + (f"; {p.note}" if p.note else ""))
     res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
                                  p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
-                                 teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log)
+                                 teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log,
+                                 teachers=p.memo.teachers, fingerprint=p.fingerprint)
     fit, val = res.fit, res.val
     if val is not None:
         tb, ti = _nansum(val.residual_base), _nansum(val.residual_iia)
@@ -290,8 +308,9 @@ class SampleResult:
 
 
 def checkpoint_interval() -> float:
-    """Seconds between partial-progress checkpoints (env ``IIA_CHECKPOINT_EVERY_S``, default 30)."""
-    return float(os.environ.get("IIA_CHECKPOINT_EVERY_S", "30"))
+    """Seconds between partial-progress checkpoints (env ``IIA_CHECKPOINT_EVERY_S``, default 30; a bad value is a
+    ConfigError naming the variable). Read it once per run, before the sampling loop."""
+    return envvars.checkpoint_every_s()
 
 
 def save_checkpoint(save: Callable[[], None], path: Path, log: LogFn) -> bool:
@@ -357,6 +376,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
         + (f", coefficients {coeff_path}" if coeff_path else "")
         + (f", {dist.context().world} processes" if dist.context().distributed else ""))
+    every = checkpoint_interval() if partial is not None else math.inf
     t0 = last_checkpoint = time.perf_counter()
     with ImageProgress(len(todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
         for chunk, x in sample_batches(p.model, p.method, p.sigmas, todo, batch, coeff_values, p.device,
@@ -370,7 +390,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
                     atomic_write(path, lambda tmp, im=u8[k]: save_png(im, tmp, "PNG"))
                 if to_npz or keep or grid_png:
                     done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
-            if partial is not None and time.perf_counter() - last_checkpoint >= checkpoint_interval():
+            if partial is not None and time.perf_counter() - last_checkpoint >= every:
                 written = save_checkpoint(lambda: _save_partial(partial, done, meta), partial, log)
                 last_checkpoint = time.perf_counter() if written else math.inf
     seconds = time.perf_counter() - t0

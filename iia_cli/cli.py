@@ -46,8 +46,9 @@ SHARD_HELP = "Take every n-th seed (i/n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_
 
 def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any],
             shard: Optional[str] = None) -> ExperimentConfig:
-    from . import dist
+    from . import dist, envvars
 
+    envvars.check()  # IIA_CHECKPOINT_EVERY_S, IIA_PROGRESS_EVERY_S, torchrun's: a bad value fails before any work
     dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
     overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
     if config is not None:

@@ -287,7 +287,12 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
         if not p.is_file():
             raise MissingFileError("config file", p)
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {p} is not a text file (byte {exc.start} is not UTF-8); give a YAML "
+                              f"experiment config, e.g. configs/mnist-testbed.yaml") from None
+        try:
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

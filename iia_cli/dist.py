@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,9 +58,9 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 def setup(shard: str | None = None) -> Context:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and an optional shard."""
     global _CONTEXT
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from .envvars import integer
+
+    world, rank, local_rank = integer("WORLD_SIZE"), integer("RANK"), integer("LOCAL_RANK")  # ConfigError if bad
     if world > 1 and not tdist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:

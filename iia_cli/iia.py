@@ -88,36 +88,71 @@ class Teacher:
         return x, history
 
 
-_TEACHER_CACHE: dict[tuple, tuple[list[list[torch.Tensor]], int]] = {}
-_TEACHER_CACHE_SIZE = 4
-
-
 def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
                        starts: list[torch.Tensor], labels: list[torch.Tensor | None],
                        class_label: int | None = None) -> tuple[list[list[torch.Tensor]], int]:
     """The teacher's states at every coarse sigma (``[step][chunk]``, step 0 = the noise) and its denoiser calls
-    per noise. Kept for the last few (model, grid, noises, teacher), so that calibrating several methods or
-    targets on one grid (``iia evaluate``, the benchmarks) solves the teacher once."""
-    key = (id(model), teacher.tag, sig.numpy().tobytes(), tuple(map(tuple, chunks)), str(starts[0].dtype),
-           str(starts[0].device), class_label)
-    if key not in _TEACHER_CACHE:
-        states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
-        calls = 0
-        from .progress import ImageProgress
+    per noise, solved now (:class:`TeacherCache` keeps them for reuse)."""
+    states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
+    calls = 0
+    from .progress import ImageProgress
 
-        bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises)",
-                            unit="steps").__enter__()  # ends itself after the last step
-        for k, x in enumerate(starts):
-            den, hist = BoundDenoiser(model, labels[k]), ()
-            for i in range(len(sig) - 1):
-                x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
-                states[i + 1].append(x)
-                bar.advance(1)
-            calls = calls or den.calls
-        while len(_TEACHER_CACHE) >= _TEACHER_CACHE_SIZE:
-            _TEACHER_CACHE.pop(next(iter(_TEACHER_CACHE)))
-        _TEACHER_CACHE[key] = (states, calls)
-    return _TEACHER_CACHE[key]
+    bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises)",
+                        unit="steps").__enter__()  # ends itself after the last step
+    for k, x in enumerate(starts):
+        den, hist = BoundDenoiser(model, labels[k]), ()
+        for i in range(len(sig) - 1):
+            x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
+            states[i + 1].append(x)
+            bar.advance(1)
+        calls = calls or den.calls
+    return states, calls
+
+
+class TeacherCache:
+    """The teacher's trajectories of the last ``size`` (model, grid, noises, teacher), so that calibrating several
+    methods or targets on one grid (``iia evaluate``, the benchmarks) solves the teacher once.
+
+    Keyed by the model's fingerprint (``Prepared.fingerprint``: checkpoint bytes and adapter settings), never by
+    the Python object: ``id()`` is reused after garbage collection, and a model loaded later at the same address
+    would get the first model's states. The rest of the key is what the states depend on: the teacher (solver,
+    sub-steps), the exact sigmas, the noises (seeds in chunk order, dtype, device) and the class label."""
+
+    def __init__(self, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError(f"TeacherCache size={size} must be at least 1")
+        self.size = size
+        self._entries: dict[tuple, tuple[list[list[torch.Tensor]], int]] = {}
+        self.solves = 0  # trajectories computed (not found), for tests and logs
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def key(fingerprint: str, teacher: Teacher, sig: torch.Tensor, chunks: list[list[int]],
+            starts: list[torch.Tensor], class_label: int | None) -> tuple:
+        if not fingerprint:
+            raise ValueError("TeacherCache needs the model's fingerprint")
+        return (fingerprint, teacher.name, teacher.substeps, sig.to(torch.float64).cpu().numpy().tobytes(),
+                tuple(map(tuple, chunks)), str(starts[0].dtype), str(starts[0].device), class_label)
+
+    def trajectory(self, fingerprint: str, teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
+                   starts: list[torch.Tensor], labels: list[torch.Tensor | None],
+                   class_label: int | None = None) -> tuple[list[list[torch.Tensor]], int]:
+        """:func:`teacher_trajectory` of ``model`` (whose fingerprint is ``fingerprint``), solved once per key."""
+        key = self.key(fingerprint, teacher, sig, chunks, starts, class_label)
+        if key in self._entries:
+            self._entries[key] = self._entries.pop(key)  # most recently used last
+            return self._entries[key]
+        value = teacher_trajectory(teacher, model, sig, chunks, starts, labels, class_label)
+        self.solves += 1
+        while len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = value
+        return value
 
 
 class IllConditionedWarning(UserWarning):
@@ -193,12 +228,14 @@ class PassResult:
 def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], substeps: int,
                 chunk: int, device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None = None,
                 ridge: float = 1e-8, class_label: int | None = None, log: Any = None,
-                warn: Any = None, target: str = "local", teacher: Teacher | None = None) -> PassResult:
+                warn: Any = None, target: str = "local", teacher: Teacher | None = None,
+                teachers: TeacherCache | None = None, fingerprint: str = "") -> PassResult:
     """One greedy pass over the noises of ``seeds``: fits coefficients step by step (``coeffs`` None) or
     applies given ones (validation), recording per-step residuals against the ``target`` (``local``: M fine
     sub-steps of the base solver from the coarse state; ``trajectory``: the teacher's state at sigma_{i+1}).
     A ``teacher`` (required for ``trajectory``) runs along in the same pass from the same noises; its final
-    states are returned for the end-to-end error."""
+    states are returned for the end-to-end error. With ``teachers`` and the model's ``fingerprint`` the
+    teacher's trajectory is taken from (and kept in) that cache."""
     if not method.is_iia:
         raise ConfigError(f"method {method.name} has no IIA coefficients to calibrate")
     if target not in TARGETS:
@@ -223,8 +260,13 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         denoisers.append(BoundDenoiser(model, lab))
         histories.append(())
         labels.append(lab)
-    teacher_states, teacher_calls = (teacher_trajectory(teacher, model, sig, chunks, states, labels, class_label)
-                                     if teacher is not None else ([], 0))
+    if teacher is None:
+        teacher_states, teacher_calls = [], 0
+    elif teachers is not None and fingerprint:
+        teacher_states, teacher_calls = teachers.trajectory(fingerprint, teacher, model, sig, chunks, states, labels,
+                                                            class_label)
+    else:
+        teacher_states, teacher_calls = teacher_trajectory(teacher, model, sig, chunks, states, labels, class_label)
     fitted: Coefficients = []
     res_base, res_iia = [], []
     from .progress import ImageProgress
@@ -366,17 +408,19 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
                            substeps: int, chunk: int, device: torch.device, state_dtype: torch.dtype,
                            ridge: float = 1e-8, class_label: int | None = None, target: str = "local",
                            teacher: Teacher | None = None, guard: bool = True, log: Callable[[str], None] | None = None,
-                           verbose: bool = False, warn: Any = None) -> CalibrationOutcome:
+                           verbose: bool = False, warn: Any = None, teachers: TeacherCache | None = None,
+                           fingerprint: str = "") -> CalibrationOutcome:
     """Fit (one greedy pass against ``target``), guard (shrink by the final error on the calibration noises)
     and validate end to end on the held-out ``val_seeds``. The teacher runs only when the target, the guard
-    or the validation needs it."""
+    or the validation needs it; ``teachers`` and the model's ``fingerprint``: reuse its trajectories
+    (:class:`TeacherCache`)."""
     say = log or (lambda m: None)
     t0 = time.perf_counter()
     nfe = method.solver.nfe_of_grid(sigmas)
     use_teacher = teacher if (target == "trajectory" or guard or val_seeds) else None
     fit = greedy_pass(method, model, sigmas, seeds, substeps, chunk, device, state_dtype, ridge=ridge,
                       class_label=class_label, log=say if verbose else None, warn=warn, target=target,
-                      teacher=use_teacher)
+                      teacher=use_teacher, teachers=teachers, fingerprint=fingerprint)
     B = len(seeds)
     calls = (fit.calls + fit.teacher_calls) * B
     what = f"M={substeps} fine sub-steps" if target == "local" else f"teacher {use_teacher.tag if use_teacher else ''}"
@@ -409,7 +453,8 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
                 + f"); {g.passes} extra sampling passes ({g.passes * nfe * B} denoiser calls)")
     if val_seeds:
         val = greedy_pass(method, model, sigmas, val_seeds, substeps, chunk, device, state_dtype, coeffs=out.coeffs,
-                          class_label=class_label, target=target, teacher=use_teacher)
+                          class_label=class_label, target=target, teacher=use_teacher, teachers=teachers,
+                          fingerprint=fingerprint)
         out.val = val
         V = len(val_seeds)
         out.val_calls = (val.calls + val.teacher_calls) * V

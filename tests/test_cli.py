@@ -6,22 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def gauss_cfg(tmp_path):
+def gauss_cfg(tmp_path, write_config):
     cfg = {
         "experiment": "gauss-test",
         "model": {"kind": "gaussian", "shape": [1, 4, 4]},
         "sampler": {"method": "edm", "nfe": 7, "batch": 4},
         "calibration": {"samples": 24, "val_samples": 8, "out_dir": str(tmp_path / "coeffs")},
     }
-    path = tmp_path / "gauss.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "gauss.yaml")
 
 
 def test_sample_npz_and_png(cli, gauss_cfg, tmp_path):
@@ -113,7 +110,7 @@ def test_missing_files_exit_1(cli, tmp_path, gauss_cfg):
     assert r.exit_code == 2 and "not valid YAML" in r.output
 
 
-def test_python_factory_model(cli, tmp_path):
+def test_python_factory_model(cli, tmp_path, write_config):
     (tmp_path / "mymodel.py").write_text(
         "import torch\n"
         "class Shrink:\n"
@@ -124,9 +121,8 @@ def test_python_factory_model(cli, tmp_path):
         "        return x * self.scale / (1 + sigma.view(-1, 1, 1, 1) ** 2)\n"
         "def build(scale=1.0):\n"
         "    return Shrink(scale)\n")
-    cfg = tmp_path / "f.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "python", "factory": f"{tmp_path / 'mymodel.py'}:build",
-                                             "kwargs": {"scale": 0.5}}, "sampler": {"method": "ddim", "nfe": 5}}))
+    cfg = write_config({"model": {"kind": "python", "factory": f"{tmp_path / 'mymodel.py'}:build",
+                                  "kwargs": {"scale": 0.5}}, "sampler": {"method": "ddim", "nfe": 5}}, "f.yaml")
     r = cli(["sample", "--config", cfg, "--seeds", "0-2", "--out", tmp_path / "f.npz"])
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "f.npz")["x"].shape == (3, 2, 3, 3)

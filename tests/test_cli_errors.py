@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX = set("╭╮╰╯│─┃━")
@@ -18,7 +17,7 @@ COMMANDS = ["sample", "calibrate", "fid-weights", "fid-ref", "fid", "evaluate", 
 
 
 @pytest.fixture
-def gauss_cfg(tmp_path):
+def gauss_cfg(tmp_path, write_config):
     cfg = {
         "experiment": "gauss-err",
         "model": {"kind": "gaussian", "shape": [1, 4, 4]},
@@ -26,9 +25,7 @@ def gauss_cfg(tmp_path):
         "calibration": {"samples": 8, "val_samples": 0, "out_dir": str(tmp_path / "coeffs")},
         "evaluate": {"methods": ["edm"], "nfe": [5], "samples": 4, "error_samples": 2, "reference_nfe": 21},
     }
-    path = tmp_path / "gauss.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "gauss.yaml")
 
 
 @pytest.fixture
@@ -320,7 +317,7 @@ def test_live_writers_temp_is_kept(tmp_path):
     assert remove_stale_temps(tmp_path) == [] and mine.exists() and user.exists()
 
 
-def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path):
+def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path, write_config):
     (tmp_path / "nanmodel.py").write_text(
         "import torch\n"
         "class NaN:\n"
@@ -329,9 +326,8 @@ def test_empty_png_directory_is_removed_after_a_failure(cli, work, tmp_path):
         "        return x * float('nan')\n"
         "def build():\n"
         "    return NaN()\n")
-    cfg = tmp_path / "nan.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "python", "factory": f"{tmp_path / 'nanmodel.py'}:build"},
-                                   "sampler": {"method": "ddim", "nfe": 3}}))
+    cfg = write_config({"model": {"kind": "python", "factory": f"{tmp_path / 'nanmodel.py'}:build"},
+                        "sampler": {"method": "ddim", "nfe": 3}}, "nan.yaml")
     r = cli(["sample", "--config", cfg, "--seeds", "0-1", "--out", "new/pngs"])
     assert_one_line_error(r, 1, "non-finite samples")
     assert not (tmp_path / "new").exists()
@@ -354,3 +350,81 @@ def test_internal_errors_are_one_line(cli, gauss_cfg, work, monkeypatch):
     monkeypatch.setenv("IIA_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli(["sample", "--config", gauss_cfg, "--out", "o.npz"])
+
+
+@pytest.mark.parametrize("name, value, valid", [
+    ("IIA_CHECKPOINT_EVERY_S", "soon", "a number of seconds >= 0"),
+    ("IIA_CHECKPOINT_EVERY_S", "-5", "a number of seconds >= 0"),
+    ("IIA_PROGRESS_EVERY_S", "nan", "a number of seconds >= 0"),
+    ("WORLD_SIZE", "two", "an integer >= 1"),
+    ("RANK", "3", "0..0"),
+])
+@pytest.mark.parametrize("command", ["sample", "calibrate", "evaluate"])
+def test_bad_environment_knob_is_one_line_before_any_work(cli, gauss_cfg, work, monkeypatch, name, value, valid,
+                                                           command):
+    before = work()
+    monkeypatch.setenv(name, value)
+    args = [command, "--config", gauss_cfg] + (["--out", "x.npz"] if command == "sample" else [])
+    r = cli(args)
+    assert_one_line_error(r, 2, name, repr(value), valid)
+    assert work() == before  # nothing written
+
+
+def test_environment_knobs_are_read_once_per_run(cli, gauss_cfg, work, monkeypatch):
+    """The checkpoint interval is read before the sampling loop, not at every batch."""
+    from iia_cli import envvars
+
+    reads = []
+    real = envvars.seconds
+    monkeypatch.setattr(envvars, "seconds", lambda name: reads.append(name) or real(name))
+    r = cli(["sample", "--config", gauss_cfg, "--seeds", "0-11", "--batch", "2", "--out", "x.npz"])
+    assert r.exit_code == 0, r.output
+    assert reads.count("IIA_CHECKPOINT_EVERY_S") == 2  # the CLI's up-front check and the run's one read
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch, shard):
+    """The up-front output checks of `iia evaluate` follow layout.py (the results CSV, the shard directory and the
+    FID checkpoints), not a second copy of the paths."""
+    from iia_cli import layout
+    from iia_cli.config import load_config
+    from iia_cli.paths import OutputPlan, plan_evaluate_outputs
+
+    monkeypatch.chdir(tmp_path)
+    moved = tmp_path / "elsewhere" / "results"
+    monkeypatch.setattr(layout, "RESULTS_DIR", moved)
+    cfg = load_config(None, [("model.kind", "gaussian"), ("experiment", "moved"),
+                             ("calibration.out_dir", str(tmp_path / "coeffs"))])
+    plan = OutputPlan()
+    plan_evaluate_outputs(plan, cfg, None, shard=shard, fid=True)
+    planned = set(plan.to_create)
+    assert layout.partial_dir() in planned and (layout.shard_dir("moved") in planned) == shard
+    assert all(not str(p).startswith(str(tmp_path / "results")) for p in planned), planned
+    (tmp_path / "blocked").write_text("a file where the results directory would go\n")
+    monkeypatch.setattr(layout, "RESULTS_DIR", tmp_path / "blocked" / "results")
+    from iia_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="blocked is a file, not a directory"):
+        plan_evaluate_outputs(OutputPlan(), cfg, None, shard=shard, fid=False)
+
+
+def _binary_configs(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "picture.yaml"
+    Image.new("L", (4, 4)).save(png, format="PNG")
+    noise = tmp_path / "noise.yaml"
+    noise.write_bytes(b"model:\n  kind: gaussian\n" + b"\xff" + os.urandom(256))  # not UTF-8 from the \xff on
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"model:\x00\x01\x02\n")  # UTF-8, but not YAML text
+    return {png: "is not a text file", noise: "is not a text file", nul: "is not valid YAML"}
+
+
+@pytest.mark.parametrize("command", ["sample", "calibrate", "evaluate", "config"])
+def test_binary_config_file_is_a_one_line_usage_error(cli, work, tmp_path, command):
+    for path, needle in _binary_configs(tmp_path).items():
+        before = work()
+        r = cli([command, "--config", path])
+        assert_one_line_error(r, 2, f"config {path}", needle)
+        assert "internal error" not in r.output
+        assert work() == before

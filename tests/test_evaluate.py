@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from iia_cli.results import COLUMNS
 
@@ -22,7 +21,7 @@ def _revision() -> str:
 
 
 @pytest.fixture
-def eval_cfg(tmp_path, monkeypatch):
+def eval_cfg(tmp_path, monkeypatch, write_config):
     monkeypatch.chdir(tmp_path)
     cfg = {
         "experiment": "tiny",
@@ -33,9 +32,7 @@ def eval_cfg(tmp_path, monkeypatch):
         "evaluate": {"methods": ["edm", "iia-edm"], "nfe": [5], "seed_ranges": ["0-14", "15-29"],
                      "error_samples": 8, "reference_nfe": 199},
     }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "tiny.yaml")
 
 
 @pytest.mark.slow
@@ -106,7 +103,7 @@ def _rows(path):
 
 
 @pytest.fixture
-def err_cfg(tmp_path, monkeypatch):
+def err_cfg(tmp_path, monkeypatch, write_config):
     """Integration error only: no FID reference and no Inception weights anywhere."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("IIA_INCEPTION_WEIGHTS", raising=False)
@@ -115,9 +112,7 @@ def err_cfg(tmp_path, monkeypatch):
            "calibration": {"samples": 8, "val_samples": 0, "substeps": 2},
            "evaluate": {"methods": ["iia-ddim"], "nfe": [5], "samples": 6, "error_samples": 4, "reference_nfe": 19,
                         "metrics": ["integration_rmse"]}}
-    path = tmp_path / "ident.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "ident.yaml")
 
 
 def test_identity_skips_identical_reruns_and_recomputes_changed_settings(cli, err_cfg, tmp_path):
@@ -218,18 +213,31 @@ def test_merge_and_report_reject_bad_files_in_one_line(cli, err_cfg, tmp_path):
     assert r.exit_code == 0 and "248.32" in r.stdout and "0.8035" in r.stdout
 
 
+def _append_at_once(path, row, barrier, written):
+    """A writer process: waits for the others, appends ``row`` with skip_done, reports how many rows it wrote."""
+    from iia_cli.results import append_rows
+
+    barrier.wait(120)
+    written.put(len(append_rows(path, [row], skip_done=True)))
+
+
+@pytest.mark.slow
 def test_append_checks_identity_under_the_lock(tmp_path):
     from iia_cli.results import append_rows, make_row, row_identity
 
     ident, text = row_identity({"method": "edm", "nfe": 6})
     row = make_row(method="edm", nfe=6, metric="fid", value=1.0, identity=ident, identity_fields=text)
     path = tmp_path / "r.csv"
-    procs = [mp.get_context("spawn").Process(target=append_rows, args=(path, [row]), kwargs={"skip_done": True})
-             for _ in range(3)]
+    ctx = mp.get_context("spawn")
+    barrier, written = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_append_at_once, args=(path, row, barrier, written)) for _ in range(3)]
     for p in procs:
         p.start()
+    counts = [written.get(timeout=180) for _ in procs]  # before join: a child exits once its queue is flushed
     for p in procs:
         p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(counts) == [0, 0, 1]  # all three raced; exactly one wrote the row, the others saw it done
     assert len(_rows(path)) == 1
     assert append_rows(path, [row], skip_done=True) == [] and len(_rows(path)) == 1
     assert len(append_rows(path, [row])) == 1 and len(_rows(path)) == 2  # --fresh appends
@@ -255,7 +263,8 @@ def build(log):
 
 
 @pytest.mark.slow
-def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch):
+def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch,
+                                                                    write_config):
     from iia_cli.api import prepare
     from iia_cli.config import load_config
 
@@ -268,8 +277,7 @@ def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path
            "sampler": {"batch": 4}, "fid": {"reference": "builtin:mnist", "reference_samples": 12, "batch": 12},
            "evaluate": {"methods": ["ddim", "dpm-solver++-2m"], "nfe": [5], "samples": 10, "error_samples": 6,
                         "reference_nfe": 19}}
-    path = tmp_path / "count.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(cfg, "count.yaml")
     ref_nfe = prepare(load_config(path), "edm", 19).nfe
 
     def calls():

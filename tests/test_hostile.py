@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import ConfigWriter
 from ckpt_builders import write_edm_pickle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,19 +44,12 @@ def _fails(r: Any, code: int, *needles: str) -> str:
     return line
 
 
-def _write_yaml(path: Path, tree: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
 def _gaussian_cfg(tmp_path: Path, **extra: Any) -> Path:
     tree: dict[str, Any] = {"experiment": "hostile", "model": {"kind": "gaussian", "shape": [1, 4, 4]},
                             "sampler": {"device": "cpu", "batch": 4},
                             "calibration": {"samples": 8, "val_samples": 0, "substeps": 2,
                                             "out_dir": str(tmp_path / "coeffs")}}
-    for key, value in extra.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return _write_yaml(tmp_path / "gauss.yaml", tree)
+    return ConfigWriter(tmp_path)(tree, "gauss.yaml", **extra)
 
 
 # ==================================================================================================
@@ -112,8 +105,8 @@ def _payloads(tmp_path: Path, marker: Path) -> dict[str, bytes]:
 
 
 def _edm_cfg(tmp_path: Path, pkl: Path, **model: Any) -> Path:
-    return _write_yaml(tmp_path / "edm.yaml", {"experiment": "evil", "model": {"kind": "edm-pkl", "path": str(pkl), **model},
-                                               "sampler": {"device": "cpu", "batch": 2}})
+    return ConfigWriter(tmp_path)({"experiment": "evil", "model": {"kind": "edm-pkl", "path": str(pkl), **model},
+                                   "sampler": {"device": "cpu", "batch": 2}}, "edm.yaml")
 
 
 @pytest.mark.parametrize("name", ["os.system", "posix.system", "builtins.eval", "subprocess.Popen", "torch.load",
@@ -195,13 +188,30 @@ def test_edm_test_pickles_need_trust_code(cli, tmp_path: Path) -> None:
     _fails(r, 2, "model.trust_code")
 
 
-def test_known_edm_sources_are_recorded_as_hashes_only() -> None:
+def test_known_edm_sources_are_recorded_as_hashes_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allow-list holds sha256 hex digests in the form the loader compares (lowercase hexdigest of the UTF-8
+    source): a source whose digest is listed runs without trust_code, and unlisting it refuses it again."""
+    import hashlib
+    import re
+
+    from ckpt_builders import SOURCES
+    from iia_cli.errors import IIARuntimeError
     from iia_cli.models import edm_pkl
 
     assert len(edm_pkl.KNOWN_EDM_SOURCES) == 4
-    assert all(len(k) == 64 and int(k, 16) >= 0 for k in edm_pkl.KNOWN_EDM_SOURCES)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in edm_pkl.KNOWN_EDM_SOURCES)  # else it never matches
     assert {v.split()[1] for v in edm_pkl.KNOWN_EDM_SOURCES.values()} == {
         "training/networks.py", "training/loss.py", "training/augment.py"}
+    pkl = write_edm_pickle(tmp_path / "tiny.pkl")
+    with pytest.raises(IIARuntimeError, match="class TinyPrecond"):
+        edm_pkl.load_edm_pickle(pkl)
+    digest = hashlib.sha256(SOURCES["tiny_edm_net"].encode("utf-8")).hexdigest()
+    monkeypatch.setitem(edm_pkl.KNOWN_EDM_SOURCES, digest, "this test's tiny_edm_net")
+    model = edm_pkl.load_edm_pickle(pkl)  # listed: runs without trust_code
+    assert tuple(model.shape) == (3, 8, 8)
+    monkeypatch.delitem(edm_pkl.KNOWN_EDM_SOURCES, digest)
+    with pytest.raises(IIARuntimeError, match="class TinyPrecond"):
+        edm_pkl.load_edm_pickle(pkl)
 
 
 # ==================================================================================================
@@ -340,8 +350,8 @@ def test_python_factory_errors_one_line(cli, tmp_path: Path, case: str) -> None:
     src, needle = FACTORIES[case]
     module = tmp_path / "userfactory.py"
     module.write_text(src)
-    cfg = _write_yaml(tmp_path / "f.yaml", {"model": {"kind": "python", "factory": f"{module}:build"},
-                                            "sampler": {"device": "cpu", "batch": 2}})
+    cfg = ConfigWriter(tmp_path)({"model": {"kind": "python", "factory": f"{module}:build"},
+                                  "sampler": {"device": "cpu", "batch": 2}}, "f.yaml")
     r = cli(["sample", "--config", cfg, "--method", "ddim", "--nfe", 3, "--seeds", "0-1", "--out", tmp_path / "o.npz"])
     _fails(r, 1, needle)
     assert not (tmp_path / "o.npz").exists()

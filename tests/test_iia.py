@@ -27,28 +27,41 @@ def _cfg(tmp_path, **sampler):
 
 
 @pytest.mark.parametrize("name", IIA_METHODS)
-def test_zero_coefficients_reproduce_base_solver_exactly(name):
-    iia = make_method(name)
-    base = make_method(iia.solver.name)
-    prep_sig = api.build_grid(load_config(None), iia, MODEL, NFE[name])[0]
-    x = make_noise(range(5), MODEL.shape, torch.device("cpu"))[0].double() * 80
-    zeros = [[0.0] * 4] * (len(prep_sig) - 1)
-    zeros = []
-    den = BoundDenoiser(MODEL)
-    hist = ()
-    # zero coefficients of the right length at every corrected step
+def test_sampling_applies_each_steps_coefficients_to_that_steps_quantities(name):
+    """run_steps with coefficients at one step j equals an independent rollout: the base solver's steps, at step j
+    the base update plus sum_k c_k q_k (quantities from the uncorrected step's state and record), then the base
+    solver again from the corrected state. Catches a coefficient applied at the wrong step, quantities taken
+    from the wrong state, or a correction that never reaches the sample."""
     from iia_cli.solvers import push
 
-    xi = x.clone()
-    for i in range(len(prep_sig) - 1):
-        res = iia.solver.step(den, xi, prep_sig, i, hist)
-        q = iia.quantities(xi, res.record, hist, prep_sig, i)
-        zeros.append([0.0] * len(q) if q else [])
-        hist, xi = push(hist, res.record), res.x_next
-    a = run_steps(iia, BoundDenoiser(MODEL), x.clone(), prep_sig, coeffs=zeros)
-    b = run_steps(base, BoundDenoiser(MODEL), x.clone(), prep_sig)
-    assert torch.equal(a, b)
-    assert any(zeros), "the method corrects at least one step"
+    iia = make_method(name)
+    sig = api.build_grid(load_config(None), iia, MODEL, NFE[name])[0]
+    x0 = make_noise(range(5), MODEL.shape, torch.device("cpu"))[0].double() * 80
+    den = BoundDenoiser(MODEL)
+    lengths, x, hist = [], x0.clone(), ()
+    for i in range(len(sig) - 1):  # which steps have quantities, and how many
+        res = iia.solver.step(den, x, sig, i, hist)
+        q = iia.quantities(x, res.record, hist, sig, i)
+        lengths.append(len(q) if q else 0)
+        hist, x = push(hist, res.record), res.x_next
+    base_final = x
+    corrected = [i for i, n in enumerate(lengths) if n]
+    assert corrected, "the method corrects at least one step"
+    for j in (corrected[0], corrected[-1]):
+        coeffs = [[0.0] * n for n in lengths]
+        coeffs[j] = [0.02 * (k + 1) * (-1) ** k for k in range(lengths[j])]
+        got = run_steps(iia, BoundDenoiser(MODEL), x0.clone(), sig, coeffs=coeffs)
+        x, hist = x0.clone(), ()
+        for i in range(len(sig) - 1):
+            res = iia.solver.step(den, x, sig, i, hist)
+            x_next = res.x_next
+            if i == j:
+                q = iia.quantities(x, res.record, hist, sig, i)
+                assert all(float(qk.abs().max()) > 0 for qk in q)
+                x_next = x_next + sum(c * qk for c, qk in zip(coeffs[j], q))
+            hist, x = push(hist, res.record), x_next
+        torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-10)
+        assert float((got - base_final).abs().max()) > 1e-6  # the correction reaches the sample
 
 
 def test_iia_edm_paper_coefficients_give_heun():

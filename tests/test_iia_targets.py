@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from iia_cli import api
 from iia_cli.config import load_config
 from iia_cli.errors import ConfigError
-from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, choose_alpha, greedy_pass,
+from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, TeacherCache, choose_alpha, greedy_pass,
                          teacher_trajectory)
 from iia_cli.methods import make_method
 from iia_cli.models.gaussian import GaussianModel
@@ -84,8 +83,90 @@ def test_teacher_is_a_high_accuracy_solve_and_is_reused():
     states, calls = teacher_trajectory(Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
     err10, err20 = (float((s[-1][0] - exact).abs().max()) for s in (coarse, states))
     assert err20 < 2e-3 and err10 / err20 > 3.5  # Heun: second order in the sub-step
-    again, calls2 = teacher_trajectory(Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
-    assert again is states and calls2 == calls == 2 * 20 * 5 - 1
+    assert calls == 2 * 20 * 5 - 1
+    cache = TeacherCache()
+    fp = model.fingerprint()
+    first = cache.trajectory(fp, Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    again = cache.trajectory(fp, Teacher("edm", 20), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    assert again is first and cache.solves == 1 and first[1] == calls
+    torch.testing.assert_close(first[0][-1][0], states[-1][0], rtol=0, atol=0)
+    # another teacher, grid or set of noises is another entry
+    cache.trajectory(fp, Teacher("edm", 10), model, sig, [[0, 1, 2, 3]], [x0], [None])
+    cache.trajectory(fp, Teacher("edm", 20), model, sig[1:], [[0, 1, 2, 3]], [x0], [None])
+    cache.trajectory(fp, Teacher("edm", 20), model, sig, [[4, 5, 6, 7]], [x0], [None])
+    assert cache.solves == 4 and len(cache) == 4
+
+
+def test_teacher_cache_is_keyed_by_fingerprint_not_object_id():
+    """Two objects of one model (same fingerprint) share an entry; a model with another fingerprint gets its own."""
+    sig = torch.tensor([80.0, 5.0, 0.5, 0.0], dtype=torch.float64)
+    x0 = make_noise(range(2), (1, 4, 4), CPU)[0].double() * 80
+    cache, teacher = TeacherCache(), Teacher("edm", 4)
+    one, twin, other = (GaussianModel(shape=(1, 4, 4), std=s) for s in (0.5, 0.5, 2.0))
+    assert one.fingerprint() == twin.fingerprint() != other.fingerprint()
+    a = cache.trajectory(one.fingerprint(), teacher, one, sig, [[0, 1]], [x0], [None])
+    assert cache.trajectory(twin.fingerprint(), teacher, twin, sig, [[0, 1]], [x0], [None]) is a
+    b = cache.trajectory(other.fingerprint(), teacher, other, sig, [[0, 1]], [x0], [None])
+    assert cache.solves == 2 and b is not a
+    own, _ = teacher_trajectory(teacher, other, sig, [[0, 1]], [x0], [None])
+    torch.testing.assert_close(b[0][-1][0], own[-1][0], rtol=0, atol=0)
+    assert float((b[0][-1][0] - a[0][-1][0]).abs().max()) > 0.1
+
+
+class _PaddedGaussian(GaussianModel):
+    """A Gaussian model whose instances have a size few other objects share, so that the next one allocated
+    after one is freed takes its memory, and its id() (pymalloc reuses the freed block of a size class)."""
+
+    __slots__ = tuple(f"_pad{i}" for i in range(23))
+
+
+def test_teacher_cache_after_id_reuse_gives_the_new_model_its_own_states():
+    """A model created after another was garbage-collected can get its id(); it must still get its own teacher
+    states, which an id()-keyed cache fails."""
+    import gc
+
+    sig = torch.tensor([80.0, 5.0, 0.5, 0.0], dtype=torch.float64)
+    x0 = make_noise(range(2), (1, 4, 4), CPU)[0].double() * 80
+    cache, teacher = TeacherCache(), Teacher("edm", 4)
+    gc.collect()
+    gc.disable()  # no collection between the two models: it would free other garbage into the slot's size class
+    try:
+        first = _PaddedGaussian(shape=(1, 4, 4), std=0.5)
+        first_id = id(first)
+        first_states, _ = cache.trajectory(first.fingerprint(), teacher, first, sig, [[0, 1]], [x0], [None])
+        del first  # freed here: nothing else refers to it
+        second, others = None, []
+        for _ in range(1000):
+            candidate = _PaddedGaussian(shape=(1, 4, 4), std=2.0)  # another data distribution: other ODE solutions
+            if id(candidate) == first_id:
+                second = candidate
+                break
+            others.append(candidate)
+    finally:
+        gc.enable()
+    if second is None:
+        pytest.skip("no id() reuse on this Python; test_teacher_cache_is_keyed_by_fingerprint... covers the key")
+    got, _ = cache.trajectory(second.fingerprint(), teacher, second, sig, [[0, 1]], [x0], [None])
+    own, _ = teacher_trajectory(teacher, second, sig, [[0, 1]], [x0], [None])
+    assert got is not first_states
+    torch.testing.assert_close(got[-1][0], own[-1][0], rtol=0, atol=0)
+
+
+def test_prepare_keeps_no_state_on_the_model_object(tmp_path, monkeypatch):
+    """sampler.batch: auto and calibration remember what they learn about a model in a ModelMemo keyed by its
+    fingerprint, not as attributes of the user's object."""
+    cfg = _cfg(tmp_path, guard=True)
+    model = GaussianModel(shape=(1, 4, 4), std=0.5)
+    before = dict(vars(model))
+    memo = api.ModelMemo()
+    cfg_auto = load_config(None, [("model.kind", "gaussian"), ("model.shape", [1, 4, 4]), ("sampler.batch", "auto")])
+    probes = []
+    monkeypatch.setattr(api, "auto_batch", lambda m, device: probes.append(m) or 16)
+    p = api.prepare(cfg_auto, model=model, memo=memo)
+    assert p.batch == 16 and api.prepare(cfg_auto, model=model, memo=memo).batch == 16 and len(probes) == 1
+    api.calibrate(cfg, prepared=api.prepare(cfg, model=model, memo=memo), log=lambda m: None, verbose=False)
+    assert memo.teachers.solves >= 1
+    assert vars(model).keys() == before.keys() and all(vars(model)[k] is v for k, v in before.items())
 
 
 def test_choose_alpha_takes_the_best_shrink_and_never_loses_on_a_fold():
@@ -125,7 +206,7 @@ def test_guard_shrinks_a_correction_that_hurts_to_the_base(tmp_path):
     assert sum("WORSE than its base solver" in m for m in msgs) == 1
 
 
-def test_coefficient_file_records_target_teacher_guard_and_validation(tmp_path, cli):
+def test_coefficient_file_records_target_teacher_guard_and_validation(tmp_path, cli, write_config):
     cfg = _cfg(tmp_path, target="trajectory", teacher="heun", teacher_substeps=4)
     cs, path = api.calibrate(cfg, log=lambda m: None)
     data = json.loads(path.read_text())
@@ -146,9 +227,8 @@ def test_coefficient_file_records_target_teacher_guard_and_validation(tmp_path, 
         other = _cfg(tmp_path, **{"target": "trajectory", "teacher": "heun", "teacher_substeps": 4, key: value})
         with pytest.raises(ConfigError, match=what):
             api.resolve_coefficients(api.prepare(other), path)
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
-                                        "calibration": {"target": "local"}}))
+    cfg_file = write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]}, "calibration": {"target": "local"}},
+                            "c.yaml")
     r = cli(["sample", "--config", cfg_file, "--method", "iia-ddim", "--nfe", "6", "--coeffs", path,
              "--seeds", "0-1", "--out", tmp_path / "s.npz"])
     assert r.exit_code == 2 and "calibration.target trajectory != local" in r.output
@@ -169,12 +249,11 @@ def test_old_coefficient_files_are_refused_by_the_guarded_default(tmp_path):
         api.resolve_coefficients(api.prepare(_cfg(tmp_path)), path)
 
 
-def test_sample_prints_the_worse_warning_once(tmp_path, cli):
-    cfg_file = tmp_path / "w.yaml"
-    cfg_file.write_text(yaml.safe_dump({
+def test_sample_prints_the_worse_warning_once(tmp_path, cli, write_config):
+    cfg_file = write_config({
         "model": {"kind": "gaussian", "shape": [1, 4, 4]}, "sampler": {"method": "iia-ddim", "nfe": 6},
         "calibration": {"samples": 24, "val_samples": 12, "teacher": "ddim", "teacher_substeps": 1,
-                        "guard": False, "out_dir": str(tmp_path / "coeffs")}}))
+                        "guard": False, "out_dir": str(tmp_path / "coeffs")}}, "w.yaml")
     r = cli(["calibrate", "--config", cfg_file])
     assert r.exit_code == 0 and r.output.count("WORSE than its base solver") == 1
     r = cli(["sample", "--config", cfg_file, "--seeds", "0-3", "--out", tmp_path / "s.npz"])
@@ -198,15 +277,14 @@ def test_exact_teacher_needs_a_closed_form_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_trajectory_and_guard_equal_single_process(tmp_path):
+def test_torchrun_trajectory_and_guard_equal_single_process(tmp_path, write_config):
     from test_scale import SLOW_MODEL, _env, _iia, _torchrun
 
     (tmp_path / "slow.py").write_text(SLOW_MODEL)
-    cfg = tmp_path / "t.yaml"
-    cfg.write_text(yaml.safe_dump({
+    cfg = write_config({
         "model": {"kind": "python", "factory": f"{tmp_path / 'slow.py'}:build", "kwargs": {"delay": 0.0}},
         "sampler": {"method": "iia-ipndm", "nfe": 6, "batch": 4},
-        "calibration": {"samples": 24, "val_samples": 8, "target": "trajectory", "teacher_substeps": 3}}))
+        "calibration": {"samples": 24, "val_samples": 8, "target": "trajectory", "teacher_substeps": 3}}, "t.yaml")
     env = _env(tmp_path)
     out = {}
     for name, run in (("one", _iia), ("two", _torchrun)):

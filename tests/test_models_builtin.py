@@ -214,6 +214,7 @@ def mnist_gmm(gmm_cache_dir: Path) -> GMMDenoiser:
     return GMMDenoiser.from_mnist(cache_dir=gmm_cache_dir)
 
 
+@pytest.mark.slow
 def test_gmm_cache_loads_instead_of_refitting(
     mnist_gmm: GMMDenoiser, gmm_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,6 +246,7 @@ def test_gmm_mnist_fit_is_a_valid_ppca_mixture(mnist_gmm: GMMDenoiser) -> None:
     torch.testing.assert_close(m.mixture_mean()[0], data_mean, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gmm_kmeans_components_are_deterministic() -> None:
     images, labels = load_mnist_5k()
     x = torch.from_numpy(images[:1000].reshape(1000, -1)).to(F64) / 127.5 - 1
@@ -255,6 +257,7 @@ def test_gmm_kmeans_components_are_deterministic() -> None:
     assert bool((fit[0]["weights"] > 0.1).all())  # k-means++ seeding gives no degenerate cluster here
 
 
+@pytest.mark.slow
 def test_gmm_long_heun_run_lands_on_the_data(mnist_gmm: GMMDenoiser) -> None:
     x = 80.0 * torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=F64)
     samples = heun_sample(mnist_gmm, x, karras_sigmas(100))[:, 0]  # [64, 28, 28]

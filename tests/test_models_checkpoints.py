@@ -337,3 +337,23 @@ def test_diffusers_errors(unet_dirs: dict[str, Path], tmp_path: Path, monkeypatc
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(IIARuntimeError, match=r"pip install 'iia_cli\[diffusers\]'"):
         load_diffusers_unet(unet_dirs["bare"])
+
+
+@pytest.mark.parametrize("missing, loader, hint", [
+    ("diffusers", "unet", "pip install 'diffusers>=0.30'"),
+    ("diffusers", "betas", "pip install 'diffusers>=0.30'"),
+    ("diffusers", "sd", "pip install 'diffusers>=0.30'"),
+    ("transformers", "sd", "pip install 'transformers>=4.40'"),
+])
+def test_missing_library_hint_names_what_to_install(monkeypatch, missing, loader, hint):
+    """diffusers is a core dependency: its hint installs diffusers, not the extra (which only adds transformers)."""
+    from iia_cli.models import diffusers_sd, diffusers_unet
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` raises ImportError
+    importer = {"unet": diffusers_unet._import_unet2d, "betas": lambda: diffusers_unet.make_betas({}),
+                "sd": diffusers_sd._import_libraries}[loader]
+    with pytest.raises(IIARuntimeError) as info:
+        importer()
+    message = str(info.value)
+    assert hint in message and "\n" not in message
+    assert "pip install 'iia_cli[diffusers]'" not in message

@@ -419,19 +419,17 @@ def test_diff_sampler_dpmpp_3m_rules(nfe):
     assert (default - xs).abs().max() > 1e-6  # the default (k-diffusion) rules differ on this grid
 
 
-def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path):
+def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path, write_config):
     """sampler.convention through the CLI: the diff-sampler grid (NFE + 1 sigmas ending at sigma_min), the
     convention recorded in the coefficient file, and that file refused by a run under the default convention."""
     import json
 
     import numpy as np
-    import yaml
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
-                                   "sampler": {"method": "iia-unipc", "nfe": 6, "batch": 8},
-                                   "calibration": {"samples": 16, "val_samples": 0,
-                                                   "out_dir": str(tmp_path / "coeffs")}}))
+    cfg = write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                        "sampler": {"method": "iia-unipc", "nfe": 6, "batch": 8},
+                        "calibration": {"samples": 16, "val_samples": 0, "out_dir": str(tmp_path / "coeffs")}},
+                       "c.yaml")
     ds = ["--set", "sampler.convention=diff-sampler"]
     r = cli(["calibrate", "--config", cfg, *ds])
     assert r.exit_code == 0, r.output

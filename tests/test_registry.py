@@ -38,12 +38,30 @@ def test_every_registered_method_builds_on_its_base_solver(name, convention):
             assert m.params == {**form, **({"convention": convention} if convention != "iia" else {})}
 
 
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_iia_methods_are_the_ones_with_a_correction(name):
+    """IIA_METHODS is what behaves as IIA: its methods propose correction quantities along a trajectory and move
+    the sample when given coefficients; a base method proposes none and ignores coefficients."""
+    from iia_cli.grids import make_karras_grid
+    from iia_cli.sampling import commit, propose
+
+    method, den = make_method(name), BoundDenoiser(GaussianModel(shape=(1, 4, 4), std=0.5))
+    sig = make_karras_grid(8, 0.5, 80.0)
+    x, hist, corrected = torch.randn(2, 1, 4, 4, dtype=torch.float64) * 80, (), 0
+    for i in range(len(sig) - 1):
+        step = propose(method, den, x, sig, i, hist)
+        if step.quantities is not None and len(step.quantities):
+            moved, _ = commit(step, hist, [0.1] * len(step.quantities))
+            corrected += not torch.equal(moved, step.x_base)
+        x, hist = commit(step, hist)
+    assert (corrected > 0) == (name in IIA_METHODS), corrected
+
+
 def test_names_choices_and_help_come_from_the_registries():
     from iia_cli.cli import METHOD_HELP, METHODS_EPILOG
 
     assert BASE_SOLVER_NAMES == tuple(SOLVERS) and METHOD_NAMES == tuple(METHODS)
     assert METHOD_NAMES[: len(BASE_SOLVER_NAMES)] == BASE_SOLVER_NAMES  # every solver is a method
-    assert IIA_METHODS == tuple(n for n in METHOD_NAMES if METHODS[n].basis is not None)
     assert SOLVER_ALIASES == {"euler": "ddim", "heun": "edm"}
     assert methods.R_CHOICES == {"iia-edm": (0, 1, 2), "biia-edm": (0, 1)}
     assert f"Sampling method: {', '.join(METHOD_NAMES)} (aliases euler=ddim, heun=edm)." == METHOD_HELP

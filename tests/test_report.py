@@ -4,13 +4,12 @@ import csv
 
 import numpy as np
 import pytest
-import yaml
 
 from iia_cli.results import append_rows, make_row, read_results, results_figure, row_identity
 
 
 @pytest.fixture
-def err_cfg(tmp_path, monkeypatch):
+def err_cfg(tmp_path, monkeypatch, write_config):
     """Integration error only on the Gaussian model: fast, no Inception."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_PROGRESS_EVERY_S", "0")  # every progress update becomes a log line
@@ -18,9 +17,7 @@ def err_cfg(tmp_path, monkeypatch):
            "calibration": {"samples": 4, "val_samples": 0, "substeps": 2},
            "evaluate": {"methods": ["ddim", "iia-ddim"], "nfe": [5, 7], "samples": 4, "error_samples": 4,
                         "reference_nfe": 19, "metrics": ["integration_rmse"]}}
-    path = tmp_path / "ux.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, "ux.yaml")
 
 
 def test_progress_lines_for_reference_solve_calibration_and_sampling(cli, err_cfg):
@@ -37,16 +34,15 @@ def test_progress_lines_for_reference_solve_calibration_and_sampling(cli, err_cf
 
 
 @pytest.mark.slow
-def test_progress_lines_for_reference_statistics(capsys, tmp_path, monkeypatch, inception_weights):
+def test_progress_lines_for_reference_statistics(capsys, tmp_path, monkeypatch, inception_weights, write_config):
     from iia_cli.config import load_config
     from iia_cli.evaluate import resolve_reference
     from iia_cli.progress import log
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_PROGRESS_EVERY_S", "0")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
-                                                     "fid": {"reference": "builtin:mnist", "reference_samples": 12,
-                                                             "batch": 4}}))
+    write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                  "fid": {"reference": "builtin:mnist", "reference_samples": 12, "batch": 4}}, "c.yaml")
     path, mu, _, _ = resolve_reference(load_config(tmp_path / "c.yaml"), inception_weights, "cpu", log)
     err = capsys.readouterr().err.splitlines()
     assert path.is_file() and mu.shape == (2048,)

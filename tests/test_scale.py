@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 from iia_cli.results import COLUMNS, append_rows, make_row
 
@@ -52,7 +51,7 @@ def _torchrun(args, cwd, env, nproc=2, timeout=300):
 
 
 @pytest.fixture
-def slow_cfg(tmp_path):
+def slow_cfg(tmp_path, write_config):
     (tmp_path / "slow.py").write_text(SLOW_MODEL)
 
     def make(delay=0.0, nan=False, **sections):
@@ -62,11 +61,7 @@ def slow_cfg(tmp_path):
                "calibration": {"samples": 24, "val_samples": 0, "substeps": 4},
                "evaluate": {"methods": ["ddim", "iia-ddim"], "nfe": [6], "samples": 12, "error_samples": 12,
                             "reference_nfe": 99}}
-        for k, v in sections.items():
-            cfg.setdefault(k, {}).update(v)
-        path = tmp_path / f"cfg_{delay}_{nan}_{len(sections)}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(cfg, f"cfg_{delay}_{nan}_{len(sections)}.yaml", **sections)
 
     return make
 
@@ -200,6 +195,7 @@ def _append_many(path, worker):
         append_rows(path, [make_row(experiment=f"w{worker}", method="edm", nfe=k, metric="fid", value=k * 0.5)])
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_no_rows(tmp_path):
     path = tmp_path / "r.csv"
     procs = [mp.get_context("spawn").Process(target=_append_many, args=(path, w)) for w in range(4)]
@@ -222,7 +218,7 @@ def test_nan_samples_fail_loudly_and_write_no_row(cli, tmp_path, slow_cfg, monke
     assert not (tmp_path / "results" / "scale.csv").exists()
 
 
-def test_least_squares_warns_only_where_the_ridge_changes_the_fit(cli, tmp_path):
+def test_least_squares_warns_only_where_the_ridge_changes_the_fit(cli, tmp_path, write_config):
     import torch
 
     from iia_cli.iia import solve_least_squares
@@ -245,9 +241,8 @@ def test_least_squares_warns_only_where_the_ridge_changes_the_fit(cli, tmp_path)
     solve_least_squares(G, g, ridge=1e-8, step=3, warn=seen.append)
     assert len(seen) == 1 and "IIA step 3" in seen[0] and "nearly collinear" in seen[0] and "calibration.ridge" in seen[0]
     # the default evaluation's IIA calibrations (gaussian model here) print no conditioning warning
-    cfg = tmp_path / "g.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}, "calibration": {
-        "samples": 8, "val_samples": 0, "out_dir": str(tmp_path)}}))
+    cfg = write_config({"model": {"kind": "gaussian"}, "calibration": {
+        "samples": 8, "val_samples": 0, "out_dir": str(tmp_path)}}, "g.yaml")
     for method in ("iia-edm", "iia-ddim"):
         r = cli(["calibrate", "--config", cfg, "--method", method, "--nfe", "7"])
         assert r.exit_code == 0 and "warning" not in r.output, r.output
@@ -269,9 +264,9 @@ def test_unreadable_files_exit_1(cli, tmp_path, slow_cfg, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path):
-    cfg = tmp_path / "g.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian", "shape": [2, 4, 4]}, "sampler": {"method": "edm", "nfe": 5}}))
+def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path, write_config):
+    cfg = write_config({"model": {"kind": "gaussian", "shape": [2, 4, 4]}, "sampler": {"method": "edm", "nfe": 5}},
+                       "g.yaml")
     outs = {}
     for name, extra in [("plain", []), ("fast", ["--compile", "--channels-last"])]:
         r = cli(["sample", "--config", cfg, "--seeds", "0-5", "--out", tmp_path / f"{name}.npz", *extra])
@@ -280,23 +275,26 @@ def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path):
     np.testing.assert_allclose(outs["fast"], outs["plain"], rtol=1e-6, atol=1e-6)
 
 
-def test_speed_option_errors_and_auto_batch(cli, tmp_path, monkeypatch):
+def test_speed_option_errors_and_auto_batch(cli, tmp_path, monkeypatch, write_config):
     from iia_cli import api
     from iia_cli.config import load_config
 
-    cfg = tmp_path / "g.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}}))
+    cfg = write_config({"model": {"kind": "gaussian"}}, "g.yaml")
     r = cli(["sample", "--config", cfg, "--dtype", "float16", "--out", tmp_path / "x.npz"])
     assert r.exit_code == 2 and "--dtype applies to network models" in r.output
     r = cli(["sample", "--config", cfg, "--dtype", "float8", "--out", tmp_path / "x.npz"])
     assert r.exit_code == 2 and "sampler.dtype='float8' is not valid" in r.output
     r = cli(["sample", "--config", cfg, "--batch", "lots", "--out", tmp_path / "x.npz"])
     assert r.exit_code == 2 and "positive integer or auto" in r.output
-    # sampler.batch: auto asks the probe once per model; an explicit batch never probes
+    # sampler.batch: auto asks the probe once per model (fingerprint) and device; an explicit batch never probes
     probes = []
     monkeypatch.setattr(api, "auto_batch", lambda model, device: probes.append(device.type) or 24)
-    p = api.prepare(load_config(cfg))
+    memo = api.ModelMemo()
+    p = api.prepare(load_config(cfg), memo=memo)
     assert p.batch == 24 and probes == ["cpu"]
-    assert api.prepare(load_config(cfg), model=p.model, fingerprint=p.fingerprint).batch == 24 and len(probes) == 1
-    cfg.write_text(yaml.safe_dump({"model": {"kind": "gaussian"}, "sampler": {"batch": 5}}))
-    assert api.prepare(load_config(cfg)).batch == 5 and len(probes) == 1
+    assert api.prepare(load_config(cfg), model=p.model, fingerprint=p.fingerprint, memo=memo).batch == 24
+    assert api.prepare(load_config(cfg), memo=memo).batch == 24 and len(probes) == 1  # a new object of one model
+    other = write_config({"model": {"kind": "gaussian", "std": 0.25}}, "other.yaml")
+    assert api.prepare(load_config(other), memo=memo).batch == 24 and len(probes) == 2  # another model: probed
+    write_config({"model": {"kind": "gaussian"}, "sampler": {"batch": 5}}, "g.yaml")
+    assert api.prepare(load_config(cfg), memo=memo).batch == 5 and len(probes) == 2

@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import ConfigWriter
 from ckpt_builders import HAS_DIFFUSERS
 
 try:
@@ -151,11 +151,7 @@ def _write_cfg(tmp_path: Path, sd: dict[str, Path], name: str = "sd", model: dic
         "sampler": {"batch": 4, "device": "cpu"},
         "calibration": {"samples": 4, "val_samples": 2, "substeps": 3, "out_dir": str(tmp_path / "coeffs")},
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return ConfigWriter(tmp_path)(cfg, name, **sections)
 
 
 def _ok(r: Any) -> Any:
@@ -313,11 +309,18 @@ def test_negative_prompt_decode_cache_and_fingerprint(sd: dict[str, Path], ref: 
     assert fp not in prints and len(set(prints)) == len(prints)
 
 
-def test_bfloat16_network(sd: dict[str, Path]) -> None:
-    """Half-precision UNet and text encoder: float32 states in and out, the VAE still in float32."""
+def test_bfloat16_network(sd: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-precision UNet and text encoder: float32 states in and out, the VAE still in float32. Loading leaves
+    the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
     from iia_cli.models.diffusers_sd import load_sd_pipeline
 
+    import diffusers  # noqa: F401  (torch's inductor, imported by diffusers, sets TORCHINDUCTOR_CACHE_DIR: not ours)
+    import transformers  # noqa: F401
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it for every test
+    environ = dict(os.environ)
     full = load_sd_pipeline(sd["epsilon"], prompts=sd["prompts"])
+    assert dict(os.environ) == environ
     half = load_sd_pipeline(sd["epsilon"], prompts=sd["prompts"], dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
     assert half.condition([0]).dtype == torch.bfloat16 and half.fingerprint() != full.fingerprint()
@@ -414,6 +417,7 @@ def test_sample_base_solvers_cli(cli, sd: dict[str, Path], tmp_path: Path) -> No
         assert im.size == IMAGE[:2] and im.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_guided_iia_ddim_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd)
     r = _ok(cli(["calibrate", "--config", cfg, "--method", "iia-ddim", "--nfe", 5]))
@@ -439,6 +443,7 @@ def test_guided_iia_ddim_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path
     assert r.exit_code == 2 and "another model" in _error_line(r)
 
 
+@pytest.mark.slow
 def test_iia_dpm_solver_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd)
     r = _ok(cli(["calibrate", "--config", cfg, "--method", "iia-dpm-solver++-2m", "--nfe", 5]))
@@ -451,6 +456,7 @@ def test_iia_dpm_solver_calibrate_sample_cli(cli, sd: dict[str, Path], tmp_path:
     assert np.isfinite(out["x"]).all() and out["images"].shape == (2, *IMAGE)
 
 
+@pytest.mark.slow
 def test_evaluate_no_fid_cli(cli, sd: dict[str, Path], tmp_path: Path) -> None:
     cfg = _write_cfg(tmp_path, sd, evaluate={"methods": ["ddim", "iia-ddim", "dpm-solver++-2m", "iia-dpm-solver++-2m"],
                                              "nfe": [4], "samples": 2, "error_samples": 2, "reference_method": "ddim",

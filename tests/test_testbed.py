@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def test_heldout_split_is_disjoint_and_balanced() -> None:
         assert all(any(np.array_equal(x, h) for h in held) for x in last[:3])
 
 
-def test_shipped_network_loads_and_is_trained() -> None:
+def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
-    digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not)."""
+    digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not).
+    Loading leaves the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
     from iia_cli.cli import DEFAULT_CONFIG
     from iia_cli.config import load_config
     from iia_cli.models import load_model, model_fingerprint
@@ -39,7 +41,12 @@ def test_shipped_network_loads_and_is_trained() -> None:
 
     cfg = load_config(DEFAULT_CONFIG)  # the built-in default evaluates this network
     assert cfg.model.kind == "diffusers" and cfg.model.params["path"] == "builtin:mnist-ddpm"
+    import diffusers  # noqa: F401  (torch's inductor, imported by diffusers, sets TORCHINDUCTOR_CACHE_DIR: not ours)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it for every test
+    environ = dict(os.environ)
     model = load_model(cfg.model.kind, cfg.model.params)
+    assert dict(os.environ) == environ
     assert tuple(model.shape) == (1, 32, 32)
     fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)  # the CSV's model_sha256
     assert fingerprint[:16] in (ROOT / "README.md").read_text(), "README must state the testbed's fingerprint"
@@ -69,6 +76,7 @@ def _train(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 
+@pytest.mark.slow
 def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -90,6 +98,7 @@ def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert "Traceback" not in other.stderr
 
 
+@pytest.mark.slow
 def test_gmm_exact_reference_matches_the_mixture() -> None:
     """builtin:gmm-mnist-exact holds exact samples of the mixture: their mean is the mixture's mean."""
     from iia_cli.data import GMM_EXACT_SAMPLES, load_builtin_images
@@ -122,6 +131,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["garbage", "hostile", "not-a-checkpoint"])
 def test_bad_training_checkpoint_is_a_one_line_error(tmp_path: Path, kind: str) -> None:
     """A malformed or malicious checkpoint.pt in --work: one line, exit 1, nothing executed, nothing trained."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -53,13 +52,13 @@ from iia_cli.models.diffusers_unet import (
     make_discrete_sigmas,
 )
 from iia_cli.errors import describe_error
-from iia_cli.models.edm_pkl import dtype_name, parse_dtype, sha256_file
+from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.models.shared import DIFFUSERS_HINT, TRANSFORMERS_HINT, dtype_name, parse_dtype
 from iia_cli.prompts import load_prompts
 from iia_cli.schema import Float, OptInt, RequiredAny, RequiredStr, Str
 
 PROMPT_CACHE = 1024  # text embeddings kept per model (SD 2.1: 77 x 1024 floats each)
 DECODE_CHUNK = 8  # latents per VAE decode call (bounds VAE memory at 512 x 512 and above)
-INSTALL_HINT = "pip install 'iia_cli[diffusers]' transformers"
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 _WEIGHT_PREFIXES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                     "text_encoder": ("model", "pytorch_model")}
@@ -223,13 +222,13 @@ def _weight_files(folder: Path, prefixes: tuple[str, ...]) -> tuple[list[Path], 
 
 
 def _import_libraries() -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import diffusers
         import transformers
     except ImportError as err:
+        hint = DIFFUSERS_HINT if err.name == "diffusers" else TRANSFORMERS_HINT
         raise IIARuntimeError(f"Stable Diffusion needs diffusers and transformers ({err.name} is missing): "
-                              f"{INSTALL_HINT}") from err
+                              f"{hint}") from err
     return diffusers, transformers
 
 

@@ -14,7 +14,7 @@ exactly (Karras et al. 2022, Table 1, "VP"):
   sample: ``D = x0``.
 
 In this space DDIM (eta = 0) is exactly Euler in sigma: ``x' = x + (sigma' - sigma) (x - D) / sigma``.
-diffusers is imported lazily (the ``iia_cli[diffusers]`` extra).
+diffusers (a core dependency) is imported lazily, on first use.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import enum
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,8 @@ from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.errors import describe_error
-from iia_cli.models.edm_pkl import dtype_name, parse_dtype, sha256_file
+from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.models.shared import DIFFUSERS_HINT, dtype_name, parse_dtype
 from iia_cli.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
@@ -85,7 +85,7 @@ def make_betas(schedule: dict[str, Any]) -> torch.Tensor:
     try:
         import diffusers
     except ImportError as err:
-        raise IIARuntimeError("diffusers is not installed: pip install 'iia_cli[diffusers]'") from err
+        raise IIARuntimeError(f"cannot import diffusers ({describe_error(err)}): {DIFFUSERS_HINT}") from err
     name = str(schedule.get("_class_name") or "DDPMScheduler")
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and name.endswith("Scheduler")):
@@ -145,11 +145,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _import_unet2d() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from diffusers import UNet2DModel
     except ImportError as err:
-        raise IIARuntimeError("diffusers is not installed: pip install 'iia_cli[diffusers]'") from err
+        raise IIARuntimeError(f"cannot import diffusers ({describe_error(err)}): {DIFFUSERS_HINT}") from err
     return UNet2DModel
 
 

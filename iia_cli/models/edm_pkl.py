@@ -47,14 +47,9 @@ import torch
 from pydantic import Field
 
 from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
-from iia_cli.hashing import sha256_of_file as sha256_file  # re-exported for the diffusers adapters
+from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.models.shared import dtype_name, parse_dtype
 from iia_cli.schema import NETWORK_DTYPES, Bool, Choice, ModelParams, RequiredStr, Str
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 _PERSISTENCE_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 _STANDIN_ROOTS = ("torch_utils", "dnnlib")
@@ -71,23 +66,6 @@ KNOWN_EDM_SOURCES: dict[str, str] = {
     "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5": "NVlabs/edm training/augment.py @0a2ff34..008a4e5",
 }
 TRUST_HINT = "set model.trust_code: true (or --set model.trust_code=true) to run it, only for a pickle you trust"
-
-
-# --------------------------------------------------------------------------------------------------
-# Small shared helpers (also used by the diffusers adapter).
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``"float32" | "float16" | "bfloat16"`` (or the torch dtype itself) -> ``torch.dtype``."""
-    if isinstance(name, torch.dtype) and name in DTYPES.values():
-        return name
-    if isinstance(name, str) and name in DTYPES:
-        return DTYPES[name]
-    raise ConfigError(f"unknown model dtype {name!r}; valid: {', '.join(DTYPES)}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 # --------------------------------------------------------------------------------------------------
