@@ -116,7 +116,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
                     meth.solver.grid_note(sigmas), memo)
 
 
-def _grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
+def grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
     g = cfg.grid
     if g.kind == "karras":
         return {"rho": g.rho, "sigma_min": g.sigma_min, "sigma_max": g.sigma_max}
@@ -167,7 +167,7 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     teacher_used = c.target == "trajectory" or c.guard or bool(val_seeds)
     cs = CoefficientSet(
         method=p.method.name, method_params=dict(p.method.params), model_kind=cfg.model.kind,
-        model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=_grid_params(cfg),
+        model_sha256=p.fingerprint, grid_kind=cfg.grid.kind, grid_params=grid_params(cfg),
         convention=p.method.convention,
         sigmas=[float(v) for v in p.sigmas], nfe=p.nfe, substeps=c.substeps, samples=c.samples,
         seeds=format_seeds(seeds), ridge=c.ridge, coefficients=res.coeffs,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import OneLineErrorGroup, handle_errors
+from .cli_common import CONFIG_HELP, OneLineErrorGroup, handle_errors
 from .config import ExperimentConfig, load_config, parse_set
 from .errors import ConfigError, IIARuntimeError
 from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
@@ -32,10 +32,6 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases {ALIASES_TEXT})."
 METHODS_EPILOG = "\b\nMethods:\n" + methods_help()
-CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
-               "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
-               "package). EDM pickles run only NVlabs/edm's "
-               "own embedded source unless model.trust_code: true.")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."

@@ -14,6 +14,11 @@ from typer.core import TyperGroup
 
 from .errors import IIAError
 
+CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
+               "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
+               "package). EDM pickles run only NVlabs/edm's "
+               "own embedded source unless model.trust_code: true.")
+
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import handle_errors
+from .cli_common import CONFIG_HELP, handle_errors
 from .paths import PLOT_SUFFIXES, OutputPlan, plan_evaluate_outputs
 from .metrics import METRICS
 from .results import COLUMNS
@@ -18,7 +18,7 @@ NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
 def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config (default: built-in gmm-mnist)."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
         nfe: Optional[str] = typer.Option(None, "--nfe", help=NFE_HELP),
         methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (overrides evaluate.methods)."),
         samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Images per seed range."),

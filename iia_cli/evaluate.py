@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from . import dist, layout
-from .api import (LogFn, Prepared, ResolvedCoefficients, _grid_params, checkpoint_interval, find_coefficients, prepare,
-                  resolve_coefficients, save_checkpoint)
+from .api import (LogFn, ModelMemo, Prepared, ResolvedCoefficients, checkpoint_interval, find_coefficients, grid_params,
+                  prepare, resolve_coefficients, save_checkpoint)
 from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
@@ -150,7 +150,7 @@ def identity_fields(p: Prepared, coeffs: ResolvedCoefficients | None, metric: st
     cfg = p.cfg
     fields: dict[str, Any] = {
         "model": cfg.model.kind, "model_sha256": p.fingerprint, "method": p.method.name,
-        "method_params": dict(p.method.params), "grid": cfg.grid.kind, **{f"grid.{k}": v for k, v in _grid_params(cfg).items()},
+        "method_params": dict(p.method.params), "grid": cfg.grid.kind, **{f"grid.{k}": v for k, v in grid_params(cfg).items()},
         "grid.sigmas_sha256": _sigmas_sha256(p.sigmas), "nfe": p.nfe, "seeds": format_seeds(seeds),
         "n_samples": len(seeds), "metric": metric, "network_dtype": str(model_dtype(p.model)).removeprefix("torch."),
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
@@ -206,7 +206,7 @@ class MetricSetup:
                     and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
-            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint)
+            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint, memo=base.memo)
             fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
                                     "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
             key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,
@@ -325,6 +325,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
             done, t_sample = int(data["done"]), float(data["sampling_seconds"])
             load_states(accs, data, where=f"checkpoint {partial}")
     model = p.model
+    every = checkpoint_interval() if partial is not None else math.inf  # read once, before the loop
     last = time.perf_counter()
     with ImageProgress(len(mine), label, enabled=progress) as bar:
         bar.resume(done)
@@ -337,7 +338,7 @@ def _run_pass(p: Prepared, coeffs: Coefficients | None, seeds: list[int], accs: 
                 acc.update(batch)
             done += len(chunk)
             bar.advance(len(chunk))
-            if partial is not None and time.perf_counter() - last >= checkpoint_interval() and done < len(mine):
+            if time.perf_counter() - last >= every and done < len(mine):
                 state = {"done": np.int64(done), "sampling_seconds": np.float64(t_sample), **save_states(accs)}
                 written = save_checkpoint(lambda: savez_atomic(partial, **state), partial, log)
                 last = time.perf_counter() if written else math.inf
@@ -388,9 +389,10 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
         if requested is not None and "fid" in parse_metrics(requested):
             raise ConfigError("--no-fid contradicts --metrics/evaluate.metrics with fid; give one of them")
         requested = requested if requested is not None else ["integration_rmse"]
-    base = prepare(cfg, methods[0], nfes[0])  # loads the model once
+    memo = ModelMemo()  # this run's teacher trajectories and batch probe, shared by its methods and nobody else
+    base = prepare(cfg, methods[0], nfes[0], memo=memo)  # loads the model once
     model, fp = base.model, base.fingerprint
-    prepared = {(m, n): prepare(cfg, m, n, model=model, fingerprint=fp) for m in methods for n in nfes}  # validates all
+    prepared = {(m, n): prepare(cfg, m, n, model=model, fingerprint=fp, memo=memo) for m in methods for n in nfes}  # validates all
     chosen = choose_metrics(cfg, requested, model)
     on_err = [m for m in chosen if "fine_reference" in METRICS[m].needs]  # metrics on the error seeds only
     err_seeds = ranges[0][: max(0, ev.error_samples)] if on_err else []

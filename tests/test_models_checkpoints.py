@@ -335,7 +335,7 @@ def test_diffusers_errors(unet_dirs: dict[str, Path], tmp_path: Path, monkeypatc
     with pytest.raises(ConfigError, match="interp, nearest"):
         load_diffusers_unet(unet_dirs["bare"], timestep_lookup="linear")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    with pytest.raises(IIARuntimeError, match=r"pip install 'iia_cli\[diffusers\]'"):
+    with pytest.raises(IIARuntimeError, match=r"dependency of iia_cli; reinstall it: pip install 'diffusers>=0.30'"):
         load_diffusers_unet(unet_dirs["bare"])
 
 

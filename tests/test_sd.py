@@ -557,7 +557,8 @@ def test_clip_score(clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.slow
 def test_evaluate_fid_and_clip_score_cli(cli, sd: dict[str, Path], clip_dir: Path, tmp_path: Path, inception_weights,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """evaluate writes fid and clip_score rows; the CLIP score equals the scorer applied to the sampled images."""
+    """evaluate writes fid, kid (the default beside FID for a data-set reference) and clip_score rows; the CLIP score
+    equals the scorer applied to the sampled images."""
     from iia_cli.clip_score import ClipScorer
 
     monkeypatch.chdir(tmp_path)
@@ -568,7 +569,7 @@ def test_evaluate_fid_and_clip_score_cli(cli, sd: dict[str, Path], clip_dir: Pat
     _ok(cli(["evaluate", "--config", cfg, "--csv", tmp_path / "r.csv"]))
     with (tmp_path / "r.csv").open(newline="") as f:
         rows = {r["metric"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"fid", "clip_score"} and rows["clip_score"]["n_samples"] == "6"
+    assert set(rows) == {"fid", "kid", "clip_score"} and rows["clip_score"]["n_samples"] == "6"
     _ok(cli(["sample", "--config", cfg, "--method", "ddim", "--nfe", 3, "--seeds", "0-5", "--out", tmp_path / "s.npz"]))
     data = np.load(tmp_path / "s.npz")
     expected = float(ClipScorer(clip_dir)(data["images"], [str(p) for p in data["prompts"]]).double().mean())
