@@ -1,6 +1,6 @@
 """Library entry points behind the CLI: ``sample``, ``calibrate`` (and ``evaluate`` in evaluate.py).
 
-Usable from a notebook: ``from iia_cli import load_config, sample, calibrate``. These functions raise
+Usable from a notebook: ``from iia_cli.api import load_config, sample, calibrate``. These functions raise
 typed errors (``iia_cli.errors``) and never exit.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from . import dist, envvars
 from .atomic import atomic_write, savez_atomic
-from .config import ExperimentConfig, check_nfe
+from .config import ExperimentConfig, check_nfe, load_config  # noqa: F401 (re-exported: the notebook API)
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid, make_grid
 from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,

@@ -10,8 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, OneLineErrorGroup, handle_errors
-from .config import ExperimentConfig, load_config, parse_set
+from .cli_common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors
 from .errors import ConfigError, IIARuntimeError
 from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
 from .paths import OutputPlan
@@ -32,29 +31,11 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases {ALIASES_TEXT})."
 METHODS_EPILOG = "\b\nMethods:\n" + methods_help()
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
 
 SHARD_HELP = "Take every n-th seed (i/n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); combine with iia merge."
-
-
-def _config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any],
-            shard: Optional[str] = None) -> ExperimentConfig:
-    from . import dist, envvars
-
-    envvars.check()  # IIA_CHECKPOINT_EVERY_S, IIA_PROGRESS_EVERY_S, torchrun's: a bad value fails before any work
-    dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
-    overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
-    if config is not None:
-        return load_config(config, overrides)
-    from .progress import log
-
-    log("no --config: using the built-in default (configs/mnist-testbed.yaml: the trained testbed network builtin:mnist-ddpm)")
-    cfg = load_config(DEFAULT_CONFIG, overrides)  # the same file as configs/mnist-testbed.yaml
-    cfg.source = None  # suggestions name no internal path
-    return cfg
 
 
 def _calibrate_command(config: Optional[Path], method: str, nfe: Optional[int], sets: Optional[list[str]],
@@ -98,7 +79,7 @@ def sample(
     from . import api
 
     with handle_errors(), OutputPlan() as plan:
-        cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
+        cfg = command_config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
                                      "sampler.batch": batch, "sampler.class_label": class_label,
                                      "sampler.device": device, "sampler.dtype": dtype,
                                      "sampler.compile": compile or None, "sampler.channels_last": channels_last or None},
@@ -156,7 +137,7 @@ def calibrate(
     from . import api
 
     with handle_errors(), OutputPlan() as plan:
-        cfg = _config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
+        cfg = command_config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
                                      "calibration.substeps": substeps, "sampler.device": device,
                                      "sampler.dtype": dtype, "calibration.target": target,
                                      "calibration.teacher": teacher, "calibration.teacher_substeps": teacher_substeps,
@@ -186,7 +167,7 @@ def config_command(
         if not show:
             typer.echo("\n".join(describe_schema()))
             return
-        cfg = _config(config, sets, {})
+        cfg = command_config(config, sets, {})
         typer.echo(yaml.safe_dump(cfg.effective(), sort_keys=False), nl=False)
 
 
@@ -202,18 +183,10 @@ def raise_usage(msg: str) -> None:
     raise ConfigError(msg)
 
 
-def _register_optional() -> None:
-    for mod_name in ("cli_fid", "cli_evaluate"):
-        try:
-            mod = __import__(f"iia_cli.{mod_name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"iia_cli.{mod_name}":
-                raise
-            continue
-        mod.register(app)
+from . import cli_evaluate, cli_fid  # noqa: E402 -- their commands register on ``app``, defined above
 
-
-_register_optional()
+cli_fid.register(app)
+cli_evaluate.register(app)
 
 
 def _terminate(signum: int, frame: Any) -> None:

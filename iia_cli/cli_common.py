@@ -7,18 +7,23 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
+from . import dist, envvars
+from .config import ExperimentConfig, load_config, parse_set
 from .errors import IIAError
+from .progress import log
 
 CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
                "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
                "package). EDM pickles run only NVlabs/edm's "
                "own embedded source unless model.trust_code: true.")
 
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
 
 
@@ -103,3 +108,18 @@ class OneLineErrorGroup(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def command_config(config: Optional[Path], sets: Optional[list[str]], extra: dict[str, Any],
+                   shard: Optional[str] = None) -> ExperimentConfig:
+    """The config a command runs: ``config`` (or the built-in default) with ``extra`` (its options) and ``sets``
+    (``--set KEY=VALUE``) applied; checks the environment knobs and sets up torchrun ranks / ``--shard`` first."""
+    envvars.check()  # IIA_CHECKPOINT_EVERY_S, IIA_PROGRESS_EVERY_S, torchrun's: a bad value fails before any work
+    dist.setup(shard)  # torchrun ranks (RANK, WORLD_SIZE) and --shard
+    overrides = [(k, v) for k, v in extra.items() if v is not None] + parse_set(sets)
+    if config is not None:
+        return load_config(config, overrides)
+    log("no --config: using the built-in default (configs/mnist-testbed.yaml: the trained testbed network builtin:mnist-ddpm)")
+    cfg = load_config(DEFAULT_CONFIG, overrides)  # the same file as configs/mnist-testbed.yaml
+    cfg.source = None  # suggestions name no internal path
+    return cfg

@@ -7,12 +7,27 @@ from typing import Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, handle_errors
-from .paths import PLOT_SUFFIXES, OutputPlan, plan_evaluate_outputs
+from . import layout
+from .cli_common import CONFIG_HELP, command_config, handle_errors
+from .paths import PLOT_SUFFIXES, OutputPlan
 from .metrics import METRICS
 from .results import COLUMNS
 
 NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
+
+
+def plan_evaluate_outputs(plan: OutputPlan, cfg: object, csv: str | Path | None, shard: bool, fid: bool) -> None:
+    """Everything ``iia evaluate`` writes: the results CSV (or, with --shard, the shard directory), the
+    coefficient directory, and the cache of reference statistics and FID checkpoints."""
+    ev, name = cfg.evaluate, cfg.experiment  # type: ignore[attr-defined]
+    if shard:
+        plan.directory(layout.shard_dir(name), "shard directory")
+    else:
+        label = "--csv" if csv is not None else "evaluate.csv" if ev.csv else "results CSV"
+        plan.csv(csv or ev.csv or layout.results_csv(name), label, columns=COLUMNS)
+    plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")  # type: ignore[attr-defined]
+    if fid:
+        plan.directory(layout.partial_dir(), "FID checkpoint directory", clean_depth=0)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,12 +54,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
         integration error against a high-NFE reference; rows append to a tidy CSV."""
-        from .cli import _config
         from .evaluate import evaluate as run_evaluate, print_table
         from .schema import parse_int_list
 
         with handle_errors(), OutputPlan() as plan:
-            cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
+            cfg = command_config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
             plan_evaluate_outputs(plan, cfg, csv, shard=bool(shard), fid=not no_fid)
             nfes = parse_int_list(nfe, "--nfe") if nfe is not None else None

@@ -16,15 +16,14 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, MissingFileError
+from .limits import MAX_NFE, SEED_LIMIT
 from .grids import DISCRETE_SPACINGS, GRID_KINDS
 from .layout import coefficients_dir
 from .models import MODEL_KINDS, ModelParams, model_kind
 from .schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList, OptInt,
                      OptStr, OptStrList, Section, Str, StrList, config_error)
-from .solvers import CONVENTIONS
+from .solvers import CONVENTIONS, teacher_name
 
-MAX_NFE = 10_000  # denoiser calls per image: beyond this a grid only costs memory and time
-SEED_LIMIT = 2**63  # seeds are int64 (torch.Generator.manual_seed): 0 <= seed < 2^63
 SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
 CALIBRATION_TARGETS = ("local", "trajectory")  # iia.TARGETS (a test keeps them equal)
 
@@ -128,9 +127,7 @@ class CalibrationConfig(Section):
                               (self.val_seed_start, self.val_samples, "val_seed_start")):
             if not 0 <= start <= SEED_LIMIT - max(n, 1):
                 raise ConfigError(f"calibration.{key}={start} is not valid; its seeds must lie in 0 .. 2^63-1")
-        from .iia import Teacher
-
-        self.teacher = Teacher(self.teacher, self.teacher_substeps).name  # checks the name and the sub-steps
+        self.teacher = teacher_name(self.teacher, self.teacher_substeps)  # checks the name and the sub-steps
         return self
 
 

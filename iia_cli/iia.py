@@ -37,16 +37,12 @@ from .grids import subdivide
 from .methods import METHODS, Method
 from .sampling import (BoundDenoiser, Coefficients, advance, commit, noise_and_conditioning, propose,
                        sample_batches)
-from .solvers import BASE_SOLVER_NAMES, SOLVER_ALIASES, History, make_solver
+from .solvers import History, make_solver, teacher_name
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
                     # 3: target, teacher, guard and end-to-end validation
 TARGETS = ("local", "trajectory")
 GUARD_GRID = (0.25, 0.5, 0.75)  # alphas tried between 0 (base) and 1 (the fit), then +-0.125 around the best
-
-
-def teacher_choices() -> tuple[str, ...]:
-    return tuple(BASE_SOLVER_NAMES) + ("exact",)
 
 
 @dataclass(frozen=True)
@@ -59,13 +55,7 @@ class Teacher:
     substeps: int = 10
 
     def __post_init__(self) -> None:
-        name = SOLVER_ALIASES.get(self.name, self.name)
-        if name not in teacher_choices():
-            raise ConfigError(f"calibration.teacher={self.name!r} is not valid; choose one of "
-                              f"{', '.join(teacher_choices())} (aliases heun=edm, euler=ddim)")
-        if self.substeps < 1:
-            raise ConfigError(f"calibration.teacher_substeps={self.substeps} must be at least 1")
-        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "name", teacher_name(self.name, self.substeps))
 
     @property
     def tag(self) -> str:

@@ -194,20 +194,3 @@ def csv_lock(path: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
-
-
-def plan_evaluate_outputs(plan: OutputPlan, cfg: object, csv: str | Path | None, shard: bool, fid: bool) -> None:
-    """Everything ``iia evaluate`` writes: the results CSV (or, with --shard, the shard directory), the
-    coefficient directory, and the cache of reference statistics and FID checkpoints."""
-    from . import layout
-    from .results import COLUMNS
-
-    ev, name = cfg.evaluate, cfg.experiment  # type: ignore[attr-defined]
-    if shard:
-        plan.directory(layout.shard_dir(name), "shard directory")
-    else:
-        label = "--csv" if csv is not None else "evaluate.csv" if ev.csv else "results CSV"
-        plan.csv(csv or ev.csv or layout.results_csv(name), label, columns=COLUMNS)
-    plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")  # type: ignore[attr-defined]
-    if fid:
-        plan.directory(layout.partial_dir(), "FID checkpoint directory", clean_depth=0)

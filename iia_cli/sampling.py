@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import devices
-from .config import SEED_LIMIT
+from .limits import MAX_SEEDS, SEED_LIMIT
 from .errors import ConfigError, IIARuntimeError
 from .methods import Method
 from .models.base import label_dim, model_dtype
@@ -27,7 +27,6 @@ from .solvers import History, Record, push
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
 
 
-MAX_SEEDS = 10_000_000  # images per command: far beyond any FID protocol (EDM: 3 x 50,000)
 
 
 def _seed_range_error(text: str) -> ConfigError:

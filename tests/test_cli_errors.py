@@ -262,12 +262,12 @@ def test_missing_coefficients_suggest_the_typed_command(cli, gauss_cfg, work, mo
              "--set", "sampler.seeds=0-3", "--out", "o.npz"])
     assert_one_line_error(r, 1, "`iia calibrate --config gauss.yaml --method iia-edm --nfe 9 --set grid.rho=5`")
     # Without --config: the built-in default is used; its path inside the package is not suggested.
-    from iia_cli import cli as cli_mod
+    from iia_cli import cli_common
 
     internal = tmp_path / "site-packages" / "iia_cli" / "default.yaml"
     internal.parent.mkdir(parents=True)
     internal.write_bytes(gauss_cfg.read_bytes())
-    monkeypatch.setattr(cli_mod, "DEFAULT_CONFIG", internal)
+    monkeypatch.setattr(cli_common, "DEFAULT_CONFIG", internal)
     r = cli(["sample", "--method", "iia-edm", "--out", "o.npz"])
     assert_one_line_error(r, 1, "`iia calibrate --method iia-edm`")
     assert "default.yaml" not in r.output and "site-packages" not in r.output
@@ -388,7 +388,8 @@ def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch
     FID checkpoints), not a second copy of the paths."""
     from iia_cli import layout
     from iia_cli.config import load_config
-    from iia_cli.paths import OutputPlan, plan_evaluate_outputs
+    from iia_cli.cli_evaluate import plan_evaluate_outputs
+    from iia_cli.paths import OutputPlan
 
     monkeypatch.chdir(tmp_path)
     moved = tmp_path / "elsewhere" / "results"

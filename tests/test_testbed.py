@@ -101,7 +101,7 @@ def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gmm_exact_reference_matches_the_mixture() -> None:
     """builtin:gmm-mnist-exact holds exact samples of the mixture: their mean is the mixture's mean."""
-    from iia_cli.data import GMM_EXACT_SAMPLES, load_builtin_images
+    from iia_cli.datasets import GMM_EXACT_SAMPLES, load_builtin_images
     from iia_cli.models.gmm import GMMDenoiser
 
     model = GMMDenoiser.from_mnist()
@@ -109,7 +109,7 @@ def test_gmm_exact_reference_matches_the_mixture() -> None:
     stderr = x.std(0) / 20000**0.5
     assert ((x.mean(0) - model.mixture_mean()).abs() <= 5 * stderr + 1e-12).all()
     # The built-in reference images are exactly those samples, quantised like generated images.
-    from iia_cli.data import GMM_EXACT_SEED
+    from iia_cli.datasets import GMM_EXACT_SEED
     from iia_cli.images import quantize
 
     images = load_builtin_images("gmm-mnist-exact")

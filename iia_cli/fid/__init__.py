@@ -22,6 +22,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import ConfigError, IIARuntimeError
 from ..hashing import sha256_of_file
+from .convert import convert_fid_helper_state_dict, fid_helper_network_path, install_fid_helper_weights
 from .features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
 from .sources import BUILTIN_PREFIX, IMAGE_SUFFIXES, _take, iter_image_batches, list_image_files
 from .stats import FeatureStats, check_reference_stats, frechet_distance, load_reference
@@ -34,9 +35,6 @@ from .weights import (
     HOW_TO_PROVIDE_WEIGHTS,
     TORCH_FIDELITY_WEIGHTS_FILENAME,
     WeightsSource,
-    convert_fid_helper_state_dict,
-    fid_helper_network_path,
-    install_fid_helper_weights,
     load_inception_state,
     resolve_inception_weights,
     torch_fidelity_weights_path,

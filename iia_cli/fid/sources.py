@@ -96,7 +96,7 @@ def iter_image_batches(source: str | Path, batch_size: int) -> Iterator[np.ndarr
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     spec = str(source)
     if spec.startswith(BUILTIN_PREFIX):
-        from ..data import BUILTIN_DATASETS, load_builtin_images
+        from ..datasets import BUILTIN_DATASETS, load_builtin_images
 
         name = spec[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:

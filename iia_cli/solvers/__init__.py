@@ -43,6 +43,22 @@ BASE_SOLVER_NAMES = tuple(SOLVERS)
 SOLVER_ALIASES = {alias: name for name, spec in SOLVERS.items() for alias in spec.aliases}
 
 
+def teacher_choices() -> tuple[str, ...]:
+    """Names ``calibration.teacher`` takes: every base solver, and ``exact`` (the model's closed-form solution)."""
+    return BASE_SOLVER_NAMES + ("exact",)
+
+
+def teacher_name(name: str, substeps: int) -> str:
+    """The canonical teacher name (aliases resolved), or a ConfigError naming the valid choices."""
+    canonical = SOLVER_ALIASES.get(name, name)
+    if canonical not in teacher_choices():
+        raise ConfigError(f"calibration.teacher={name!r} is not valid; choose one of "
+                          f"{', '.join(teacher_choices())} (aliases heun=edm, euler=ddim)")
+    if substeps < 1:
+        raise ConfigError(f"calibration.teacher_substeps={substeps} must be at least 1")
+    return canonical
+
+
 def make_solver(name: str, convention: str = DEFAULT_CONVENTION) -> Solver:
     """A fresh base solver by name or alias (``SOLVER_ALIASES``) under an NFE/grid convention."""
     name = SOLVER_ALIASES.get(name, name)
@@ -56,5 +72,5 @@ def make_solver(name: str, convention: str = DEFAULT_CONVENTION) -> Solver:
 
 
 __all__ = ["DenoiseFn", "GridPlan", "History", "Record", "Solver", "StepRecord", "StepResult", "push", "make_solver",
-           "SOLVERS", "SolverSpec", "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION",
+           "SOLVERS", "SolverSpec", "teacher_choices", "teacher_name", "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION",
            "HeunRecord", "IPNDMRecord", "LambdaRecord", "UniPCRecord"]
