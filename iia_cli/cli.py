@@ -37,6 +37,28 @@ DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays fl
 SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
 
+def version_text() -> str:
+    """``iia <version>``, with the git revision of the tool's checkout (``-dirty`` with uncommitted changes) when
+    the package runs from one; the same revision the results CSV records in ``git_revision``."""
+    from . import __version__
+    from .results import git_revision
+
+    rev = git_revision()
+    return f"iia {__version__}" + (f" (git {rev})" if rev != "unknown" else "")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version (and the git revision of a checkout) and exit.")) -> None:
+    pass
+
+
 SHARD_HELP = "Take every n-th seed (i/n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); combine with iia merge."
 
 
