@@ -20,7 +20,7 @@ from .grids import DISCRETE_SPACINGS, GRID_KINDS
 from .layout import coefficients_dir
 from .models import MODEL_KINDS, ModelParams, model_kind
 from .schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList, OptInt,
-                     OptStr, OptStrList, Section, Str, StrList, config_error)
+                     OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
 from .solvers import CONVENTIONS
 
 MAX_NFE = 10_000  # denoiser calls per image: beyond this a grid only costs memory and time
@@ -167,7 +167,8 @@ class EvaluateConfig(Section):
     methods: MethodNames = Field(["edm", "iia-edm"], description="methods to evaluate")
     nfe: IntList = Field([9], description="NFEs to evaluate: a list or 5,9")
     samples: Int = Field(1000, description="images per seed range")
-    seed_ranges: OptStrList = Field(None, description="seed ranges, one FID row each (default: 0..samples-1)")
+    seed_ranges: OptSeedSpecList = Field(None, description="seed ranges, one FID row each: a list or 0-999;1000-1999 "
+                                                          "(default: 0..samples-1)")
     error_samples: Int = Field(128, description="integration error vs a high-NFE reference on this many seeds "
                                                "(0 skips it)")
     reference_method: MethodName = Field("edm", description="the integration error's reference solver")

@@ -30,3 +30,61 @@ def test_version_without_checkout_is_the_version_alone(cli, monkeypatch):
     monkeypatch.setattr(iia_cli.results, "git_revision", lambda: "unknown")
     r = cli(["--version"])
     assert r.exit_code == 0 and r.stdout.strip() == f"iia {__version__}"
+
+
+# One example per list-typed key (value as a,b; the loaded list; the other --set keys it needs). A list key without
+# an example fails test_every_list_key_takes_both_forms, so a new list key is tested too.
+LIST_EXAMPLES = {
+    "evaluate.methods": ("ddim,iia-ddim", ["ddim", "iia-ddim"], []),
+    "evaluate.nfe": ("6,8", [6, 8], []),
+    "evaluate.metrics": ("fid,integration_rmse", ["fid", "integration_rmse"], []),
+    "grid.sigmas": ("80,10,1", [80.0, 10.0, 1.0], ["grid.kind=list"]),
+    "model.shape": ("1,4,4", [1, 4, 4], ["model.kind=gaussian"]),
+}
+SEMICOLON_LISTS = {"evaluate.seed_ranges": ("0-9;10,12", ["0-9", "10,12"], [])}  # seed specs contain commas
+
+
+def _list_keys():
+    from iia_cli.config import SECTIONS, ExperimentConfig
+    from iia_cli.models import MODEL_KINDS
+
+    def arrays(cls, prefix):
+        props = cls.model_json_schema()["properties"]
+        for name, prop in props.items():
+            kinds = [prop, *prop.get("anyOf", [])]
+            if any(k.get("type") == "array" for k in kinds):
+                yield prefix + name
+
+    keys = set()
+    for spec in MODEL_KINDS.values():
+        keys |= set(arrays(spec.params, "model."))
+    for name in SECTIONS[1:]:
+        keys |= set(arrays(ExperimentConfig.model_fields[name].default_factory, f"{name}."))
+    return keys
+
+
+def test_every_list_key_takes_both_forms():
+    from iia_cli.config import load_config, parse_set
+
+    examples = {**LIST_EXAMPLES, **SEMICOLON_LISTS}
+    assert _list_keys() == set(examples), "a list-typed key without an example here"
+    for key, (text, want, extra) in examples.items():
+        sep = ";" if key in SEMICOLON_LISTS else ","
+        bracket = "[" + ", ".join(repr(v) if isinstance(v, str) else str(v) for v in want) + "]"
+        for form in (text, bracket, text.replace(sep, f"{sep} ")):
+            cfg = load_config(None, parse_set([*extra, f"{key}={form}"]))
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == want, (key, form)
+
+
+def test_list_keys_in_the_cli(cli):
+    r = cli(["config", "--set", "evaluate.methods=ddim,iia-ddim", "--set", "evaluate.nfe=[6, 8]"])
+    assert r.exit_code == 0, r.output
+    assert "methods:\n  - ddim\n  - iia-ddim\n  nfe:\n  - 6\n  - 8\n" in r.stdout
+
+
+def test_unknown_method_suggests_the_closest(cli):
+    r = cli(["config", "--set", "evaluate.methods=ddim,iia-dim"])
+    assert r.exit_code == 2
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: unknown method 'iia-dim'; did you mean iia-ddim")
