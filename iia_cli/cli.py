@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, OneLineErrorGroup, handle_errors
+from .cli_common import CONFIG_HELP, DEFAULT_CONFIG, OneLineErrorGroup, handle_errors, key_help, set_option
 from .config import ExperimentConfig, load_config, parse_set
 from .errors import ConfigError, IIARuntimeError
 from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
@@ -32,9 +32,8 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases {ALIASES_TEXT})."
 METHODS_EPILOG = "\b\nMethods:\n" + methods_help()
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+DEVICE_HELP = "Device: auto, cpu, cuda or cuda:N"
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
-SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
 
 
 def version_text() -> str:
@@ -100,21 +99,21 @@ def _calibrate_command(config: Optional[Path], method: str, nfe: Optional[int], 
 @app.command(epilog=METHODS_EPILOG)
 def sample(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0-999 or 0,5,10-19; one image per seed."),
-    batch: Optional[str] = typer.Option(None, "--batch", help="Images per batch, or auto (64 on CPU, probed on GPU)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=key_help("sampler.method", METHOD_HELP)),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help=key_help("sampler.nfe", "Denoiser calls per image.")),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help=key_help("sampler.seeds")),
+    batch: Optional[str] = typer.Option(None, "--batch", help=key_help("sampler.batch")),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A directory for PNGs ({seed:06d}.png) or a .npz file."),
     grid_png: Optional[Path] = typer.Option(None, "--grid-png", help="Save a grid of up to 64 samples for a quick look."),
     coeffs: Optional[Path] = typer.Option(None, "--coeffs", help="IIA coefficient file (default: found by model, method, grid, NFE)."),
     calibrate_missing: bool = typer.Option(False, "--calibrate", help="Calibrate IIA coefficients on the fly when none match."),
     class_label: Optional[int] = typer.Option(None, "--class", help="Fixed class label for class-conditional models."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = typer.Option(None, "--device", help=key_help("sampler.device", DEVICE_HELP)),
     shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for the network."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
 ) -> None:
     """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
     from . import api
@@ -150,27 +149,25 @@ def sample(
 @app.command(epilog=METHODS_EPILOG)
 def calibrate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image of the calibrated sampler."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-B", help="Calibration noises |B| (default 200)."),
-    substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help="Fine sub-steps M per step (default 10)."),
-    target: Optional[str] = typer.Option(None, "--target", help="calibration.target: local (default; the paper's "
-                                         "M fine sub-steps from the coarse state) or trajectory (the teacher's state "
-                                         "on its trajectory from the same noise)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="calibration.teacher: the high-accuracy solve "
-                                          "through the coarse sigmas for the trajectory target, the guard and the "
-                                          "validation: a base solver (default edm = Heun) or exact (closed-form "
-                                          "models)."),
-    teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps", help="calibration.teacher_substeps: "
-                                                   "teacher steps per coarse interval (default 10)."),
-    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help="calibration.guard (default on): shrink all "
-                                         "corrections by one factor in [0, 1] chosen by the final error against the "
-                                         "teacher on the calibration noises (the worst of 4 folds), so IIA is never "
-                                         "worse than its base there."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=key_help("sampler.method", METHOD_HELP)),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help=key_help("sampler.nfe", "Denoiser calls per image of "
+                                                                   "the calibrated sampler.")),
+    samples: Optional[int] = typer.Option(None, "--samples", "-B", help=key_help("calibration.samples")),
+    substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help=key_help("calibration.substeps")),
+    target: Optional[str] = typer.Option(None, "--target", help=key_help(
+        "calibration.target", "Calibration target: local (the paper's M fine sub-steps from the coarse state) or "
+        "trajectory (the teacher's state on its trajectory from the same noise)")),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=key_help("calibration.teacher")),
+    teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps",
+                                                   help=key_help("calibration.teacher_substeps")),
+    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help=key_help(
+        "calibration.guard", "Shrink all corrections by one factor in [0, 1] chosen by the final error against the "
+        "teacher on the calibration noises (the worst of 4 folds), so IIA is never worse than its base there")),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default: a name from model, "
+                                       "method, grid and NFE in calibration.out_dir)."),
+    device: Optional[str] = typer.Option(None, "--device", help=key_help("sampler.device", DEVICE_HELP)),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
 ) -> None:
     """Fit IIA coefficients by least squares, one greedy pass against the target (local fine reference or the
     teacher's trajectory), apply the guard, and report the final-sample error of base and IIA against the
@@ -194,7 +191,7 @@ def calibrate(
 @app.command("config")
 def config_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
     show: bool = typer.Option(True, "--show/--schema", help="--show (default): the effective config as YAML; "
                               "--schema: every key with its type, default and description."),
 ) -> None:

@@ -88,3 +88,64 @@ def test_unknown_method_suggests_the_closest(cli):
     assert r.exit_code == 2
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith("error: unknown method 'iia-dim'; did you mean iia-ddim")
+
+
+def _options():
+    """(command, option, help) of every option of every command."""
+    import typer.main
+
+    from iia_cli.cli import app
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        for param in cmd.params:
+            yield name, param.opts[0], getattr(param, "help", "") or ""
+
+
+KEY_DEFAULT = r"\((\w+\.\w+); default (.+?)(?: without --config, (.+?) when a config omits it)?\)\.?$"
+# Options whose help mentions a default that is not a config key's (a CLI option's own, or a derived one).
+OTHER_DEFAULTS = {("sample", "--config"), ("calibrate", "--config"), ("config", "--config"), ("evaluate", "--config"),
+                  ("sample", "--coeffs"), ("calibrate", "--out"), ("config", "--show"), ("evaluate", "--csv"),
+                  ("evaluate", "--metrics"), ("evaluate", "--fresh"), ("report", "--metric"),
+                  ("fid-weights", "--inception-weights"),
+                  ("fid-ref", "--inception-weights"), ("fid", "--inception-weights")}
+
+
+def test_help_defaults_are_what_runs(cli, tmp_path):
+    """Every default a help text shows is the value a run uses: the built-in config's without --config, the
+    schema's for a config that omits the key (read back with `iia config`)."""
+    import re
+
+    import yaml
+
+    from iia_cli.cli_common import show_value
+
+    builtin = yaml.safe_load(cli(["config"]).stdout)
+    (tmp_path / "empty.yaml").write_text("experiment: x\n")
+    schema = yaml.safe_load(cli(["config", "--config", tmp_path / "empty.yaml"]).stdout)
+    seen = set()
+    for command, option, text in _options():
+        m = re.search(KEY_DEFAULT, text)
+        if m is None:
+            assert "default" not in text.lower() or (command, option) in OTHER_DEFAULTS, (command, option, text)
+            continue
+        section, name = m.group(1).split(".")
+        want_builtin, want_schema = m.group(2), m.group(3) or m.group(2)
+        assert show_value(builtin[section][name]) == want_builtin, (command, option, text)
+        assert show_value(schema[section][name]) == want_schema, (command, option, text)
+        seen.add((command, option))
+    assert {("calibrate", "--samples"), ("calibrate", "--substeps"), ("calibrate", "--teacher-substeps"),
+            ("sample", "--batch"), ("sample", "--method"), ("evaluate", "--nfe")} <= seen
+
+
+def test_set_is_shown_the_same_way_everywhere():
+    import typer.main
+
+    from iia_cli.cli import app
+
+    shown = set()
+    for cmd in typer.main.get_command(app).commands.values():
+        for param in cmd.params:
+            if "--set" in param.opts:
+                shown.add((param.metavar, param.help))
+    assert len(shown) == 1 and next(iter(shown))[0] == "KEY=VALUE"
