@@ -142,7 +142,8 @@ def sample(
             cl = None if class_label is None else f"sampler.class_label={class_label}"
             raise IIARuntimeError(exc.with_command(_calibrate_command(
                 config, exc.method, nfe, [*([cl] if cl else []), *(sets or [])], device=device, dtype=dtype))) from None
-        typer.echo(f"{res.method} nfe={res.nfe}: {len(res.seeds)} images in {res.seconds:.2f} s"
+        typer.echo(f"{res.method} nfe={res.nfe}" + (f" ({res.note})" if res.note else "")
+                   + f": {len(res.seeds)} images in {res.seconds:.2f} s"
                    + (f" -> {res.out}" if res.out else ""))
 
 

@@ -149,3 +149,52 @@ def test_set_is_shown_the_same_way_everywhere():
             if "--set" in param.opts:
                 shown.add((param.metavar, param.help))
     assert len(shown) == 1 and next(iter(shown))[0] == "KEY=VALUE"
+
+
+@pytest.fixture
+def gauss_cfg(tmp_path, write_config):
+    return write_config({"experiment": "gauss-fh", "model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                         "sampler": {"method": "edm", "nfe": 7, "batch": 8},
+                         "calibration": {"samples": 16, "val_samples": 8, "out_dir": str(tmp_path / "coeffs")}},
+                        "gauss.yaml")
+
+
+def test_calibrate_with_nothing_to_fit_is_refused(cli, gauss_cfg):
+    r = cli(["calibrate", "--config", gauss_cfg, "--method", "iia-edm", "--nfe", "2"])
+    assert r.exit_code == 2 and "nan" not in r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "nothing to calibrate" in err[0] and "step 0: its quantities need earlier steps" in err[0]
+    assert "use --nfe" in err[0]
+
+
+def test_progress_counts_the_fitted_steps_and_names_the_others(cli, gauss_cfg, monkeypatch):
+    import re
+
+    monkeypatch.setenv("IIA_PROGRESS_EVERY_S", "0")
+    r = cli(["calibrate", "--config", gauss_cfg, "--method", "iia-ddim", "--nfe", "8", "--no-guard"])
+    assert r.exit_code == 0, r.output
+    fitted = re.findall(r"^  step +(\d+) ", r.stderr, re.M)
+    assert fitted == [str(i) for i in range(1, 7)]
+    started = re.search(r"calibrating iia-ddim \(16 noises\): started, (\d+) steps", r.stderr)
+    assert started and int(started.group(1)) == len(fitted)
+    assert "fitting 6 of 8 steps" in r.stderr and "step 0: its quantities need earlier steps" in r.stderr
+    assert "step 7: the final step to sigma 0 is never corrected" in r.stderr
+
+
+def test_sample_says_when_the_guard_turned_iia_off(cli, gauss_cfg, tmp_path):
+    import json
+
+    r = cli(["calibrate", "--config", gauss_cfg, "--method", "iia-ddim", "--nfe", "6"])
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.strip().splitlines()[-1])
+    args = ["sample", "--config", gauss_cfg, "--method", "iia-ddim", "--nfe", "6", "--seeds", "0-1",
+            "--out", tmp_path / "s.npz"]
+    r = cli(args)
+    assert r.exit_code == 0 and "(guard)" not in r.stdout
+    data = json.loads(path.read_text())  # as if the guard had found every correction harmful
+    data["guard_alpha"] = 0.0
+    data["coefficients"] = [[0.0 * c for c in step] for step in data["coefficients"]]
+    path.write_text(json.dumps(data))
+    r = cli(args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("iia-ddim nfe=6 (= ddim (guard)")
