@@ -448,7 +448,11 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         dist.barrier()
         partial.unlink(missing_ok=True)
     if grid_png and images is not None and len(images) and dist.context().is_main:
-        save_grid_png(images[:64], Path(grid_png))
+        shown = order[:64]
+        model = cfg.model.kind + (f" {Path(str(cfg.model.params['path'])).name}" if cfg.model.params.get("path") else "")
+        title = (f"{p.method.name}" + (f" ({note.split(':')[0]})" if note else "") + f" | NFE {p.nfe} | "
+                 f"seeds {format_seeds(shown)} | {model}")
+        save_grid_png(images[:64], Path(grid_png), title=title)
         log(f"wrote sample grid {grid_png}")
     if out_path is not None:
         log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(todo) / max(seconds, 1e-9):.1f} img/s)")

@@ -198,3 +198,29 @@ def test_sample_says_when_the_guard_turned_iia_off(cli, gauss_cfg, tmp_path):
     r = cli(args)
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("iia-ddim nfe=6 (= ddim (guard)")
+
+
+@pytest.mark.parametrize("n, shape", [(8, (2, 4)), (6, (2, 3)), (12, (3, 4)), (16, (4, 4)), (64, (8, 8)), (3, (1, 3)),
+                                      (10, (2, 5)), (13, (4, 4))])
+def test_grid_shape_has_no_blank_tiles_where_possible(n, shape):
+    from iia_cli.images import grid_shape
+
+    assert grid_shape(n) == shape
+
+
+def test_sample_grid_png_is_titled_and_full(cli, gauss_cfg, tmp_path):
+    import inspect
+
+    import numpy as np
+    from PIL import Image
+
+    import iia_cli.images
+
+    r = cli(["sample", "--config", gauss_cfg, "--seeds", "0-7", "--grid-png", tmp_path / "g.png"])
+    assert r.exit_code == 0, r.output
+    im = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    tile = 4 * 32 + 2  # 4 x 4 images upscaled 32x (512 px / 4 columns), 2 px padding
+    assert im.shape[1] == 4 * tile + 2  # 2 x 4, not 3 x 3 with a blank tile
+    band = im.shape[0] - (2 * tile + 2)
+    assert 8 <= band <= 40 and (im[:band] < 128).any() and (im[:band] > 128).any()  # black text on white
+    assert "matplotlib" not in inspect.getsource(iia_cli.images)  # no pyplot global state
