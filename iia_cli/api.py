@@ -26,6 +26,7 @@ from .grids import list_grid, make_grid
 from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
                   coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
+from .layout import where
 from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
@@ -267,7 +268,7 @@ def find_coefficients(p: Prepared, coeffs_path: str | Path | None = None,
     if not path.is_file():
         if coeffs_path:
             raise MissingFileError("coefficient file", path)
-        return None, f"no coefficient file {path}"
+        return None, f"no coefficient file {where(path)}"
     cs = CoefficientSet.load(path)
     diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe,
                          calibration=p.cfg.calibration)
@@ -404,7 +405,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} images are already done")
     log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
         f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
-        + (f", coefficients {coeff_path}" if coeff_path else "") + (f" ({note})" if note else "")
+        + (f", coefficients {coeff_path.resolve()}" if coeff_path else "") + (f" ({note})" if note else "")
         + (f", {dist.context().world} processes" if dist.context().distributed else ""))
     every = checkpoint_interval() if partial is not None else math.inf
     t0 = last_checkpoint = time.perf_counter()

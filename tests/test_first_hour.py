@@ -224,3 +224,31 @@ def test_sample_grid_png_is_titled_and_full(cli, gauss_cfg, tmp_path):
     band = im.shape[0] - (2 * tile + 2)
     assert 8 <= band <= 40 and (im[:band] < 128).any() and (im[:band] > 128).any()  # black text on white
     assert "matplotlib" not in inspect.getsource(iia_cli.images)  # no pyplot global state
+
+
+def test_coefficients_are_found_from_any_directory_under_iia_home(cli, tmp_path, write_config, monkeypatch):
+    cfg = write_config({"experiment": "home", "model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                        "sampler": {"method": "iia-ddim", "nfe": 5, "batch": 8},
+                        "calibration": {"samples": 8, "val_samples": 0}}, "home.yaml")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    monkeypatch.delenv("IIA_HOME", raising=False)
+    monkeypatch.chdir(tmp_path / "a")
+    r = cli(["calibrate", "--config", cfg])
+    assert r.exit_code == 0, r.output
+    default = Path(r.stdout.strip().splitlines()[-1])
+    assert default.parts[:2] == ("results", "coefficients")  # unchanged without IIA_HOME: rows record this path
+    monkeypatch.chdir(tmp_path / "b")
+    sample = ["sample", "--config", cfg, "--seeds", "0-1", "--out", tmp_path / "s.npz"]
+    r = cli(sample)
+    assert r.exit_code == 1 and str(tmp_path / "b") in r.stderr and "IIA_HOME" in r.stderr  # says where it looked
+    monkeypatch.setenv("IIA_HOME", str(tmp_path / "home"))
+    r = cli(["calibrate", "--config", cfg])
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert path.parent == tmp_path / "home" / "results" / "coefficients" and path.name == default.name
+    monkeypatch.chdir(tmp_path / "a")
+    r = cli(sample)
+    assert r.exit_code == 0, r.output
+    assert f"coefficients {path}" in r.stderr  # the location used
+
