@@ -13,6 +13,7 @@ import typer
 from .cli_common import CONFIG_HELP, DEFAULT_CONFIG, OneLineErrorGroup, handle_errors, key_help, set_option
 from .config import ExperimentConfig, load_config, parse_set
 from .errors import ConfigError, IIARuntimeError
+from .inputs import check_inputs
 from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
 from .paths import OutputPlan
 
@@ -137,6 +138,7 @@ def sample(
         if calibrate_missing:
             plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
         try:
+            check_inputs(cfg)
             res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
         except api.MissingCoefficientsError as exc:
             cl = None if class_label is None else f"sampler.class_label={class_label}"
@@ -185,6 +187,7 @@ def calibrate(
             plan.file(out, "--out", "coefficient file")
         else:
             plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
+        check_inputs(cfg)
         _, path = api.calibrate(cfg, out=out, log=_log_except_wrote)
         typer.echo(str(path))  # the path once, on stdout
 

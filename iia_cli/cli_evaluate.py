@@ -46,6 +46,9 @@ def register(app: typer.Typer) -> None:
         with handle_errors(), OutputPlan() as plan:
             cfg = _config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
+            from .inputs import check_inputs
+
+            check_inputs(cfg, fid=not no_fid)  # every missing checkpoint / reference file in one error
             plan_evaluate_outputs(plan, cfg, csv, shard=bool(shard), fid=not no_fid)
             nfes = parse_int_list(nfe, "--nfe") if nfe is not None else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None

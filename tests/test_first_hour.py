@@ -252,3 +252,14 @@ def test_coefficients_are_found_from_any_directory_under_iia_home(cli, tmp_path,
     assert r.exit_code == 0, r.output
     assert f"coefficients {path}" in r.stderr  # the location used
 
+
+@pytest.mark.parametrize("name", ["edm-cifar10-cond-vp", "edm-ffhq-64", "edm-afhqv2-64", "edm-imagenet-64",
+                                  "ddim-cifar10"])
+def test_paper_configs_name_every_missing_file_and_its_source(cli, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # none of the checkpoints or statistics here
+    r = cli(["evaluate", "--config", ROOT / "configs" / "paper" / f"{name}.yaml", "--nfe", "11"])
+    assert r.exit_code == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "2 input file(s)" in err[0]
+    assert "model.path checkpoints/" in err[0] and "fid.reference refs/" in err[0]
+    assert err[0].count("(from ") == 2  # where each comes from
