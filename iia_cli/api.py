@@ -26,11 +26,13 @@ from .grids import list_grid, make_grid
 from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
                   coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
+from .layout import where
 from .methods import IIA_METHODS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
-from .sampling import Coefficients, to_images, format_seeds, parse_seeds, resolve_device, resolve_state_dtype, sample_batches
+from .sampling import (Coefficients, corrected_steps, format_seeds, parse_seeds, resolve_device, resolve_state_dtype,
+                       sample_batches, to_images, uncorrected_text)
 
 LogFn = Callable[[str], None]
 
@@ -144,6 +146,11 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     if not p.method.is_iia:
         raise ConfigError(f"method {p.method.name} is a base solver; calibrate an IIA method "
                           f"({', '.join(IIA_METHODS)})")
+    skipped = corrected_steps(p.method, p.sigmas)
+    n_steps = len(p.sigmas) - 1
+    if len(skipped) == n_steps:
+        raise ConfigError(f"{p.method.name} at NFE {p.nfe} has nothing to calibrate: its {n_steps} step(s) stay "
+                          f"uncorrected ({uncorrected_text(skipped)}); {_fittable_hint(cfg, p)}")
     c = cfg.calibration
     seeds = list(range(c.seed_start, c.seed_start + c.samples))
     val_seeds = list(range(c.val_seed_start, c.val_seed_start + c.val_samples)) if c.val_samples > 0 else []
@@ -154,6 +161,9 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
         + (f"M={c.substeps} sub-steps" if c.target == "local" else f"teacher {teacher.tag}")
         + f"), guard {'on' if c.guard else 'off'}, grid {cfg.grid.kind} ({len(p.sigmas)} sigmas)"
         + (f"; {p.note}" if p.note else ""))
+    if skipped:
+        log(f"fitting {n_steps - len(skipped)} of {n_steps} steps; uncorrected (the base step): "
+            f"{uncorrected_text(skipped)}")
     res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
                                  p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
                                  teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log,
@@ -189,6 +199,17 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     dist.barrier()
     log(f"wrote {path}")
     return cs, path
+
+
+def _fittable_hint(cfg: ExperimentConfig, p: Prepared) -> str:
+    """How to get a grid with a step to correct: the smallest larger NFE that has one."""
+    if cfg.grid.kind == "list":
+        return "give grid.sigmas more steps"
+    for nfe in range(p.nfe + 1, p.nfe + 16):
+        sigmas, real = build_grid(cfg, p.method, p.model, nfe)
+        if len(corrected_steps(p.method, sigmas)) < len(sigmas) - 1:
+            return f"use --nfe {real} or more"
+    return "use a larger --nfe"
 
 
 def _nansum(values: list[float | None]) -> float:
@@ -247,7 +268,7 @@ def find_coefficients(p: Prepared, coeffs_path: str | Path | None = None,
     if not path.is_file():
         if coeffs_path:
             raise MissingFileError("coefficient file", path)
-        return None, f"no coefficient file {path}"
+        return None, f"no coefficient file {where(path)}"
     cs = CoefficientSet.load(path)
     diff = cs.mismatches(p.method.name, dict(p.method.params), p.fingerprint, p.cfg.grid.kind, p.sigmas, p.nfe,
                          calibration=p.cfg.calibration)
@@ -305,6 +326,15 @@ class SampleResult:
     coeffs_path: Path | None = None
     images: np.ndarray | None = None  # uint8 [N, H, W, C] when kept in memory
     extra: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # e.g. "= edm (guard)": an IIA method whose guard turned every correction off
+
+
+def base_note(method: Method, cs: CoefficientSet) -> str:
+    """``= <base> (guard)`` when the guard of a coefficient file chose alpha = 0 (every correction off, so the IIA
+    method samples exactly its base solver), else ""."""
+    if cs.guard and cs.guard_alpha == 0:
+        return f"= {method.solver.name} (guard): the guard chose alpha = 0, every correction is off"
+    return ""
 
 
 def checkpoint_interval() -> float:
@@ -352,6 +382,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     grid_png = grid_png if grid_png is not None else cfg.output.grid_png
     resolved = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
     coeff_values, coeff_path = (resolved.values, resolved.path) if resolved else (None, None)
+    note = base_note(p.method, resolved.cs) if resolved else ""
     out_path = Path(out) if out else None
     to_npz = out_path is not None and out_path.suffix == ".npz"
     if to_npz:
@@ -374,7 +405,7 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} images are already done")
     log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
         f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
-        + (f", coefficients {coeff_path}" if coeff_path else "")
+        + (f", coefficients {coeff_path.resolve()}" if coeff_path else "") + (f" ({note})" if note else "")
         + (f", {dist.context().world} processes" if dist.context().distributed else ""))
     every = checkpoint_interval() if partial is not None else math.inf
     t0 = last_checkpoint = time.perf_counter()
@@ -418,12 +449,16 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
         dist.barrier()
         partial.unlink(missing_ok=True)
     if grid_png and images is not None and len(images) and dist.context().is_main:
-        save_grid_png(images[:64], Path(grid_png))
+        shown = order[:64]
+        model = cfg.model.kind + (f" {Path(str(cfg.model.params['path'])).name}" if cfg.model.params.get("path") else "")
+        title = (f"{p.method.name}" + (f" ({note.split(':')[0]})" if note else "") + f" | NFE {p.nfe} | "
+                 f"seeds {format_seeds(shown)} | {model}")
+        save_grid_png(images[:64], Path(grid_png), title=title)
         log(f"wrote sample grid {grid_png}")
     if out_path is not None:
         log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(todo) / max(seconds, 1e-9):.1f} img/s)")
     return SampleResult(seed_list, p.nfe, p.method.name, seconds, out_path, coeff_path,
-                        images if keep else None)
+                        images if keep else None, note=note)
 
 
 def _save_partial(path: Path, done: dict[int, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any]) -> None:

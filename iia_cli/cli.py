@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors
+from .cli_common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors, key_help, set_option
 from .errors import ConfigError, IIARuntimeError
+from .inputs import check_inputs
 from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
 from .paths import OutputPlan
 
@@ -31,8 +32,30 @@ app = typer.Typer(
 
 METHOD_HELP = f"Sampling method: {', '.join(METHOD_NAMES)} (aliases {ALIASES_TEXT})."
 METHODS_EPILOG = "\b\nMethods:\n" + methods_help()
+DEVICE_HELP = "Device: auto, cpu, cuda or cuda:N"
 DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays float32/float64)."
-SET_HELP = "Override any config key, e.g. --set grid.rho=5 --set model.rank=16 (repeatable)."
+
+
+def version_text() -> str:
+    """``iia <version>``, with the git revision of the tool's checkout (``-dirty`` with uncommitted changes) when
+    the package runs from one; the same revision the results CSV records in ``git_revision``."""
+    from . import __version__
+    from .results import git_revision
+
+    rev = git_revision()
+    return f"iia {__version__}" + (f" (git {rev})" if rev != "unknown" else "")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version (and the git revision of a checkout) and exit.")) -> None:
+    pass
 
 
 SHARD_HELP = "Take every n-th seed (i/n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); combine with iia merge."
@@ -59,21 +82,21 @@ def _calibrate_command(config: Optional[Path], method: str, nfe: Optional[int], 
 @app.command(epilog=METHODS_EPILOG)
 def sample(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0-999 or 0,5,10-19; one image per seed."),
-    batch: Optional[str] = typer.Option(None, "--batch", help="Images per batch, or auto (64 on CPU, probed on GPU)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=key_help("sampler.method", METHOD_HELP)),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help=key_help("sampler.nfe", "Denoiser calls per image.")),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help=key_help("sampler.seeds")),
+    batch: Optional[str] = typer.Option(None, "--batch", help=key_help("sampler.batch")),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A directory for PNGs ({seed:06d}.png) or a .npz file."),
     grid_png: Optional[Path] = typer.Option(None, "--grid-png", help="Save a grid of up to 64 samples for a quick look."),
     coeffs: Optional[Path] = typer.Option(None, "--coeffs", help="IIA coefficient file (default: found by model, method, grid, NFE)."),
     calibrate_missing: bool = typer.Option(False, "--calibrate", help="Calibrate IIA coefficients on the fly when none match."),
     class_label: Optional[int] = typer.Option(None, "--class", help="Fixed class label for class-conditional models."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = typer.Option(None, "--device", help=key_help("sampler.device", DEVICE_HELP)),
     shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for the network."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
 ) -> None:
     """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
     from . import api
@@ -97,39 +120,39 @@ def sample(
         if calibrate_missing:
             plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
         try:
+            check_inputs(cfg)
             res = api.sample(cfg, out=out, grid_png=grid_png, coeffs=coeffs, calibrate_missing=calibrate_missing)
         except api.MissingCoefficientsError as exc:
             cl = None if class_label is None else f"sampler.class_label={class_label}"
             raise IIARuntimeError(exc.with_command(_calibrate_command(
                 config, exc.method, nfe, [*([cl] if cl else []), *(sets or [])], device=device, dtype=dtype))) from None
-        typer.echo(f"{res.method} nfe={res.nfe}: {len(res.seeds)} images in {res.seconds:.2f} s"
+        typer.echo(f"{res.method} nfe={res.nfe}" + (f" ({res.note})" if res.note else "")
+                   + f": {len(res.seeds)} images in {res.seconds:.2f} s"
                    + (f" -> {res.out}" if res.out else ""))
 
 
 @app.command(epilog=METHODS_EPILOG)
 def calibrate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per image of the calibrated sampler."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-B", help="Calibration noises |B| (default 200)."),
-    substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help="Fine sub-steps M per step (default 10)."),
-    target: Optional[str] = typer.Option(None, "--target", help="calibration.target: local (default; the paper's "
-                                         "M fine sub-steps from the coarse state) or trajectory (the teacher's state "
-                                         "on its trajectory from the same noise)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="calibration.teacher: the high-accuracy solve "
-                                          "through the coarse sigmas for the trajectory target, the guard and the "
-                                          "validation: a base solver (default edm = Heun) or exact (closed-form "
-                                          "models)."),
-    teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps", help="calibration.teacher_substeps: "
-                                                   "teacher steps per coarse interval (default 10)."),
-    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help="calibration.guard (default on): shrink all "
-                                         "corrections by one factor in [0, 1] chosen by the final error against the "
-                                         "teacher on the calibration noises (the worst of 4 folds), so IIA is never "
-                                         "worse than its base there."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default under results/coefficients/)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=key_help("sampler.method", METHOD_HELP)),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help=key_help("sampler.nfe", "Denoiser calls per image of "
+                                                                   "the calibrated sampler.")),
+    samples: Optional[int] = typer.Option(None, "--samples", "-B", help=key_help("calibration.samples")),
+    substeps: Optional[int] = typer.Option(None, "--substeps", "-M", help=key_help("calibration.substeps")),
+    target: Optional[str] = typer.Option(None, "--target", help=key_help(
+        "calibration.target", "Calibration target: local (the paper's M fine sub-steps from the coarse state) or "
+        "trajectory (the teacher's state on its trajectory from the same noise)")),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=key_help("calibration.teacher")),
+    teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps",
+                                                   help=key_help("calibration.teacher_substeps")),
+    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help=key_help(
+        "calibration.guard", "Shrink all corrections by one factor in [0, 1] chosen by the final error against the "
+        "teacher on the calibration noises (the worst of 4 folds), so IIA is never worse than its base there")),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coefficient file (default: a name from model, "
+                                       "method, grid and NFE in calibration.out_dir)."),
+    device: Optional[str] = typer.Option(None, "--device", help=key_help("sampler.device", DEVICE_HELP)),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
 ) -> None:
     """Fit IIA coefficients by least squares, one greedy pass against the target (local fine reference or the
     teacher's trajectory), apply the guard, and report the final-sample error of base and IIA against the
@@ -146,6 +169,7 @@ def calibrate(
             plan.file(out, "--out", "coefficient file")
         else:
             plan.directory(cfg.calibration.out_dir, "calibration.out_dir", "coefficient directory")
+        check_inputs(cfg)
         _, path = api.calibrate(cfg, out=out, log=_log_except_wrote)
         typer.echo(str(path))  # the path once, on stdout
 
@@ -153,7 +177,7 @@ def calibrate(
 @app.command("config")
 def config_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sets: Optional[list[str]] = set_option(),
     show: bool = typer.Option(True, "--show/--schema", help="--show (default): the effective config as YAML; "
                               "--schema: every key with its type, default and description."),
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import traceback
@@ -23,8 +24,60 @@ CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibrati
                "package). EDM pickles run only NVlabs/edm's "
                "own embedded source unless model.trust_code: true.")
 
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")  # the built-in config of runs without --config
+SET_HELP = ("Override any config key, e.g. --set grid.rho=5 --set evaluate.methods=ddim,iia-ddim (a list as a,b "
+            "or [a, b]); repeatable.")
+
+
+def set_option() -> Any:
+    """The ``--set KEY=VALUE`` option, shown the same way in every command."""
+    return typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_tree() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
+
+
+def show_value(value: Any) -> str:
+    """A config value as help texts show it: on/off, a,b for lists, none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(show_value, value))
+    return "none" if value is None else str(value)
+
+
+def key_defaults(key: str) -> tuple[Any, Any]:
+    """A ``section.key``'s value in the built-in config (runs without --config) and its schema default (a config
+    that omits it)."""
+    from .config import ExperimentConfig
+
+    section, name = key.split(".")
+    field = ExperimentConfig.model_fields[section].default_factory.model_fields[name]  # type: ignore[union-attr]
+    schema = field.get_default(call_default_factory=True)
+    builtin = (_builtin_tree().get(section) or {}).get(name, schema)
+    return builtin, schema
+
+
+def key_help(key: str, text: str | None = None) -> str:
+    """The help of an option that sets config key ``key``: ``text`` (default: the schema's description) and the
+    default from the schema and the built-in config, so that help and runs cannot disagree::
+
+        Calibration noises |B| (calibration.samples; default 64 without --config, 200 when a config omits it).
+    """
+    from .config import ExperimentConfig
+
+    if text is None:
+        section, name = key.split(".")
+        desc = ExperimentConfig.model_fields[section].default_factory.model_fields[name].description or key  # type: ignore[union-attr]
+        text = desc[:1].upper() + desc[1:]
+    builtin, schema = (show_value(v) for v in key_defaults(key))
+    default = builtin if builtin == schema else f"{builtin} without --config, {schema} when a config omits it"
+    return f"{text.rstrip('.')} ({key}; default {default})."
 
 
 def echo_err(msg: str) -> None:

@@ -8,12 +8,12 @@ from typing import Optional
 import typer
 
 from . import layout
-from .cli_common import CONFIG_HELP, command_config, handle_errors
+from .cli_common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
 from .paths import PLOT_SUFFIXES, OutputPlan
 from .metrics import METRICS
 from .results import COLUMNS
 
-NFE_HELP = "One NFE or a comma-separated list (overrides evaluate.nfe)."
+NFE_HELP = key_help("evaluate.nfe", "One NFE or a comma-separated list")
 
 
 def plan_evaluate_outputs(plan: OutputPlan, cfg: object, csv: str | Path | None, shard: bool, fid: bool) -> None:
@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
         nfe: Optional[str] = typer.Option(None, "--nfe", help=NFE_HELP),
-        methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (overrides evaluate.methods)."),
-        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Images per seed range."),
+        methods: Optional[str] = typer.Option(None, "--methods", help=key_help("evaluate.methods", "Comma-separated methods")),
+        samples: Optional[int] = typer.Option(None, "--samples", "-n", help=key_help("evaluate.samples", "Images per seed range")),
         seed_ranges: Optional[str] = typer.Option(None, "--seed-ranges", help="e.g. '0-49999;50000-99999' (one row each)."),
         csv: Optional[Path] = typer.Option(None, "--csv", help="Results CSV (default results/<experiment>.csv)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception weights file."),
@@ -49,8 +49,8 @@ def register(app: typer.Typer) -> None:
         shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this SLURM array task's share; combine with iia merge."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Network dtype: float32, float16 or bfloat16."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser call."),
-        batch: Optional[str] = typer.Option(None, "--batch", help="Images per batch, or auto."),
-        sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key (repeatable)."),
+        batch: Optional[str] = typer.Option(None, "--batch", help=key_help("sampler.batch")),
+        sets: Optional[list[str]] = set_option(),
     ) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
         integration error against a high-NFE reference; rows append to a tidy CSV."""
@@ -60,6 +60,9 @@ def register(app: typer.Typer) -> None:
         with handle_errors(), OutputPlan() as plan:
             cfg = command_config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
                                          "sampler.batch": batch}, shard)
+            from .inputs import check_inputs
+
+            check_inputs(cfg, fid=not no_fid)  # every missing checkpoint / reference file in one error
             plan_evaluate_outputs(plan, cfg, csv, shard=bool(shard), fid=not no_fid)
             nfes = parse_int_list(nfe, "--nfe") if nfe is not None else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None

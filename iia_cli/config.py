@@ -18,10 +18,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .errors import ConfigError, MissingFileError
 from .limits import MAX_NFE, SEED_LIMIT
 from .grids import DISCRETE_SPACINGS, GRID_KINDS
-from .layout import coefficients_dir
+from .layout import RESULTS_DIR, anchored
 from .models import MODEL_KINDS, ModelParams, model_kind
 from .schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList, OptInt,
-                     OptStr, OptStrList, Section, Str, StrList, config_error)
+                     OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
 from .solvers import CONVENTIONS, teacher_name
 
 SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
@@ -105,7 +105,8 @@ class CalibrationConfig(Section):
     val_samples: Int = Field(100, description="held-out noises of the end-to-end check")
     val_seed_start: Int = Field(2_000_000_000, description="first held-out seed")
     batch: OptInt = Field(None, description="chunk size of model calls (default: sampler.batch)")
-    out_dir: Str = Field(str(coefficients_dir()), description="directory of coefficient files")
+    out_dir: Str = Field(str(RESULTS_DIR / "coefficients"), description="directory of coefficient files; a relative "
+                                                                      "one is under $IIA_HOME when set")
     target: Choice(*CALIBRATION_TARGETS) = Field(
         "local", description="local: M fine sub-steps from the coarse state (the paper) | trajectory: the "
                              "teacher's state")
@@ -164,7 +165,8 @@ class EvaluateConfig(Section):
     methods: MethodNames = Field(["edm", "iia-edm"], description="methods to evaluate")
     nfe: IntList = Field([9], description="NFEs to evaluate: a list or 5,9")
     samples: Int = Field(1000, description="images per seed range")
-    seed_ranges: OptStrList = Field(None, description="seed ranges, one FID row each (default: 0..samples-1)")
+    seed_ranges: OptSeedSpecList = Field(None, description="seed ranges, one FID row each: a list or 0-999;1000-1999 "
+                                                          "(default: 0..samples-1)")
     error_samples: Int = Field(128, description="integration error vs a high-NFE reference on this many seeds "
                                                "(0 skips it)")
     reference_method: MethodName = Field("edm", description="the integration error's reference solver")
@@ -303,9 +305,13 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
         raise ConfigError(f"unknown config section {unknown[0]!r}; valid: experiment, {', '.join(SECTIONS)}")
     name = tree["experiment"] if tree.get("experiment") is not None else (Path(path).stem if path else "experiment")
     try:
-        return ExperimentConfig.model_validate({**tree, "experiment": name, "source": str(path) if path else None})
+        cfg = ExperimentConfig.model_validate({**tree, "experiment": name, "source": str(path) if path else None})
     except ValidationError as exc:
         raise config_error(exc) from None
+    cfg.calibration.out_dir = str(anchored(cfg.calibration.out_dir))  # changed only when $IIA_HOME is set
+    if cfg.evaluate.csv is not None:
+        cfg.evaluate.csv = str(anchored(cfg.evaluate.csv))
+    return cfg
 
 
 def check_experiment_name(name: Any) -> str:

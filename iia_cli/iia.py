@@ -35,8 +35,8 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import METHODS, Method
-from .sampling import (BoundDenoiser, Coefficients, advance, commit, noise_and_conditioning, propose,
-                       sample_batches)
+from .sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, noise_and_conditioning,
+                       propose, sample_batches)
 from .solvers import History, make_solver, teacher_name
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
@@ -87,7 +87,8 @@ def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: 
     calls = 0
     from .progress import ImageProgress
 
-    bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises)",
+    per = f"; {len(sig) - 1} coarse steps x {len(starts)} chunks" if len(starts) > 1 else ""  # what the count counts
+    bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises{per})",
                         unit="steps").__enter__()  # ends itself after the last step
     for k, x in enumerate(starts):
         den, hist = BoundDenoiser(model, labels[k]), ()
@@ -261,7 +262,8 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
     res_base, res_iia = [], []
     from .progress import ImageProgress
 
-    bar = ImageProgress(n_steps, f"{'calibrating' if coeffs is None else 'validating'} {method.name} "
+    n_fit = n_steps - len(corrected_steps(method, sigmas))  # the progress counts the steps fitted (or validated)
+    bar = ImageProgress(n_fit, f"{'calibrating' if coeffs is None else 'validating'} {method.name} "
                         f"({n} noises)", unit="steps").__enter__()  # ends itself after the last step
     for i in range(n_steps):
         G = g = None
@@ -301,7 +303,8 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         if log is not None and corrected:
             log(f"  step {i:2d}  sigma {float(sig[i]):9.4f} -> {float(sig[i + 1]):9.4f}  "
                 f"c = [{', '.join(f'{v:+.4f}' for v in c_i)}]  residual base {res_base[-1]:.4g} -> iia {res_iia[-1]:.4g}")
-        bar.advance(1)
+        if corrected:
+            bar.advance(1)
     for s in states:
         if not bool(torch.isfinite(s).all()):
             raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")

@@ -213,9 +213,17 @@ def methods_help() -> str:
 
 
 def canonical_method(name: str) -> str:
+    """A method name or alias -> its canonical name; an unknown name is an error that suggests the closest ones."""
     name = SOLVER_ALIASES.get(name, name)
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)} (aliases: {ALIASES_TEXT})")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), [*METHOD_NAMES, *SOLVER_ALIASES], n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        if "," in str(name):
+            hint += "one method here (several go in evaluate.methods or --methods, as a,b or [a, b]); "
+        raise ConfigError(f"unknown method {name!r}; {hint}choose one of {', '.join(METHOD_NAMES)} "
+                          f"(aliases: {ALIASES_TEXT})")
     return name
 
 

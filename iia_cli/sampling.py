@@ -187,6 +187,33 @@ def commit(step: Step, history: History, coeffs_i: Sequence[float] | None = None
     return x_next, push(history, step.record)
 
 
+def corrected_steps(method: Method, sigmas: torch.Tensor) -> dict[int, str]:
+    """Which steps of ``sigmas`` an IIA method leaves uncorrected, and why: {step: reason}. A dry run of the
+    base solver with a zero denoiser on one pixel (the quantities exist or not regardless of the model): the
+    final denoise step to sigma = 0 is never corrected, and a step whose quantities read earlier steps is not
+    corrected before they exist."""
+    sig = sigmas.to(torch.float64)
+    x, history, skipped = torch.ones(1, 1, 1, 1, dtype=torch.float64) * float(sig[0]), (), {}
+    for i in range(len(sig) - 1):
+        step = propose(method, lambda z, sigma: torch.zeros_like(z), x, sig, i, history)
+        if step.quantities is None:
+            skipped[i] = ("the final step to sigma 0 is never corrected" if float(sig[i + 1]) == 0
+                          else "its quantities need earlier steps")
+        x, history = commit(step, history)
+    return skipped
+
+
+def uncorrected_text(skipped: dict[int, str]) -> str:
+    """``step 0 (its quantities need earlier steps), step 7 (the final step ...)`` with runs of one reason merged."""
+    groups: list[tuple[list[int], str]] = []
+    for i, why in sorted(skipped.items()):
+        if groups and groups[-1][1] == why and groups[-1][0][-1] == i - 1:
+            groups[-1][0].append(i)
+        else:
+            groups.append(([i], why))
+    return "; ".join((f"step {g[0]}" if len(g) == 1 else f"steps {g[0]}-{g[-1]}") + f": {why}" for g, why in groups)
+
+
 def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History,
             coeffs: Coefficients | None = None) -> tuple[torch.Tensor, History, Step]:
     """One step: base solver step -> IIA quantities -> correction -> history. Sampling, the calibration pass,

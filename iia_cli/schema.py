@@ -2,7 +2,7 @@
 
 YAML and ``--set a.b=c`` give loosely typed values; these annotated types accept what a config writer means
 and nothing more: an int is an int or an integral number or string (never a bool, never 2.5), a bool is a
-bool or one of true/false/yes/no/1/0, a list of numbers may be written ``5,9``. A bad value raises a pydantic
+bool or one of true/false/yes/no/1/0, a list may be written ``5,9`` or ``[5, 9]``. A bad value raises a pydantic
 error that :func:`config_error` turns into one line: ``key=value is not a valid int``. Checks that know their
 key and valid choices raise :class:`~iia_cli.errors.ConfigError` directly (pydantic lets it through).
 """
@@ -65,11 +65,12 @@ def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else convert(value)
 
 
-def _list_of(convert: Callable[[Any], Any], split: bool) -> Callable[[Any], list[Any]]:
-    """A list, or one value as a list of one; ``split``: a string ``5,9`` is a list of two."""
+def _list_of(convert: Callable[[Any], Any], sep: str = ",") -> Callable[[Any], list[Any]]:
+    """A list, or a string of items separated by ``sep`` (``5,9`` or ``ddim,iia-ddim`` is a list of two; one
+    item is a list of one): every list key takes ``a,b`` as well as ``[a, b]``, in a file and in ``--set``."""
     def to_list(value: Any) -> list[Any]:
-        if isinstance(value, str) and split:
-            return [convert(v) for v in value.replace(" ", "").split(",") if v]
+        if isinstance(value, str):
+            return [convert(v.strip()) for v in value.split(sep) if v.strip()]
         return [convert(v) for v in (value if isinstance(value, list) else [value])]
     return to_list
 
@@ -106,10 +107,12 @@ Str = Annotated[str, BeforeValidator(to_str)]
 OptInt = Annotated[int | None, BeforeValidator(_optional(to_int))]
 OptFloat = Annotated[float | None, BeforeValidator(_optional(to_float))]
 OptStr = Annotated[str | None, BeforeValidator(_optional(to_str))]
-IntList = Annotated[list[int], BeforeValidator(_list_of(to_int, split=True))]
-OptFloatList = Annotated[list[float] | None, BeforeValidator(_optional(_list_of(to_float, split=True)))]
-OptStrList = Annotated[list[str] | None, BeforeValidator(_optional(_list_of(to_str, split=False)))]
-StrList = Annotated[list[str], BeforeValidator(_list_of(to_str, split=False))]
+IntList = Annotated[list[int], BeforeValidator(_list_of(to_int))]
+OptFloatList = Annotated[list[float] | None, BeforeValidator(_optional(_list_of(to_float)))]
+OptStrList = Annotated[list[str] | None, BeforeValidator(_optional(_list_of(to_str)))]
+StrList = Annotated[list[str], BeforeValidator(_list_of(to_str))]
+# seed specs contain commas (0,5,10-19), so a string of several is separated by ';' (like --seed-ranges)
+OptSeedSpecList = Annotated[list[str] | None, BeforeValidator(_optional(_list_of(to_str, sep=";")))]
 RequiredStr = Annotated[str, BeforeValidator(lambda v: to_str(_required(v)))]
 RequiredAny = Annotated[Any, BeforeValidator(_required)]
 Batch = Annotated[int | str, BeforeValidator(batch_value)]
@@ -127,7 +130,7 @@ def OptChoice(*values: str) -> Any:
 def parse_int_list(value: Any, key: str) -> list[int]:
     """``5,9`` / ``[5, 9]`` / ``5`` -> a list of ints, for options outside the config (``--nfe``)."""
     try:
-        return _list_of(to_int, split=True)(value)
+        return _list_of(to_int)(value)
     except PydanticCustomError as exc:
         raise ConfigError(bad_value(key, exc.context["value"], exc.context["expected"])) from None
 
