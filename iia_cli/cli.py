@@ -203,7 +203,7 @@ def raise_usage(msg: str) -> None:
 
 
 def _register_optional() -> None:
-    for mod_name in ("cli_fid", "cli_evaluate"):
+    for mod_name in ("cli_fid", "cli_evaluate", "cli_grid"):
         try:
             mod = __import__(f"iia_cli.{mod_name}", fromlist=["register"])
         except ModuleNotFoundError as exc:
