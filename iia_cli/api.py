@@ -20,8 +20,9 @@ import torch
 
 from . import dist, envvars
 from .atomic import atomic_write, savez_atomic
-from .config import ExperimentConfig, check_nfe, load_config  # noqa: F401 (re-exported: the notebook API)
+from .config import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
 from .errors import ConfigError, IIARuntimeError, MissingFileError
+from .gridfile import check_grid_file, load_grid_file
 from .grids import list_grid, make_grid
 from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
                   coefficient_filename, paper_coefficients)
@@ -81,20 +82,37 @@ class Prepared:
     memo: ModelMemo = field(default_factory=lambda: MEMO)
 
 
-def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int) -> tuple[torch.Tensor, int]:
-    """The sigma grid for ``nfe`` denoiser calls, or an explicit list grid and the NFE it implies."""
-    if cfg.grid.kind == "list":
-        sigmas = list_grid(cfg.grid.sigmas or [])
+def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int, fingerprint: str | None = None,
+               grid: GridConfig | None = None) -> tuple[torch.Tensor, int]:
+    """The sigma grid for ``nfe`` denoiser calls, or an explicit list grid and the NFE it implies, or a grid file's
+    sigmas (checked against the model ``fingerprint``, the method's solver and convention, and ``nfe``).
+    ``grid``: the grid section to use instead of ``cfg.grid``."""
+    g = cfg.grid if grid is None else grid
+    if g.kind == "list":
+        sigmas = list_grid(g.sigmas or [])
         return sigmas, method.solver.nfe_of_grid(sigmas)
+    if g.kind == "file":
+        if fingerprint is None:
+            raise IIARuntimeError("internal: a grid file is checked against the model's fingerprint; pass it")
+        grid_file = load_grid_file(g.path or "")
+        check_grid_file(grid_file, fingerprint, method.solver.name, method.convention, nfe)
+        sigmas = grid_file.tensor()
+        if method.solver.nfe_of_grid(sigmas) != nfe:
+            raise ConfigError(f"grid file {grid_file.path}: its {len(sigmas)} sigmas make "
+                              f"{method.solver.nfe_of_grid(sigmas)} denoiser calls with {method.solver.name}, "
+                              f"not the NFE {nfe} it records")
+        return sigmas, nfe
     plan = method.solver.plan(nfe)
-    sigmas = make_grid(cfg.grid, plan, model)
+    sigmas = make_grid(g, plan, model)
     return sigmas, method.solver.nfe_of_grid(sigmas)
 
 
 def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, model: Any = None,
-            fingerprint: str | None = None, memo: ModelMemo | None = None) -> Prepared:
+            fingerprint: str | None = None, memo: ModelMemo | None = None, grid: GridConfig | None = None) -> Prepared:
     """Load the model (unless given) and build the method and grid of ``cfg`` (or the overrides). ``memo``: where
-    the automatic batch size and the teacher's trajectories are kept (default :data:`MEMO`)."""
+    the automatic batch size and the teacher's trajectories are kept (default :data:`MEMO`). ``grid``: a grid
+    section that replaces ``cfg.grid`` for this run only (``iia evaluate``'s reference solve asks for its own fine
+    grid this way; ``Prepared.cfg`` stays ``cfg``)."""
     memo = MEMO if memo is None else memo
     s = cfg.sampler
     device = resolve_device(s.device)
@@ -112,13 +130,14 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
             raise ConfigError(f"class label {cl} is out of range; choose 0..{n_labels - 1}")
     if fingerprint is None:
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
-    sigmas, real_nfe = build_grid(cfg, meth, model, check_nfe(s.nfe if nfe is None else nfe, "nfe"))
+    sigmas, real_nfe = build_grid(cfg, meth, model, check_nfe(s.nfe if nfe is None else nfe, "nfe"), fingerprint, grid)
     batch = s.batch if isinstance(s.batch, int) else memo.auto_batch(fingerprint, model, device)
     return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint, batch,
                     meth.solver.grid_note(sigmas), memo)
 
 
 def grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The grid settings recorded in coefficient files and result-row identities (besides the exact sigmas)."""
     g = cfg.grid
     if g.kind == "karras":
         return {"rho": g.rho, "sigma_min": g.sigma_min, "sigma_max": g.sigma_max}
@@ -126,6 +145,8 @@ def grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
         return {"sigma_min": g.sigma_min, "sigma_max": g.sigma_max}
     if g.kind == "discrete":
         return {"spacing": g.spacing}
+    if g.kind == "file":  # the grid's content hash (not its path: a moved file keeps its rows)
+        return {"sha256": load_grid_file(g.path or "").sha256}
     return {}
 
 

@@ -207,10 +207,11 @@ def raise_usage(msg: str) -> None:
     raise ConfigError(msg)
 
 
-from . import cli_evaluate, cli_fid  # noqa: E402 -- their commands register on ``app``, defined above
+from . import cli_evaluate, cli_fid, cli_grid  # noqa: E402 -- their commands register on ``app``, defined above
 
 cli_fid.register(app)
 cli_evaluate.register(app)
+cli_grid.register(app)
 
 
 def _terminate(signum: int, frame: Any) -> None:

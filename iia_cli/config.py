@@ -60,11 +60,14 @@ class GridConfig(Section):
     sigma_max: Float = Field(80.0, description="largest sigma of continuous grids")
     spacing: Choice(*DISCRETE_SPACINGS) = Field("uniform", description="discrete grids: timestep spacing")
     sigmas: OptFloatList = Field(None, description="kind list: the descending sigmas")
+    path: OptStr = Field(None, description="kind file: a grid file written by `iia grid` (JSON, read as data)")
 
     @model_validator(mode="after")
     def _check(self) -> GridConfig:
         if self.kind == "list" and not self.sigmas:
             raise ConfigError("grid.kind=list needs grid.sigmas: a descending list of sigmas")
+        if self.kind == "file" and not self.path:
+            raise ConfigError("grid.kind=file needs grid.path: a grid file written by `iia grid --out FILE.json`")
         if not (self.rho > 0 and 0 < self.sigma_min < self.sigma_max < float("inf")):
             raise ConfigError("grid needs rho > 0 and 0 < sigma_min < sigma_max, all finite")
         return self

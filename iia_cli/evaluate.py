@@ -19,7 +19,7 @@ from . import dist, layout
 from .api import (LogFn, ModelMemo, Prepared, ResolvedCoefficients, checkpoint_interval, find_coefficients, grid_params,
                   prepare, resolve_coefficients, save_checkpoint)
 from .atomic import OutputRescued, savez_atomic
-from .config import ExperimentConfig, check_nfe
+from .config import ExperimentConfig, GridConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .images import quantize
 from .metrics import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states, make_accumulator,
@@ -206,7 +206,8 @@ class MetricSetup:
                     and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
-            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint, memo=base.memo)
+            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint, memo=base.memo,
+                          grid=reference_grid(cfg, base.sigmas))
             fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
                                     "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
             key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,
@@ -272,6 +273,23 @@ class MetricSetup:
 
     def accumulator(self, cell: Cell) -> Accumulator:
         return make_accumulator(cell.metric, cell.seeds, self.ctx)
+
+
+GIVEN_GRID_KINDS = ("list", "file")  # grids whose sigmas are given for one NFE, not generated for any NFE
+
+
+def reference_grid(cfg: ExperimentConfig, sigmas: torch.Tensor) -> GridConfig | None:
+    """The grid section of the integration-error reference solve (``evaluate.reference_method`` at
+    ``evaluate.reference_nfe``), or None: the run's own grid section, generated at the reference's NFE.
+
+    A given grid (``grid.kind`` list or file) holds the coarse sigmas of one NFE and cannot be refined, so the
+    reference takes a Karras grid (rho 7; Karras et al. 2022, eq. 5) over the run's sigma range instead: from the
+    given grid's first sigma (where the samples start) down to its smallest positive sigma; whether it ends there or
+    steps on to 0 follows the reference's own NFE plan, as for the generated grids."""
+    if cfg.grid.kind not in GIVEN_GRID_KINDS:
+        return None
+    positive = sigmas[sigmas > 0]
+    return GridConfig(kind="karras", rho=7.0, sigma_min=float(positive.min()), sigma_max=float(sigmas[0]))
 
 
 def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from .errors import ConfigError
 
-GRID_KINDS = ("karras", "logsnr", "time-uniform", "discrete", "list")
+GRID_KINDS = ("karras", "logsnr", "time-uniform", "discrete", "list", "file")
 DISCRETE_SPACINGS = ("uniform", "quad")
 
 # Continuous linear-VP schedule (Song et al. 2021): beta(t) = beta_min + t (beta_max - beta_min), t in [0, 1].
@@ -85,6 +85,8 @@ def make_grid(grid_cfg: Any, plan: GridPlan, model: Any) -> torch.Tensor:
     n = plan.n_points
     if kind == "list":
         raise ConfigError("grid.kind=list takes its sigmas from grid.sigmas; use list_grid()")
+    if kind == "file":
+        raise ConfigError("grid.kind=file takes its sigmas from the grid file grid.path; use gridfile.load_grid_file()")
     if kind == "discrete":
         sig_train = getattr(model, "discrete_sigmas", None)
         if sig_train is None:

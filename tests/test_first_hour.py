@@ -108,7 +108,8 @@ OTHER_DEFAULTS = {("sample", "--config"), ("calibrate", "--config"), ("config", 
                   ("sample", "--coeffs"), ("calibrate", "--out"), ("config", "--show"), ("evaluate", "--csv"),
                   ("evaluate", "--metrics"), ("evaluate", "--fresh"), ("report", "--metric"),
                   ("fid-weights", "--inception-weights"),
-                  ("fid-ref", "--inception-weights"), ("fid", "--inception-weights")}
+                  ("fid-ref", "--inception-weights"), ("fid", "--inception-weights"),
+                  ("grid", "--config"), ("grid", "--batch")}
 
 
 def test_help_defaults_are_what_runs(cli, tmp_path):
