@@ -41,10 +41,13 @@ PAIRS = [("edm", "iia-edm"), ("edm", "biia-edm"), ("ddim", "iia-ddim"), ("dpm-so
          ("dpm-solver++-3m", "iia-dpm-solver++-3m"), ("dpm-solver++-3m-exact", "iia-dpm-solver++-3m-exact"),
          ("ipndm", "iia-ipndm"), ("unipc", "iia-unipc")]
 NFES = [5, 6, 7, 8, 9, 10, 11, 13, 15]
-# The prototype's targets, stated against the paired interval: (IIA method, NFEs, largest ratio to its base).
-# A goal is met at an NFE when the ratio is at most the target *and* the interval's upper bound is below 1 (IIA
-# resolved better than its base); "resolved below the target" when even the upper bound is at most the target.
-GOALS = [("iia-edm", (7, 8, 9), 0.2), ("iia-ddim", (7, 8, 9), 0.5), ("iia-dpm-solver++-2m", (5, 6, 7, 8, 9, 10), 0.9)]
+# The prototype's targets ("IIA-EDM about 0.2x EDM's error at NFE 7 to 9, IIA-DDIM 0.4x to 0.5x, IIA-DPM-Solver++(2M)
+# about 0.9x"), stated against the paired interval: (IIA method, NFEs, largest ratio to its base; "about" read as
+# +0.05). Met at an NFE when the ratio is at most the target *and* the interval's upper bound is below 1 (IIA
+# resolved better than its base); a miss is "resolved" when even the interval's lower bound is above the target.
+# Base solvers the README compares directly (a vs b, paired on the same seeds): the two 3M weightings, 3M vs 2M.
+BASE_COMPARISONS = [("dpm-solver++-3m", "dpm-solver++-3m-exact"), ("dpm-solver++-3m", "dpm-solver++-2m")]
+GOALS = [("iia-edm", (7, 8, 9), 0.25), ("iia-ddim", (7, 8, 9), 0.5), ("iia-dpm-solver++-2m", (5, 6, 7, 8, 9, 10), 0.95)]
 
 
 def solve(cfg, method: str, nfe: int, seeds: list[int], coeffs=None, prepared=None) -> torch.Tensor:
@@ -90,8 +93,7 @@ def table(df: pd.DataFrame, nfes: list[int]) -> str:
                 if name == base:
                     text += f" [{r.ci_low:.4f}, {r.ci_high:.4f}]"
                 else:
-                    text += " " + pr.ratio_text(pr.compare(r.to_dict(), df[(df.method == base) & (df.nfe == n)]
-                                                           .iloc[0].to_dict()))
+                    text += " " + pr.ratio_text(pr.stored(r, "ratio"))
                 cells.append(f"{text} {r.best}" if r.best else text)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -110,6 +112,17 @@ def notes(df: pd.DataFrame) -> list[str]:
             ties = sorted(rows[i]["method"] for i, m in marks.items() if m == "~" and rows[i]["sq"] != best["sq"])
             out.append(f"- NFE {n}: best {best['method']} vs runner-up {runner['method']}: {pr.ratio_text(p)}, "
                        f"P(best lower) {p.prob_improvement:.2f}" + (f"; tied: {', '.join(ties)}" if ties else ""))
+    for a, b in BASE_COMPARISONS:
+        cells = []
+        for n in sorted(df.nfe.unique()):
+            ra, rb = df[(df.method == a) & (df.nfe == n)], df[(df.method == b) & (df.nfe == n)]
+            if len(ra) and len(rb):
+                cells.append(f"NFE {n} {pr.ratio_text(pr.compare(ra.iloc[0].to_dict(), rb.iloc[0].to_dict()))}")
+        if cells:
+            out.append(f"- {a} vs {b}: " + "; ".join(cells))
+    open_ = pr.unresolved(df[df.method != df.base].to_dict("records"), lambda r: r["method"])
+    if open_:
+        out.append("- IIA vs base not resolved (the interval holds 1): " + ", ".join(open_))
     warned = [r for r in df.to_dict("records") if r["ci_warning"]]
     if warned:
         out.append(f"- heavy tail (`!`, the worst 5 % of seeds carry the share in brackets of the squared error): "
@@ -117,20 +130,27 @@ def notes(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def goal_verdict(ratio: float, low: float, high: float, target: float) -> str:
+    """'met' (ratio <= target, upper bound < 1), 'met, resolved' (upper bound <= target too), 'missed, resolved'
+    (lower bound > target) or 'missed, not resolved' (ratio > target, the interval reaches the target)."""
+    if ratio <= target and high < 1:
+        return "met, resolved" if high <= target else "met"
+    return "missed, resolved" if low > target else "missed, not resolved"
+
+
 def goals(df: pd.DataFrame) -> list[str]:
-    """Each goal of GOALS judged on the paired ratios and their intervals."""
+    """Each goal of GOALS judged on the paired ratios and their intervals, NFE by NFE."""
     out = []
     for iia, nfes, target in GOALS:
         at = df[(df.method == iia) & df.nfe.isin(nfes)].sort_values("nfe")
         if not len(at):
             continue
-        cells = [f"NFE {r.nfe} x{r.ratio:.2f} [{r.ratio_low:.2f}, {r.ratio_high:.2f}]" for r in at.itertuples()]
-        met = [r.ratio <= target and r.ratio_high < 1 for r in at.itertuples()]
-        strong = [r.ratio_high <= target for r in at.itertuples()]
-        verdict = ("met, resolved below the target" if all(strong) else "met" if all(met)
-                   else f"NOT met at {sum(not m for m in met)} of {len(met)} NFEs")
+        verdicts = [goal_verdict(r.ratio, r.ratio_low, r.ratio_high, target) for r in at.itertuples()]
+        cells = [f"NFE {r.nfe} x{r.ratio:.2f} [{r.ratio_low:.2f}, {r.ratio_high:.2f}] {v}"
+                 for r, v in zip(at.itertuples(), verdicts)]
+        met = sum(v.startswith("met") for v in verdicts)
         out.append(f"- {iia} <= {target:g}x its base with the upper bound below 1, NFE {nfes[0]}-{nfes[-1]}: "
-                   f"{verdict} ({'; '.join(cells)})")
+                   f"{pr.fmt_goal(met == len(verdicts))} ({met} of {len(verdicts)} NFEs; {'; '.join(cells)})")
     return out
 
 

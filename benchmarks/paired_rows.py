@@ -92,20 +92,27 @@ def best_marks(rows: list[Mapping[str, Any]]) -> tuple[dict[int, str], Paired | 
     return marks, runner
 
 
-def warning_notes(rows: list[Mapping[str, Any]], label) -> list[str]:
-    """One line per row whose RMSE interval carries the heavy-tail warning."""
-    return [f"- {label(r)} NFE {r['nfe']}: {r['ci_warning']}" for r in rows if str(r.get("ci_warning") or "")]
+def stored(row: Mapping[str, Any], prefix: str = "ratio") -> Paired:
+    """The comparison kept in a row's ``{prefix}*`` columns (see :func:`paired_columns`); n from its ``sq``."""
+    return Paired(float(row[prefix]), float(row[prefix + "_low"]), float(row[prefix + "_high"]),
+                  str(row[prefix + "_method"]), float(row[prefix + "_prob_improvement"]), arrays(row)[0].size)
 
 
-def unresolved_note(p: Paired, n: int) -> str:
-    """'about N seeds would resolve it' for an unresolved comparison at its observed effect, or ''."""
-    need = uncertainty.seeds_to_resolve(n, p)
-    return "" if need is None or p.resolved else f"about {need:,} seeds would resolve it"
+def unresolved(rows: list[Mapping[str, Any]], label, prefix: str = "ratio") -> list[str]:
+    """'label NFE n (x0.980, P(lower) 0.45; about 2,300 seeds would resolve it)' for every row whose stored
+    comparison is not resolved (rows equal to the other on every seed are left out: there is nothing to resolve)."""
+    out = []
+    for r in rows:
+        if str(r.get(prefix, "")) == "":
+            continue
+        p = stored(r, prefix)
+        if p.resolved or identical(p):
+            continue
+        need = uncertainty.seeds_to_resolve(p.n, p)
+        out.append(f"{label(r)} NFE {r['nfe']} (x{p.ratio:.3f}, P(lower) {p.prob_improvement:.2f}"
+                   + (f"; about {need:,} seeds would resolve it)" if need else ")"))
+    return out
 
 
 def fmt_goal(ok: bool) -> str:
     return "met" if ok else "NOT met"
-
-
-def is_nan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
