@@ -125,17 +125,9 @@ def notes(df: pd.DataFrame) -> list[str]:
         out.append("- IIA vs base not resolved (the interval holds 1): " + ", ".join(open_))
     warned = [r for r in df.to_dict("records") if r["ci_warning"]]
     if warned:
-        out.append(f"- heavy tail (`!`, the worst 5 % of seeds carry the share in brackets of the squared error): "
+        out.append("- heavy tail (`!`, the worst 5 % of seeds carry the share in brackets of the squared error): "
                    + ", ".join(f"{r['method']} NFE {r['nfe']} ({r['tail_share']:.2f})" for r in warned))
     return out
-
-
-def goal_verdict(ratio: float, low: float, high: float, target: float) -> str:
-    """'met' (ratio <= target, upper bound < 1), 'met, resolved' (upper bound <= target too), 'missed, resolved'
-    (lower bound > target) or 'missed, not resolved' (ratio > target, the interval reaches the target)."""
-    if ratio <= target and high < 1:
-        return "met, resolved" if high <= target else "met"
-    return "missed, resolved" if low > target else "missed, not resolved"
 
 
 def goals(df: pd.DataFrame) -> list[str]:
@@ -145,7 +137,7 @@ def goals(df: pd.DataFrame) -> list[str]:
         at = df[(df.method == iia) & df.nfe.isin(nfes)].sort_values("nfe")
         if not len(at):
             continue
-        verdicts = [goal_verdict(r.ratio, r.ratio_low, r.ratio_high, target) for r in at.itertuples()]
+        verdicts = [pr.goal_verdict(r.ratio, r.ratio_low, r.ratio_high, target) for r in at.itertuples()]
         cells = [f"NFE {r.nfe} x{r.ratio:.2f} [{r.ratio_low:.2f}, {r.ratio_high:.2f}] {v}"
                  for r, v in zip(at.itertuples(), verdicts)]
         met = sum(v.startswith("met") for v in verdicts)

@@ -10,7 +10,6 @@ interval excludes 1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,6 +111,14 @@ def unresolved(rows: list[Mapping[str, Any]], label, prefix: str = "ratio") -> l
         out.append(f"{label(r)} NFE {r['nfe']} (x{p.ratio:.3f}, P(lower) {p.prob_improvement:.2f}"
                    + (f"; about {need:,} seeds would resolve it)" if need else ")"))
     return out
+
+
+def goal_verdict(ratio: float, low: float, high: float, target: float) -> str:
+    """'met' (ratio <= target, upper bound < 1), 'met, resolved' (upper bound <= target too), 'missed, resolved'
+    (lower bound > target) or 'missed, not resolved' (ratio > target, the interval reaches the target)."""
+    if ratio <= target and high < 1:
+        return "met, resolved" if high <= target else "met"
+    return "missed, resolved" if low > target else "missed, not resolved"
 
 
 def fmt_goal(ok: bool) -> str:
