@@ -26,9 +26,12 @@ from typing import Any
 
 from . import __version__
 from .atomic import write_rescue_copy
+from .compare import LEGACY, compare_rows, describe, identical
 from .errors import IIARuntimeError, MissingFileError
+from .methods import METHODS
 from .metrics import METRICS
 from .paths import csv_lock
+from .uncertainty import seeds_to_resolve
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
@@ -267,8 +270,6 @@ def _fmt(metric: str, value: float) -> str:
 def base_method(method: str) -> str | None:
     """The base solver an IIA method corrects, from the method registry (None for a base solver or an
     unknown name)."""
-    from .methods import METHODS
-
     spec = METHODS.get(method)
     return spec.base if spec is not None and spec.is_iia else None
 
@@ -297,8 +298,6 @@ def _num(x: Any) -> float:
 def _pair(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Any:
     """The paired comparison of two cells (lists of rows, one per seed range) on the first seed range they
     share, or the reason there is none."""
-    from .compare import compare_rows
-
     by_seeds = {str(r.get("seeds", "")): r for r in rows_b}
     for r in rows_a:
         other = by_seeds.get(str(r.get("seeds", "")))
@@ -314,7 +313,8 @@ def summary_table(df: Any, metric: str = "fid") -> Any:
     ranges, ``base`` the label of the base solver an IIA row corrects, ``paired`` its paired comparison with that
     base (a :class:`uncertainty.Paired`, or a string saying why there is none), ``ratio`` (NaN when absent) and
     ``mark``: ``*`` for the best at its NFE when resolved against the runner-up, ``~`` for each method tied for
-    best (not resolved against the best). None when the metric has no rows."""
+    best (not resolved against the best); a row identical to the best on every replicate shares its mark and is
+    passed over as runner-up. None when the metric has no rows."""
     import pandas as pd
 
     sub = df[df["metric"] == metric]
@@ -360,13 +360,17 @@ def summary_table(df: Any, metric: str = "fid") -> Any:
             marks[top] = "*"
             continue
         vs = {i: _pair(cells[(out[top]["label"], nfe)], cells[(out[i]["label"], nfe)]) for i in order[1:]}
-        best_pair[top] = vs[order[1]]
-        runner = vs[order[1]]
-        if not isinstance(runner, str) and runner.resolved:
-            marks[top] = "*"
-        else:
-            marks[top] = "~"
-            for i in order[1:]:
+        # A row with the best's very samples (an IIA method whose guard switched it off) shares the best's mark;
+        # the runner-up is the best of the others, so that the best is not "tied" with its own copy.
+        twins = [i for i in order[1:] if not isinstance(vs[i], str) and identical(vs[i])]
+        rest = [i for i in order[1:] if i not in twins]
+        runner = vs[rest[0]] if rest else vs[order[1]]  # only copies of the best: tied with them, as before
+        best_pair[top] = runner
+        resolved = bool(rest) and not isinstance(runner, str) and runner.resolved
+        for i in [top, *twins]:
+            marks[i] = "*" if resolved else "~"
+        if not resolved:
+            for i in rest:
                 if isinstance(vs[i], str) or not vs[i].resolved:
                     marks[i] = "~"
     g["mark"] = marks
@@ -386,8 +390,6 @@ def _cell_text(metric: str, r: Any) -> str:
     text += f" {r.mark}" if r.mark else "  "
     p = r.paired
     if p is not None and not isinstance(p, str):
-        from .compare import describe, identical
-
         text += "\n" + ("= base (same samples)" if identical(p) else describe(p))
     elif isinstance(p, str) and r.ratio == r.ratio:
         text += f"\nx{r.ratio:.2f} (unpaired)"
@@ -431,10 +433,6 @@ def _params_label(text: str) -> str:
 def table_notes(g: Any, metric: str) -> list[str]:
     """What a table cannot show in its cells: interval warnings, comparisons that could not be paired, and how
     many seeds would resolve each unresolved IIA-vs-base comparison at the observed effect."""
-    from .uncertainty import seeds_to_resolve
-
-    from .compare import LEGACY, identical
-
     notes, legacy = [], False
     for r in g.itertuples():
         where = f"{r.label} nfe={r.nfe} {metric}"
@@ -509,8 +507,6 @@ def render_table(df: Any, title: str = "") -> Any:
 def compare_methods(df: Any, a: str, b: str) -> Any:
     """Every paired comparison of method labels ``a`` and ``b`` across NFEs and metrics, as a Rich table."""
     from rich.table import Table
-
-    from .uncertainty import seeds_to_resolve
 
     table = Table(title=f"{a} vs {b}: paired comparisons on the same seeds (ratio = {a} / {b})")
     for col in ("metric", "NFE", a, b, "ratio [95 %]", "verdict", f"P({a} better)", "seeds", "note"):

@@ -27,8 +27,9 @@ def test_progress_lines_for_reference_solve_calibration_and_sampling(cli, err_cf
     # not a TTY: plain lines, a start line, then the count with percentage, rate and ETA, then the end line
     assert "reference solve edm nfe=19: started, 4 images" in lines  # every error seed in one solve
     assert any(line.startswith("reference solve edm nfe=19: 4 images in ") and "img/s" in line for line in lines)
-    assert "calibrating iia-ddim (4 noises): started, 5 steps" in lines
-    step = [line for line in lines if line.startswith("calibrating iia-ddim (4 noises): 2/5 steps (40%)")]
+    # NFE 5: 5 DDIM steps, of which 3 are fitted (step 0 has no history for its quantities; the last is the final step)
+    assert "calibrating iia-ddim (4 noises): started, 3 steps" in lines
+    step = [line for line in lines if line.startswith("calibrating iia-ddim (4 noises): 2/3 steps (67%)")]
     assert step and "step/s" in step[0] and "ETA" in step[0]
     assert any(line.startswith("ddim nfe=5 integration_rmse: 2/4 images (50%)") and "ETA" in line for line in lines)
 
