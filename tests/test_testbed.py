@@ -34,7 +34,7 @@ def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -
     """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
     digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not).
     Loading leaves the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
-    from iia_cli.cli import DEFAULT_CONFIG
+    from iia_cli.cli_common import DEFAULT_CONFIG
     from iia_cli.config import load_config
     from iia_cli.models import load_model, model_fingerprint
     from iia_cli.testbed import heldout_images, to_model_range
