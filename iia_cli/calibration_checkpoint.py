@@ -84,7 +84,7 @@ class CalibrationCheckpoint:
                     raise ValueError(f"{f.name} belongs to another calibration")
                 parts[f.stem] = {"meta": meta, **arrays}
             elapsed = max((float(p["meta"].get("elapsed", 0.0)) for p in parts.values()), default=0.0)
-        except Exception as exc:  # noqa: BLE001 (a damaged file: OSError, ValueError, zipfile.BadZipFile, EOFError, ...)
+        except Exception as exc:  # noqa: BLE001 (a damaged file: OSError, ValueError, BadZipFile, EOFError, ...)
             self.discard(exc)
             return
         self.loaded, self.elapsed_before = parts, elapsed

@@ -370,8 +370,9 @@ def _restore_teacher(ck: CalibrationCheckpoint, part: str, n_chunks: int, n_step
     return done, calls
 
 
-def _save_pass(ck: CalibrationCheckpoint, part: str, step: int, states: list[torch.Tensor], histories: list[History],
-               calls: int, fitted: Coefficients, res_base: list[float], res_iia: list[float]) -> None:
+def _save_pass(ck: CalibrationCheckpoint, part: str, step: int, states: list[torch.Tensor],
+               histories: list[History], calls: int, fitted: Coefficients, res_base: list[float],
+               res_iia: list[float]) -> None:
     """The greedy pass's progress after ``step`` steps: each chunk's state and history, the coefficients and
     residuals so far, and the denoiser calls per noise."""
     arrays: dict[str, Any] = {"residual_base": torch.tensor(res_base, dtype=torch.float64),
