@@ -108,15 +108,19 @@ class CalibrationCheckpoint:
         """A part read from the checkpoint (``meta`` and arrays), or None."""
         return self.loaded.get(part)
 
-    def put(self, part: str, arrays: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    def put(self, part: str, arrays: dict[str, Any], meta: dict[str, Any] | None = None,
+            collective: bool = True) -> None:
         """Record a part reached now (tensors are converted when written) and write the pending parts when the
-        checkpoint interval has passed. Every process calls this at the same points (the decision to write is
-        taken together under torchrun, so that the processes' checkpoints stay at the same point)."""
+        checkpoint interval has passed. Under torchrun the decision to write is taken together, so that the
+        processes' checkpoints stay at the same point: every process reaches a ``collective`` point at the same
+        time; a point of one process only (a teacher chunk: each has its own) is written with the next one."""
         if not self.enabled:
             return
         self._pending[part] = (arrays, dict(meta or {}))
         due = time.perf_counter() - self._last >= self.every
         if dist.context().distributed:
+            if not collective:
+                return
             due = dist.all_reduce_floats(float(due))[0] > 0
         if due:
             self.flush()

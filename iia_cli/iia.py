@@ -281,7 +281,7 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
 
         def on_chunk(k: int, xs: list[torch.Tensor], calls: int) -> None:
             solved.add(k)
-            ck.put(f"{part}-teacher-c{k}", {f"s{i}": x for i, x in enumerate(xs)}, {"calls": calls})
+            ck.put(f"{part}-teacher-c{k}", {f"s{i}": x for i, x in enumerate(xs)}, {"calls": calls}, collective=False)
 
         if teachers is not None and fingerprint:
             teacher_states, teacher_calls = teachers.trajectory(fingerprint, teacher, model, sig, chunks, states,
@@ -552,7 +552,7 @@ def _agree_on_resume(ck: CalibrationCheckpoint) -> None:
     if not dist.context().distributed:
         return
     mine = sorted((name, part["meta"].get("step", -1), len(part["meta"].get("alphas", [])))
-                  for name, part in ck.loaded.items())
+                  for name, part in ck.loaded.items() if "-teacher-c" not in name)  # teacher chunks: each its own
     if any(other != mine for other in dist.gather_objects(mine)):
         ck.discard(ValueError("the processes' checkpoints are at different points"))
 
