@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist, envvars
+from . import dist, envvars, layout
 from .atomic import atomic_write, savez_atomic
 from .config import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
 from .errors import ConfigError, IIARuntimeError, MissingFileError
@@ -188,7 +188,8 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
                                  p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
                                  teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log,
-                                 teachers=p.memo.teachers, fingerprint=p.fingerprint)
+                                 teachers=p.memo.teachers, fingerprint=p.fingerprint,
+                                 checkpoint_dir=layout.partial_dir(), checkpoint_every=checkpoint_interval())
     fit, val = res.fit, res.val
     if val is not None:
         tb, ti = _nansum(val.residual_base), _nansum(val.residual_iia)
@@ -218,6 +219,8 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     if dist.context().is_main:
         cs.save(path)
     dist.barrier()
+    if res.checkpoint is not None:
+        res.checkpoint.remove()  # the coefficient file holds it all now
     log(f"wrote {path}")
     return cs, path
 

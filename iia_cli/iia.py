@@ -32,11 +32,12 @@ import torch
 from . import __version__
 from . import dist
 from .atomic import write_text_atomic
+from .calibration_checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import subdivide
 from .methods import METHODS, Method
-from .sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, noise_and_conditioning,
-                       propose, sample_batches)
+from .sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
+                       noise_and_conditioning, propose, sample_batches)
 from .solvers import History, make_solver, teacher_name
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
@@ -80,23 +81,36 @@ class Teacher:
 
 def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
                        starts: list[torch.Tensor], labels: list[torch.Tensor | None],
-                       class_label: int | None = None) -> tuple[list[list[torch.Tensor]], int]:
+                       class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
+                       done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
+                       ) -> tuple[list[list[torch.Tensor]], int]:
     """The teacher's states at every coarse sigma (``[step][chunk]``, step 0 = the noise) and its denoiser calls
-    per noise, solved now (:class:`TeacherCache` keeps them for reuse)."""
+    per noise, solved now (:class:`TeacherCache` keeps them for reuse). ``done``: the states (steps 1..n) of
+    chunks an interrupted run solved (``done_calls`` calls per noise), taken as they are; ``on_chunk(k, states,
+    calls)`` hears of each chunk solved now (the calibration checkpoint)."""
     states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
-    calls = 0
+    done = done or {}
+    calls = done_calls if done else 0
     from .progress import ImageProgress
 
     per = f"; {len(sig) - 1} coarse steps x {len(starts)} chunks" if len(starts) > 1 else ""  # what the count counts
     bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises{per})",
                         unit="steps").__enter__()  # ends itself after the last step
+    if done:
+        bar.resume(len(done) * (len(sig) - 1))
     for k, x in enumerate(starts):
+        if k in done:
+            for i in range(len(sig) - 1):
+                states[i + 1].append(done[k][i])
+            continue
         den, hist = BoundDenoiser(model, labels[k]), ()
         for i in range(len(sig) - 1):
             x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
             states[i + 1].append(x)
             bar.advance(1)
         calls = calls or den.calls
+        if on_chunk is not None:
+            on_chunk(k, [states[i + 1][k] for i in range(len(sig) - 1)], den.calls)
     return states, calls
 
 
@@ -132,13 +146,17 @@ class TeacherCache:
 
     def trajectory(self, fingerprint: str, teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
                    starts: list[torch.Tensor], labels: list[torch.Tensor | None],
-                   class_label: int | None = None) -> tuple[list[list[torch.Tensor]], int]:
-        """:func:`teacher_trajectory` of ``model`` (whose fingerprint is ``fingerprint``), solved once per key."""
+                   class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
+                   done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
+                   ) -> tuple[list[list[torch.Tensor]], int]:
+        """:func:`teacher_trajectory` of ``model`` (whose fingerprint is ``fingerprint``), solved once per key
+        (``done``, ``done_calls``, ``on_chunk``: a calibration checkpoint's, passed on when it is solved)."""
         key = self.key(fingerprint, teacher, sig, chunks, starts, class_label)
         if key in self._entries:
             self._entries[key] = self._entries.pop(key)  # most recently used last
             return self._entries[key]
-        value = teacher_trajectory(teacher, model, sig, chunks, starts, labels, class_label)
+        value = teacher_trajectory(teacher, model, sig, chunks, starts, labels, class_label, done, done_calls,
+                                   on_chunk)
         self.solves += 1
         while len(self._entries) >= self.size:
             self._entries.pop(next(iter(self._entries)))
@@ -220,13 +238,16 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
                 chunk: int, device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None = None,
                 ridge: float = 1e-8, class_label: int | None = None, log: Any = None,
                 warn: Any = None, target: str = "local", teacher: Teacher | None = None,
-                teachers: TeacherCache | None = None, fingerprint: str = "") -> PassResult:
+                teachers: TeacherCache | None = None, fingerprint: str = "",
+                checkpoint: CalibrationCheckpoint | None = None, part: str = "fit") -> PassResult:
     """One greedy pass over the noises of ``seeds``: fits coefficients step by step (``coeffs`` None) or
     applies given ones (validation), recording per-step residuals against the ``target`` (``local``: M fine
     sub-steps of the base solver from the coarse state; ``trajectory``: the teacher's state at sigma_{i+1}).
     A ``teacher`` (required for ``trajectory``) runs along in the same pass from the same noises; its final
     states are returned for the end-to-end error. With ``teachers`` and the model's ``fingerprint`` the
-    teacher's trajectory is taken from (and kept in) that cache."""
+    teacher's trajectory is taken from (and kept in) that cache. With a ``checkpoint``, the teacher's chunks
+    (parts ``{part}-teacher-c{k}``) and the pass's progress after each step (part ``{part}``) are kept there,
+    and what it holds of them is taken instead of computed again."""
     if not method.is_iia:
         raise ConfigError(f"method {method.name} has no IIA coefficients to calibrate")
     if target not in TARGETS:
@@ -251,21 +272,39 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
         denoisers.append(BoundDenoiser(model, lab))
         histories.append(())
         labels.append(lab)
+    ck = checkpoint or CalibrationCheckpoint.off()
     if teacher is None:
         teacher_states, teacher_calls = [], 0
-    elif teachers is not None and fingerprint:
-        teacher_states, teacher_calls = teachers.trajectory(fingerprint, teacher, model, sig, chunks, states, labels,
-                                                            class_label)
     else:
-        teacher_states, teacher_calls = teacher_trajectory(teacher, model, sig, chunks, states, labels, class_label)
+        done, done_calls = _restore_teacher(ck, part, len(chunks), n_steps, device)
+        solved: set[int] = set(done)
+
+        def on_chunk(k: int, xs: list[torch.Tensor], calls: int) -> None:
+            solved.add(k)
+            ck.put(f"{part}-teacher-c{k}", {f"s{i}": x for i, x in enumerate(xs)}, {"calls": calls}, collective=False)
+
+        if teachers is not None and fingerprint:
+            teacher_states, teacher_calls = teachers.trajectory(fingerprint, teacher, model, sig, chunks, states,
+                                                                labels, class_label, done, done_calls, on_chunk)
+        else:
+            teacher_states, teacher_calls = teacher_trajectory(teacher, model, sig, chunks, states, labels,
+                                                               class_label, done, done_calls, on_chunk)
+        for k in range(len(chunks)):  # found in the cache: kept in the checkpoint too
+            if k not in solved:
+                on_chunk(k, [teacher_states[i + 1][k] for i in range(n_steps)], teacher_calls)
     fitted: Coefficients = []
-    res_base, res_iia = [], []
+    res_base: list[float] = []
+    res_iia: list[float] = []
     from .progress import ImageProgress
 
-    n_fit = n_steps - len(corrected_steps(method, sigmas))  # the progress counts the steps fitted (or validated)
+    skipped = corrected_steps(method, sigmas)
+    n_fit = n_steps - len(skipped)  # the progress counts the steps fitted (or validated)
     bar = ImageProgress(n_fit, f"{'calibrating' if coeffs is None else 'validating'} {method.name} "
                         f"({n} noises)", unit="steps").__enter__()  # ends itself after the last step
-    for i in range(n_steps):
+    start = _restore_pass(ck, part, states, histories, denoisers, fitted, res_base, res_iia, device)
+    if start:
+        bar.resume(sum(1 for i in range(start) if i not in skipped))
+    for i in range(start, n_steps):
         G = g = None
         stash = []
         for k in range(len(chunks)):
@@ -305,11 +344,74 @@ def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[in
                 f"c = [{', '.join(f'{v:+.4f}' for v in c_i)}]  residual base {res_base[-1]:.4g} -> iia {res_iia[-1]:.4g}")
         if corrected:
             bar.advance(1)
+        if ck.enabled:
+            _save_pass(ck, part, i + 1, states, histories, denoisers[0].calls, fitted, res_base, res_iia)
     for s in states:
         if not bool(torch.isfinite(s).all()):
             raise IIARuntimeError(f"{method.name}: non-finite states during calibration (NaN/Inf)")
     return PassResult(fitted, res_base, res_iia, denoisers[0].calls, time.perf_counter() - t0, teacher_calls,
                       seeds, states, teacher_states[-1] if teacher is not None else [])
+
+
+def _restore_teacher(ck: CalibrationCheckpoint, part: str, n_chunks: int, n_steps: int,
+                     device: torch.device) -> tuple[dict[int, list[torch.Tensor]], int]:
+    """The teacher's chunks a checkpoint holds (states of steps 1..n_steps) and its calls per noise."""
+    done: dict[int, list[torch.Tensor]] = {}
+    calls = 0
+    try:
+        for k in range(n_chunks):
+            data = ck.get(f"{part}-teacher-c{k}")
+            if data is not None:
+                done[k] = [tensor(data, f"s{i}", device) for i in range(n_steps)]
+                calls = int(data["meta"]["calls"])
+    except Exception as exc:  # noqa: BLE001 (a damaged part: computed afresh)
+        ck.discard(exc)
+        return {}, 0
+    return done, calls
+
+
+def _save_pass(ck: CalibrationCheckpoint, part: str, step: int, states: list[torch.Tensor],
+               histories: list[History], calls: int, fitted: Coefficients, res_base: list[float],
+               res_iia: list[float]) -> None:
+    """The greedy pass's progress after ``step`` steps: each chunk's state and history, the coefficients and
+    residuals so far, and the denoiser calls per noise."""
+    arrays: dict[str, Any] = {"residual_base": torch.tensor(res_base, dtype=torch.float64),
+                              "residual_iia": torch.tensor(res_iia, dtype=torch.float64)}
+    specs = []
+    for k, (x, hist) in enumerate(zip(states, histories)):
+        spec, tensors = encode_history(hist, f"h{k}")
+        arrays[f"x{k}"] = x
+        arrays.update(tensors)
+        specs.append(spec)
+    ck.put(part, arrays, {"step": step, "calls": calls, "coefficients": [list(c) for c in fitted],
+                          "histories": specs})
+
+
+def _restore_pass(ck: CalibrationCheckpoint, part: str, states: list[torch.Tensor], histories: list[History],
+                  denoisers: list[BoundDenoiser], fitted: Coefficients, res_base: list[float], res_iia: list[float],
+                  device: torch.device) -> int:
+    """Fill the pass's lists from a checkpoint's progress (in place); returns the step to go on from (0: none)."""
+    data = ck.get(part)
+    if data is None:
+        return 0
+    try:
+        meta = data["meta"]
+        step = int(meta["step"])
+        xs = [tensor(data, f"x{k}", device) for k in range(len(states))]
+        hs = [decode_history(spec, data, device) for spec in meta["histories"]]
+        cs = [[float(v) for v in c] for c in meta["coefficients"]]
+        rb, ri = data["residual_base"].tolist(), data["residual_iia"].tolist()
+        if not (len(hs) == len(states) and len(cs) == len(rb) == len(ri) == step) or any(
+                x.shape != s.shape or x.dtype != s.dtype for x, s in zip(xs, states)):
+            raise ValueError(f"part {part} does not fit this pass")
+    except Exception as exc:  # noqa: BLE001 (a damaged part: computed afresh)
+        ck.discard(exc)
+        return 0
+    states[:], histories[:] = xs, hs
+    fitted[:], res_base[:], res_iia[:] = cs, [float(v) for v in rb], [float(v) for v in ri]
+    for den in denoisers:
+        den.calls = int(meta["calls"])
+    return step
 
 
 def final_rmse(finals: list[torch.Tensor], references: list[torch.Tensor]) -> float:
@@ -395,6 +497,7 @@ class CalibrationOutcome:
     calls: int = 0  # denoiser calls on the calibration noises: fit, teacher, guard passes (all processes)
     val_calls: int = 0
     seconds: float = 0.0
+    checkpoint: CalibrationCheckpoint | None = None  # remove() it once the coefficient file is written
 
 
 def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
@@ -402,18 +505,89 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
                            ridge: float = 1e-8, class_label: int | None = None, target: str = "local",
                            teacher: Teacher | None = None, guard: bool = True, log: Callable[[str], None] | None = None,
                            verbose: bool = False, warn: Any = None, teachers: TeacherCache | None = None,
-                           fingerprint: str = "") -> CalibrationOutcome:
+                           fingerprint: str = "", checkpoint_dir: Path | None = None,
+                           checkpoint_every: float = 30.0) -> CalibrationOutcome:
     """Fit (one greedy pass against ``target``), guard (shrink by the final error on the calibration noises)
     and validate end to end on the held-out ``val_seeds``. The teacher runs only when the target, the guard
     or the validation needs it; ``teachers`` and the model's ``fingerprint``: reuse its trajectories
-    (:class:`TeacherCache`)."""
+    (:class:`TeacherCache`).
+
+    With ``checkpoint_dir`` (and a ``fingerprint``) the calibration checkpoints its progress under it (a
+    directory named by the hash of everything the coefficients depend on, :mod:`iia_cli.calibration_checkpoint`)
+    every ``checkpoint_every`` seconds and on any exception, and continues from such a checkpoint, to the same
+    bits; the caller deletes it (``outcome.checkpoint.remove()``) once the coefficient file is written."""
     say = log or (lambda m: None)
+    use_teacher = teacher if (target == "trajectory" or guard or val_seeds) else None
+    nfe = method.solver.nfe_of_grid(sigmas)
+    ck = CalibrationCheckpoint.off()
+    if checkpoint_dir is not None and fingerprint:
+        ctx = dist.context()
+        identity = {"model": fingerprint, "method": method.name, "method_params": dict(method.params),
+                    "convention": method.convention, "sigmas": [float(v) for v in sigmas.to(torch.float64)],
+                    "seeds": format_seeds(seeds), "val_seeds": format_seeds(val_seeds), "substeps": substeps,
+                    "chunk": chunk, "device": str(device), "state_dtype": str(state_dtype), "ridge": ridge,
+                    "class_label": class_label, "target": target, "guard": guard,
+                    "teacher": [use_teacher.name, use_teacher.substeps] if use_teacher else None,
+                    "rank": ctx.rank, "world": ctx.world, "coefficient_format": FORMAT_VERSION,
+                    "tool_version": __version__}
+        directory = Path(checkpoint_dir) / f"calibration-{identity_key(identity)}-r{ctx.rank}of{ctx.world}"
+        ck = CalibrationCheckpoint(directory, identity, checkpoint_every, say)
+        _agree_on_resume(ck)
+        if ck.loaded:
+            say(f"resuming calibration of {method.name} nfe={nfe}: {_resume_summary(ck, method, sigmas, val_seeds)} "
+                f"(checkpoint {directory})")
+    try:
+        out = _calibrate(method, model, sigmas, seeds, val_seeds, substeps, chunk, device, state_dtype, ridge,
+                         class_label, target, use_teacher, guard, say, verbose, warn, teachers, fingerprint, ck)
+    except BaseException:
+        ck.flush()  # Ctrl-C, SIGTERM or a crash: what was reached since the last write is kept
+        raise
+    out.checkpoint = ck
+    return out
+
+
+def _agree_on_resume(ck: CalibrationCheckpoint) -> None:
+    """Under torchrun every process must resume from the same point (the normal equations are summed over
+    them): a fresh start unless all processes' checkpoints hold the same parts at the same progress."""
+    if not dist.context().distributed:
+        return
+    mine = sorted((name, part["meta"].get("step", -1), len(part["meta"].get("alphas", [])))
+                  for name, part in ck.loaded.items() if "-teacher-c" not in name)  # teacher chunks: each its own
+    if any(other != mine for other in dist.gather_objects(mine)):
+        ck.discard(ValueError("the processes' checkpoints are at different points"))
+
+
+def _resume_summary(ck: CalibrationCheckpoint, method: Method, sigmas: torch.Tensor, val_seeds: list[int]) -> str:
+    """What a checkpoint holds, in words: ``teacher done, 4 of 6 steps fitted, guard: 2 alphas``."""
+    skipped = corrected_steps(method, sigmas)
+    n_fit = len(sigmas) - 1 - len(skipped)
+    words = []
+    for part, what in (("fit", "fitted"), ("val", "validated")):
+        teacher_chunks = sum(1 for name in ck.loaded if name.startswith(f"{part}-teacher-c"))
+        if teacher_chunks:
+            words.append(f"{'held-out ' if part == 'val' else ''}teacher: {teacher_chunks} chunk(s) done")
+        data = ck.get(part)
+        if data is not None:
+            step = int(data["meta"].get("step", 0))
+            words.append(f"{sum(1 for i in range(step) if i not in skipped)} of {n_fit} steps {what}")
+        if part == "fit" and ck.get("guard") is not None:
+            words.append(f"guard: base and {len(ck.get('guard')['meta'].get('alphas', []))} alpha(s) done")
+    if ck.get("val-end") is not None:
+        words.append("held-out base error done")
+    return ", ".join(words) or "nothing usable"
+
+
+def _calibrate(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
+               substeps: int, chunk: int, device: torch.device, state_dtype: torch.dtype, ridge: float,
+               class_label: int | None, target: str, use_teacher: Teacher | None, guard: bool,
+               say: Callable[[str], None], verbose: bool, warn: Any, teachers: TeacherCache | None, fingerprint: str,
+               ck: CalibrationCheckpoint) -> CalibrationOutcome:
+    """:func:`calibrate_coefficients`'s work, each finished part kept in (and taken from) ``ck``."""
     t0 = time.perf_counter()
     nfe = method.solver.nfe_of_grid(sigmas)
-    use_teacher = teacher if (target == "trajectory" or guard or val_seeds) else None
     fit = greedy_pass(method, model, sigmas, seeds, substeps, chunk, device, state_dtype, ridge=ridge,
                       class_label=class_label, log=say if verbose else None, warn=warn, target=target,
-                      teacher=use_teacher, teachers=teachers, fingerprint=fingerprint)
+                      teacher=use_teacher, teachers=teachers, fingerprint=fingerprint, checkpoint=ck, part="fit")
     B = len(seeds)
     calls = (fit.calls + fit.teacher_calls) * B
     what = f"M={substeps} fine sub-steps" if target == "local" else f"teacher {use_teacher.tag if use_teacher else ''}"
@@ -423,20 +597,37 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
     out = CalibrationOutcome(fit, fit.coeffs)
     validation: dict[str, Any] = {}
     if use_teacher is not None:
-        base = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype, None, class_label)
-        e0, e1 = final_rmse(base, fit.teacher_finals), final_rmse(fit.finals, fit.teacher_finals)
+        saved = _guard_part(ck)
+        if saved is None:
+            base = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype, None, class_label)
+            e0, base_folds = final_rmse(base, fit.teacher_finals), fold_rmse(base, fit.teacher_finals, fit.seeds)
+            done: dict[float, list[float]] = {}
+        else:
+            e0, base_folds, done = saved
+        e1 = final_rmse(fit.finals, fit.teacher_finals)
         calls += nfe * B
+
+        def keep() -> None:
+            ck.put("guard", {"base_folds": torch.tensor(base_folds, dtype=torch.float64),
+                             "folds": torch.tensor([done[a] for a in done], dtype=torch.float64).reshape(
+                                 len(done), len(base_folds))},
+                   {"base_rmse": e0, "alphas": list(done)})
+
+        if saved is None:
+            keep()
         validation.update(calibration_rmse_base=e0, calibration_rmse_unguarded=e1, calibration_rmse_iia=e1)
         say(f"final-sample RMSE vs the teacher on the {B} calibration noises: base {e0:.5g}, iia {e1:.5g} "
             f"(x{e1 / e0 if e0 else float('nan'):.3f})")
         if guard:
             def error_at(alpha: float) -> list[float]:
-                xs = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype,
-                                   scale_coefficients(fit.coeffs, alpha), class_label)
-                return fold_rmse(xs, fit.teacher_finals, fit.seeds)
+                if alpha not in done:
+                    xs = sample_finals(method, model, sigmas, fit.seeds, chunk, device, state_dtype,
+                                       scale_coefficients(fit.coeffs, alpha), class_label)
+                    done[alpha] = fold_rmse(xs, fit.teacher_finals, fit.seeds)
+                    keep()
+                return done[alpha]
 
-            g = choose_alpha(error_at, fold_rmse(base, fit.teacher_finals, fit.seeds),
-                             fold_rmse(fit.finals, fit.teacher_finals, fit.seeds))
+            g = choose_alpha(error_at, base_folds, fold_rmse(fit.finals, fit.teacher_finals, fit.seeds))
             calls += g.passes * nfe * B
             out.alpha, out.guard_errors = g.alpha, g.errors
             out.coeffs = fit.coeffs if g.alpha == 1.0 else scale_coefficients(fit.coeffs, g.alpha)
@@ -447,19 +638,26 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
     if val_seeds:
         val = greedy_pass(method, model, sigmas, val_seeds, substeps, chunk, device, state_dtype, coeffs=out.coeffs,
                           class_label=class_label, target=target, teacher=use_teacher, teachers=teachers,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, checkpoint=ck, part="val")
         out.val = val
         V = len(val_seeds)
         out.val_calls = (val.calls + val.teacher_calls) * V
         if use_teacher is not None:
-            base = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, None, class_label)
-            vb, vi = final_rmse(base, val.teacher_finals), final_rmse(val.finals, val.teacher_finals)
+            end = _val_end_part(ck)
+            if end.get("rmse_base") is None:
+                base = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, None, class_label)
+                end["rmse_base"] = final_rmse(base, val.teacher_finals)
+                ck.put("val-end", {}, end)
+            vb, vi = end["rmse_base"], final_rmse(val.finals, val.teacher_finals)
             out.val_calls += nfe * V
             validation.update(noises=V, rmse_base=vb, rmse_iia=vi)
             if out.alpha != 1.0:
-                raw = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, fit.coeffs,
-                                    class_label)
-                validation["rmse_unguarded"] = final_rmse(raw, val.teacher_finals)
+                if end.get("rmse_unguarded") is None:
+                    raw = sample_finals(method, model, sigmas, val.seeds, chunk, device, state_dtype, fit.coeffs,
+                                        class_label)
+                    end["rmse_unguarded"] = final_rmse(raw, val.teacher_finals)
+                    ck.put("val-end", {}, end)
+                validation["rmse_unguarded"] = end["rmse_unguarded"]
                 out.val_calls += nfe * V
             else:
                 validation["rmse_unguarded"] = vi
@@ -469,7 +667,40 @@ def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, see
                 + (f"; without the guard {validation['rmse_unguarded']:.5g}" if out.alpha != 1.0 else ""))
     out.validation = validation
     out.calls = int(calls)
-    out.seconds = time.perf_counter() - t0
+    out.seconds = time.perf_counter() - t0 + ck.elapsed_before
+    return out
+
+
+def _guard_part(ck: CalibrationCheckpoint) -> tuple[float, list[float], dict[float, list[float]]] | None:
+    """The guard's errors a checkpoint holds: the base RMSE, the base's fold errors and each alpha's."""
+    data = ck.get("guard")
+    if data is None:
+        return None
+    try:
+        alphas = [float(a) for a in data["meta"]["alphas"]]
+        folds = data["folds"].tolist()
+        base_folds = [float(v) for v in data["base_folds"].tolist()]
+        if len(folds) != len(alphas) or any(len(f) != len(base_folds) for f in folds) \
+                or len(base_folds) != GUARD_FOLDS + 1:
+            raise ValueError("the guard part does not fit")
+        return float(data["meta"]["base_rmse"]), base_folds, {a: [float(v) for v in f] for a, f in zip(alphas, folds)}
+    except Exception as exc:  # noqa: BLE001 (a damaged part: computed afresh)
+        ck.discard(exc)
+        return None
+
+
+def _val_end_part(ck: CalibrationCheckpoint) -> dict[str, float | None]:
+    """The held-out base (and unguarded) RMSE a checkpoint holds."""
+    data = ck.get("val-end")
+    out: dict[str, float | None] = {"rmse_base": None, "rmse_unguarded": None}
+    if data is not None:
+        try:
+            for key in out:
+                v = data["meta"].get(key)
+                out[key] = None if v is None else float(v)
+        except Exception as exc:  # noqa: BLE001 (a damaged part: computed afresh)
+            ck.discard(exc)
+            return {"rmse_base": None, "rmse_unguarded": None}
     return out
 
 

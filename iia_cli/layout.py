@@ -9,7 +9,7 @@ that any run may reuse live in the user cache (``$IIA_CACHE_DIR`` or ``~/.cache/
     results/<experiment>.csv                      evaluation rows (``results_csv``)
     results/coefficients/                         calibrated IIA coefficients (``coefficients_dir``)
     results/cache/reference-*.npz                 FID reference statistics of data specs (``reference_cache_dir``)
-    results/cache/partial/                        checkpoints of interrupted evaluation passes (``partial_dir``)
+    results/cache/partial/                        checkpoints of interrupted evaluations, calibrations (``partial_dir``)
     results/shards/<experiment>/                  shard files of ``evaluate --shard i/n`` (``shard_dir``)
 """
 
@@ -59,7 +59,7 @@ def reference_cache_dir() -> Path:
 
 
 def partial_dir() -> Path:
-    """Resumable checkpoints of evaluation passes."""
+    """Resumable checkpoints of evaluation passes and calibrations (``calibration-<key>-r<rank>of<world>/``)."""
     return results_dir() / "cache" / "partial"
 
 
