@@ -120,7 +120,8 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if model is None:
         model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
     meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
-                       guided=bool(getattr(model, "guided", False)), convention=s.convention)
+                       guided=bool(getattr(model, "guided", False)), convention=s.convention,
+                       thresholding=s.thresholding, afs=s.afs)
     cl = s.class_label
     if cl is not None:
         n_labels = label_dim(model)
