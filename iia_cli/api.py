@@ -120,7 +120,8 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if model is None:
         model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
     meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
-                       guided=bool(getattr(model, "guided", False)), convention=s.convention)
+                       guided=bool(getattr(model, "guided", False)), convention=s.convention,
+                       thresholding=s.thresholding, afs=s.afs)
     cl = s.class_label
     if cl is not None:
         n_labels = label_dim(model)
@@ -132,8 +133,10 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
         fingerprint = model_fingerprint(model, cfg.model.kind, cfg.model.params)
     sigmas, real_nfe = build_grid(cfg, meth, model, check_nfe(s.nfe if nfe is None else nfe, "nfe"), fingerprint, grid)
     batch = s.batch if isinstance(s.batch, int) else memo.auto_batch(fingerprint, model, device)
+    notes = [meth.solver.grid_note(sigmas)] + (["dynamic thresholding of D"] if s.thresholding != "none" else []) \
+        + (["AFS: the first step's D is analytical, no model call"] if s.afs else [])
     return Prepared(cfg, model, meth, sigmas, real_nfe, device, state_dtype, fingerprint, batch,
-                    meth.solver.grid_note(sigmas), memo)
+                    "; ".join(n for n in notes if n), memo)
 
 
 def grid_params(cfg: ExperimentConfig) -> dict[str, Any]:

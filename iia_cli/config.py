@@ -22,7 +22,7 @@ from .layout import RESULTS_DIR, anchored
 from .models import MODEL_KINDS, ModelParams, model_kind
 from .schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList, OptInt,
                      OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
-from .solvers import CONVENTIONS, teacher_name
+from .solvers import CONVENTIONS, THRESHOLDINGS, teacher_name
 
 SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
 CALIBRATION_TARGETS = ("local", "trajectory")  # iia.TARGETS (a test keeps them equal)
@@ -78,6 +78,11 @@ class SamplerConfig(Section):
     method: MethodName = Field("dpm-solver++-2m", description="sampling method or alias (iia list: README, Methods)")
     nfe: Int = Field(10, description=f"denoiser calls per image, 1 .. {MAX_NFE}")
     convention: Choice(*CONVENTIONS) = Field("iia", description="NFE/grid convention (README, Methods)")
+    thresholding: Choice(*THRESHOLDINGS) = Field(
+        "none", description="dynamic: diff-sampler's dynamic thresholding of D (per sample, clip at max(1, the 99.5 % "
+                            "quantile of |D|) and divide by it); DPM-Solver++ and UniPC methods only")
+    afs: Bool = Field(False, description="analytical first step: the first D is x - sigma x / sqrt(1 + sigma^2), no "
+                                         "model call, so NFE K takes the grid of K + 1 calls (diff-sampler's AFS)")
     seeds: Str = Field("0-63", description="seeds, e.g. 0-999 or 0,5,10-19; one image per seed")
     batch: Batch = Field("auto", description="images per batch, or auto: 64 on the CPU, probed from GPU memory")
     device: Str = Field("auto", description="auto, cpu, cuda or cuda:N")

@@ -119,8 +119,9 @@ def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: tor
 
 # Sampler settings that do not change a result (or that the row records elsewhere: method, NFE, seeds, the
 # method's parameters, dtypes). Every other sampler setting, including ones added later, enters the identity.
+# thresholding and afs are in the method's parameters when not the default (so default rows keep their identities).
 _SAMPLER_NOT_IN_IDENTITY = ("method", "nfe", "seeds", "batch", "device", "compile", "channels_last", "coeffs", "dtype",
-                            "state_dtype", "r", "quantities")
+                            "state_dtype", "r", "quantities", "thresholding", "afs")
 _CALIBRATION_NOT_IN_IDENTITY = ("out_dir", "batch", "val_samples", "val_seed_start", "samples", "substeps", "ridge",
                                 "seed_start")
 
@@ -206,8 +207,12 @@ class MetricSetup:
                     and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
                 ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
             ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
-            ref = prepare(cfg, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint, memo=base.memo,
-                          grid=reference_grid(cfg, base.sigmas))
+            # The reference solves the plain ODE: no thresholding, no AFS (the error of a thresholded or AFS sampler
+            # includes what they change).
+            plain = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"thresholding": "none",
+                                                                                     "afs": False})})
+            ref = prepare(plain, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint,
+                          memo=base.memo, grid=reference_grid(cfg, base.sigmas))
             fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
                                     "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
             key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,

@@ -255,4 +255,7 @@ def search_grid(cfg: ExperimentConfig, method: str, nfe: int, kind: str = "gits"
     """A searched grid of ``kind`` (:data:`SEARCH_KINDS`)."""
     if kind not in SEARCH_KINDS:
         raise ConfigError(f"--search {kind!r} is not valid; choose one of {', '.join(SEARCH_KINDS)}")
+    if cfg.sampler.afs or cfg.sampler.thresholding != "none":
+        raise ConfigError("iia grid --search gits costs plain solver steps: it does not model sampler.afs or "
+                          "sampler.thresholding yet; search with sampler.afs=false and sampler.thresholding=none")
     return search_gits(cfg, method, nfe, settings, log)

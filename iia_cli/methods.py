@@ -228,11 +228,14 @@ def canonical_method(name: str) -> str:
 
 
 def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False,
-                convention: str = DEFAULT_CONVENTION) -> Method:
+                convention: str = DEFAULT_CONVENTION, thresholding: str = "none", afs: bool = False) -> Method:
     """Build a method by its CLI/config name from :data:`METHODS`. ``r`` for (b)iia-edm, ``quantities`` (1 or 2)
     for iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25); a method ignores the parameters it does
     not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
     (eq. 8). ``convention``: the NFE/grid convention of the base solver (``iia`` or ``diff-sampler``).
+    ``thresholding`` (``none`` | ``dynamic``) and ``afs``: diff-sampler's dynamic thresholding of D and analytical
+    first step (:class:`~iia_cli.solvers.Solver`). Like the convention, each enters ``params`` (so row identities
+    and coefficient files) only when not the default.
     Raises ConfigError for an invalid parameter, or a basis whose record its solver does not provide."""
     name = canonical_method(name)
     spec = METHODS[name]
@@ -244,7 +247,7 @@ def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bo
             raise ConfigError(f"sampler.{key}={value} is not valid for {name}; choose one of "
                               f"{', '.join(map(str, param.choices))}")
         params[key] = int(value)
-    solver = _make_solver(spec.base, convention)
+    solver = _make_solver(spec.base, convention, thresholding, afs)
     if spec.basis is None:
         method = Method(name, solver)
     elif guided and spec.guided is not None:
@@ -253,4 +256,8 @@ def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bo
         method = Method(name, solver, spec.basis(**params), params)
     if convention != DEFAULT_CONVENTION:
         method.params["convention"] = convention
+    if thresholding != "none":
+        method.params["thresholding"] = thresholding
+    if afs:
+        method.params["afs"] = True
     return method

@@ -274,6 +274,9 @@ def base_method(method: str) -> str | None:
     return spec.base if spec is not None and spec.is_iia else None
 
 
+_RULES = ("convention", "thresholding", "afs")  # sampler settings an IIA row shares with the base row it compares with
+
+
 def _base_label(method: str, params: str) -> str:
     """The table label of the base-solver row an IIA row compares with ('' for a base solver): the base
     method under the same NFE/grid convention."""
@@ -284,7 +287,7 @@ def _base_label(method: str, params: str) -> str:
         data = json.loads(params) if params else {}
     except json.JSONDecodeError:
         data = {}
-    keep = {k: v for k, v in data.items() if k == "convention"} if isinstance(data, dict) else {}
+    keep = {k: v for k, v in data.items() if k in _RULES} if isinstance(data, dict) else {}
     return base + _params_label(json.dumps(keep))
 
 
@@ -426,7 +429,7 @@ def _params_label(text: str) -> str:
         params = json.loads(text)
     except json.JSONDecodeError:
         return ""
-    keep = {k: v for k, v in params.items() if k in ("r", "convention") or (k == "quantities" and v != 2)}
+    keep = {k: v for k, v in params.items() if k in ("r", *_RULES) or (k == "quantities" and v != 2)}
     return "".join(f" {k}={v}" for k, v in keep.items())
 
 

@@ -174,8 +174,11 @@ class Step:
 
 def propose(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History,
             with_quantities: bool = True) -> Step:
-    """Step i of ``method`` from state x: the base update and (for IIA methods) the quantities of its correction."""
-    res = method.solver.step(denoise, x, sigmas, i, history)
+    """Step i of ``method`` from state x: the base update and (for IIA methods) the quantities of its correction.
+    The step sees the solver's denoiser (:meth:`~iia_cli.solvers.Solver.denoiser`: ``denoise`` itself, or with
+    ``sampler.thresholding`` / ``sampler.afs`` applied), so IIA's quantities and fine reference read the same D."""
+    solver = method.solver
+    res = solver.step(solver.denoiser(denoise, sigmas, i, history), x, sigmas, i, history)
     q = method.quantities(x, res.record, history, sigmas, i) if with_quantities and method.is_iia else None
     return Step(res.x_next, res.record, q)
 

@@ -93,7 +93,8 @@ def test_values_coerce_as_a_config_writer_means(key, value, expected):
     ([("sampler.seeds", [1, 2])], "sampler.seeds=[1, 2] is not a valid str"),
     ([("sampler.nfe", 0)], "sampler.nfe=0 is not valid; an NFE is an integer from 1 to 10000"),
     ([("sampler.batch", 0)], "sampler.batch=0 must be a positive integer or auto"),
-    ([("sampler.foo", 1)], "unknown key sampler.foo; valid keys in sampler: method, nfe, convention, seeds, batch"),
+    ([("sampler.foo", 1)], "unknown key sampler.foo; valid keys in sampler: method, nfe, convention, thresholding, "
+                           "afs, seeds"),
     ([("grid.spacing", "log")], "grid.spacing='log' is not valid; choose one of uniform, quad"),
     ([("sampler.state_dtype", "half")], "sampler.state_dtype='half' is not valid; choose one of auto, float64, float32"),
     ([("calibration.target", "final")], "calibration.target='final' is not valid; choose one of local, trajectory"),

@@ -460,3 +460,225 @@ def test_old_3m_coefficient_files_are_refused():
     assert cs.mismatches("iia-dpm-solver++-3m", {}, "a" * 64, "karras", sig, 5) == []
     cs.format_version = 1
     assert "dpm-solver++-3m-exact" in cs.mismatches("iia-dpm-solver++-3m", {}, "a" * 64, "karras", sig, 5)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# diff-sampler's published setup: dynamic thresholding of D (DPM-Solver++, UniPC) and AFS, against independent
+# loops of its dpm_pp_sampler and unipc_sampler (thresholding written here from its definition)
+# ------------------------------------------------------------------------------------------------
+
+WIDE = Mixture()
+WIDE.mu = WIDE.mu * 3.0  # means up to |3|: D leaves [-1, 1] late in sampling, so the thresholding rescales
+
+
+def _threshold_ref(d: torch.Tensor) -> torch.Tensor:
+    """Per sample: s = max(1, the 0.995 quantile of |D| with linear interpolation between order statistics),
+    D clamped to [-s, s] and divided by s; one sample at a time, from sorted values."""
+    out = []
+    for row in d:
+        v = sorted(abs(float(a)) for a in row.flatten())
+        pos = 0.995 * (len(v) - 1)
+        lo = math.floor(pos)
+        q = v[lo] + (pos - lo) * (v[min(lo + 1, len(v) - 1)] - v[lo])
+        s = max(1.0, q)
+        out.append(torch.tensor([min(max(float(a), -s), s) / s for a in row.flatten()],
+                                dtype=d.dtype).reshape(row.shape))
+    return torch.stack(out)
+
+
+def _ds_model(model, thresholding: bool, afs: bool):
+    """D as diff-sampler's data-prediction samplers see it: AFS's x - sigma x / sqrt(1 + sigma^2) for the first
+    call when ``afs``, every value thresholded when ``thresholding``; counts the model calls."""
+    state = {"first": afs, "calls": 0}
+
+    def den(x, sigma):
+        if state["first"]:
+            state["first"] = False
+            d = x - float(sigma) * x / math.sqrt(1 + float(sigma) ** 2)
+        else:
+            state["calls"] += 1
+            d = model(x, torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0]))
+        return _threshold_ref(d) if thresholding else d
+
+    return den, state
+
+
+def _ds_dpmpp(sig: torch.Tensor, x: torch.Tensor, max_order: int, den) -> torch.Tensor:
+    """diff-sampler's dpm_pp_sampler loop (predict_x0, lower_order_final): order i + 1 while i + 1 < max_order,
+    then min(max_order, steps left); multistep DPM-Solver++ updates of orders 1 to 3 (phi_3 weighting)."""
+    lam = -sig.log()
+    n = len(sig) - 1
+    ms, xs = [], x
+    for i in range(n):
+        ms.append(den(xs, sig[i]))
+        p = i + 1 if i + 1 < max_order else min(max_order, n - i)
+        h = float(lam[i + 1] - lam[i])
+        phi1 = math.expm1(-h)
+        new = float(sig[i + 1] / sig[i]) * xs - phi1 * ms[-1]
+        if p >= 2:
+            r0 = float(lam[i] - lam[i - 1]) / h
+            d10 = (ms[-1] - ms[-2]) / r0
+            if p == 2:
+                new = new - 0.5 * phi1 * d10
+            else:
+                r1 = float(lam[i - 1] - lam[i - 2]) / h
+                d11 = (ms[-2] - ms[-3]) / r1
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                new = new + phi2 * (d10 + r0 / (r0 + r1) * (d10 - d11)) - phi3 * (d10 - d11) / (r0 + r1)
+        xs = new
+    return xs
+
+
+def _ds_unipc(sig: torch.Tensor, x: torch.Tensor, den, order: int = 3) -> torch.Tensor:
+    """diff-sampler's unipc_sampler loop (bh2, predict_x0, lower_order_final): D at sigma_0, then per step the
+    predictor, the model at the predicted point (thresholded), the corrector (none at the last step)."""
+    lam = [-math.log(float(s)) for s in sig]
+    n = len(sig) - 1
+    buf = [(lam[0], den(x, sig[0]))]  # (lambda, D), most recent last
+    xs = x
+    for i in range(n):
+        p = i + 1 if i + 1 < order else min(order, n - i)
+        h = lam[i + 1] - lam[i]
+        l0, m0 = buf[-1]
+        rks = [(buf[-(k + 1)][0] - l0) / h for k in range(1, p)]
+        d1s = [(buf[-(k + 1)][1] - m0) / r for k, r in zip(range(1, p), rks)]
+        hh = -h
+        b_h = math.expm1(hh)
+        r_all = torch.tensor(rks + [1.0], dtype=torch.float64)
+        phi_k, fact, b = math.expm1(hh) / hh - 1, 1, []
+        for k in range(1, p + 1):
+            b.append(phi_k * fact / b_h)
+            fact *= k + 1
+            phi_k = phi_k / hh - 1 / fact
+        R = torch.stack([r_all ** (k - 1) for k in range(1, p + 1)])
+        bt = torch.tensor(b, dtype=torch.float64)
+        base = float(sig[i + 1] / sig[i]) * xs - b_h * m0
+        if d1s:
+            rho_p = [0.5] if p == 2 else torch.linalg.solve(R[:-1, :-1], bt[:-1]).tolist()
+            x_pred = base - b_h * sum(a * d for a, d in zip(rho_p, d1s))
+        else:
+            x_pred = base
+        if i == n - 1:  # the last step: no corrector, no call
+            xs = x_pred
+            break
+        m_t = den(x_pred, sig[i + 1])
+        rho_c = [0.5] if p == 1 else torch.linalg.solve(R, bt).tolist()
+        corr = sum((c * d for c, d in zip(rho_c[:-1], d1s)), torch.zeros_like(x)) + rho_c[-1] * (m_t - m0)
+        xs = base - b_h * corr
+        buf = (buf + [(lam[i + 1], m_t)])[-order:]
+    return xs
+
+
+def _ours_rules(name: str, sig: torch.Tensor, x: torch.Tensor, model=WIDE, **rules) -> tuple[torch.Tensor, int]:
+    den = BoundDenoiser(model)
+    return run_steps(make_method(name, convention="diff-sampler", **rules), den, x, sig), den.calls
+
+
+@pytest.mark.parametrize("name, max_order", [("dpm-solver++-2m", 2), ("dpm-solver++-3m", 3), ("unipc", 3)])
+@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("afs", [False, True])
+def test_diff_sampler_thresholding_and_afs_parity(name, max_order, nfe, afs):
+    """sampler.thresholding=dynamic (and sampler.afs) under the diff-sampler convention equal diff-sampler's
+    published dpm_pp_sampler / unipc_sampler with their dynamic thresholding (and AFS) on the same grid: NFE + 1
+    Karras points to sigma_min, NFE + 2 with AFS (the first D is free). The thresholding changes the samples
+    here, so a wrapper that skipped it (or thresholded only some D) would fail."""
+    method = make_method(name, convention="diff-sampler", thresholding="dynamic", afs=afs)
+    sig = make_grid(GridConfig(), method.solver.plan(nfe), WIDE)
+    assert len(sig) == nfe + 1 + afs and method.solver.nfe_of_grid(sig) == nfe
+    x = _noise() * 80.0
+    den, state = _ds_model(WIDE, True, afs)
+    ref = _ds_unipc(sig, x, den) if name == "unipc" else _ds_dpmpp(sig, x, max_order, den)
+    ours, calls = _ours_rules(name, sig, x, thresholding="dynamic", afs=afs)
+    assert calls == state["calls"] == nfe
+    torch.testing.assert_close(ours, ref, **TOL)
+    plain, _ = _ours_rules(name, sig, x, afs=afs)
+    assert (plain - ours).abs().max() > 1e-3  # thresholding changes the samples on this model
+    den0, _ = _ds_model(WIDE, False, afs)
+    plain_ref = _ds_unipc(sig, x, den0) if name == "unipc" else _ds_dpmpp(sig, x, max_order, den0)
+    torch.testing.assert_close(plain, plain_ref, **TOL)  # and without it, the same loops agree
+
+
+def test_dynamic_threshold_equals_straightforward_implementation():
+    """iia_cli's thresholding (torch.quantile, batched) equals the per-sample sorted-value definition, in both
+    regimes: samples whose 99.5 % quantile of |D| is below 1 (only clipped at 1) and above 1 (rescaled)."""
+    from iia_cli.solvers import dynamic_threshold
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(8, 3, 5, 7, generator=g, dtype=torch.float64)
+    d = d * torch.tensor([0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 0.25], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    q = torch.quantile(d.abs().flatten(1), 0.995, dim=1)
+    assert (q < 1).any() and (q > 1).any()
+    out = dynamic_threshold(d)
+    torch.testing.assert_close(out, _threshold_ref(d), rtol=0, atol=1e-15)
+    assert out.abs().max() <= 1.0
+    small = d[:1] * 0.1  # within [-1, 1]: unchanged
+    assert torch.equal(dynamic_threshold(small), small)
+
+
+@pytest.mark.parametrize("convention, nfe, n_sigmas, zero", [("iia", 5, 7, True), ("diff-sampler", 5, 7, False)])
+@pytest.mark.parametrize("name", ["ddim", "ipndm", "dpm-solver++-2m", "unipc"])
+def test_afs_first_step_makes_no_model_call(name, convention, nfe, n_sigmas, zero):
+    """AFS: the first step's D at (x_0, sigma_0) is x_0 - sigma_0 x_0 / sqrt(1 + sigma_0^2), not a model call, so
+    NFE K plans the grid of K + 1 calls and makes K calls (diff-sampler's nfe = num_steps - 2)."""
+    seen: list[float] = []
+
+    def model(x, sigma, class_labels=None):
+        seen.append(float(sigma[0]))
+        return MODEL(x, sigma)
+
+    method = make_method(name, convention=convention, afs=True)
+    sig = make_grid(GridConfig(), method.solver.plan(nfe), MODEL)
+    assert len(sig) == n_sigmas and (float(sig[-1]) == 0) == zero and method.solver.nfe_of_grid(sig) == nfe
+    den = BoundDenoiser(_Spy(model))
+    x = _noise() * 80.0
+    out = run_steps(method, den, x, sig)
+    assert den.calls == nfe and 80.0 not in seen and len(seen) == nfe
+    # the first step equals the base solver's step with the analytical D in its place
+    first = x - 80.0 * x / math.sqrt(1 + 80.0 ** 2)
+    plain = make_method(name, convention=convention)
+    step0 = plain.solver.step(lambda z, s: first if float(s) == 80.0 else BoundDenoiser(MODEL)(z, s), x, sig, 0, ())
+    with_afs = method.solver.step(method.solver.denoiser(BoundDenoiser(MODEL), sig, 0, ()), x, sig, 0, ())
+    torch.testing.assert_close(with_afs.x_next, step0.x_next, **TOL)
+    assert torch.isfinite(out).all()
+
+
+class _Spy:
+    """A model wrapper that BoundDenoiser can call (shape and dtype of the mixture)."""
+
+    shape, dtype = MODEL.shape, MODEL.dtype
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.fn(x, sigma)
+
+
+def test_afs_nfe_accounting_for_two_call_steps():
+    """diff-sampler: 2-call steps with AFS make 2 S - 1 calls, so edm under its convention takes odd NFEs."""
+    from iia_cli.errors import ConfigError
+
+    method = make_method("edm", convention="diff-sampler", afs=True)
+    sig = make_grid(GridConfig(), method.solver.plan(7), MODEL)
+    assert len(sig) == 5 and method.solver.nfe_of_grid(sig) == 7
+    den = BoundDenoiser(MODEL)
+    run_steps(method, den, _noise() * 80.0, sig)
+    assert den.calls == 7
+    with pytest.raises(ConfigError, match=r"afs=true cannot make NFE 8 .*nearest valid: 7 or 9"):
+        method.solver.plan(8)
+
+
+def test_thresholding_refused_where_not_defined():
+    from iia_cli.errors import ConfigError
+
+    for name in ("ddim", "edm", "dpm-solver-2", "ipndm", "iia-ddim", "iia-edm"):
+        with pytest.raises(ConfigError, match="defined for the data-prediction solvers dpm-solver\\+\\+-2m"):
+            make_method(name, thresholding="dynamic")
+    with pytest.raises(ConfigError, match="sampler.thresholding='static' is not valid; choose one of none, dynamic"):
+        make_method("unipc", thresholding="static")
+    m = make_method("iia-unipc", thresholding="dynamic", afs=True)
+    assert m.params == {"thresholding": "dynamic", "afs": True}
+    assert make_method("iia-unipc").params == {}
+    ref = m.solver.reference_solver()  # IIA's fine reference sees the same D
+    assert (ref.thresholding, ref.afs) == ("dynamic", True)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import (CONVENTIONS, DEFAULT_CONVENTION, DenoiseFn, GridPlan, History, Record, Solver, StepRecord,
-                   StepResult, push)
+from .base import (CONVENTIONS, DEFAULT_CONVENTION, THRESHOLDINGS, DenoiseFn, GridPlan, History, Record, Solver,
+                   StepRecord, StepResult, afs_denoised, dynamic_threshold, push)
 from .dpm import DPMSolver2, DPMSolverPPMultistep, LambdaRecord
 from .euler import DDIM
 from .heun import Heun, HeunRecord
@@ -59,18 +59,33 @@ def teacher_name(name: str, substeps: int) -> str:
     return canonical
 
 
-def make_solver(name: str, convention: str = DEFAULT_CONVENTION) -> Solver:
-    """A fresh base solver by name or alias (``SOLVER_ALIASES``) under an NFE/grid convention."""
+def thresholdable_solvers() -> tuple[str, ...]:
+    """The base solvers ``sampler.thresholding=dynamic`` is defined for (diff-sampler's DPM-Solver++ and UniPC)."""
+    return tuple(name for name, spec in SOLVERS.items() if spec.build(DEFAULT_CONVENTION).thresholdable)
+
+
+def make_solver(name: str, convention: str = DEFAULT_CONVENTION, thresholding: str = "none",
+                afs: bool = False) -> Solver:
+    """A fresh base solver by name or alias (``SOLVER_ALIASES``) under an NFE/grid convention, with
+    ``sampler.thresholding`` (refused for a solver it is not defined for) and ``sampler.afs``."""
     name = SOLVER_ALIASES.get(name, name)
     if name not in SOLVERS:
         raise ConfigError(f"unknown solver {name!r}; choose one of {', '.join(BASE_SOLVER_NAMES)}")
     if convention not in CONVENTIONS:
         raise ConfigError(f"sampler.convention={convention!r} is not valid; choose one of {', '.join(CONVENTIONS)}")
+    if thresholding not in THRESHOLDINGS:
+        raise ConfigError(f"sampler.thresholding={thresholding!r} is not valid; choose one of "
+                          f"{', '.join(THRESHOLDINGS)}")
     solver = SOLVERS[name].build(convention)
-    solver.convention = convention
+    if thresholding != "none" and not solver.thresholdable:
+        raise ConfigError(f"sampler.thresholding={thresholding} is defined for the data-prediction solvers "
+                          f"{', '.join(thresholdable_solvers())} and their IIA methods (as diff-sampler applies it), "
+                          f"not {name}; use sampler.thresholding=none for it")
+    solver.convention, solver.thresholding, solver.afs = convention, thresholding, bool(afs)
     return solver
 
 
 __all__ = ["DenoiseFn", "GridPlan", "History", "Record", "Solver", "StepRecord", "StepResult", "push", "make_solver",
            "SOLVERS", "SolverSpec", "teacher_choices", "teacher_name", "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION",
+           "THRESHOLDINGS", "afs_denoised", "dynamic_threshold", "thresholdable_solvers",
            "HeunRecord", "IPNDMRecord", "LambdaRecord", "UniPCRecord"]

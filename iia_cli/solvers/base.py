@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IIARuntimeError
 from ..grids import GridPlan
 
 # denoise(x [B, C, H, W], sigma) -> D(x; sigma), same dtype and device as x.
@@ -49,6 +49,27 @@ HISTORY_KEEP = 4  # records kept: enough for 4th-order Adams-Bashforth and IIA w
 CONVENTIONS = ("iia", "diff-sampler")
 DEFAULT_CONVENTION = "iia"
 
+# ``sampler.thresholding``: ``dynamic`` is diff-sampler's rule for its data-prediction solvers (DPM-Solver++ and
+# UniPC), the dynamic thresholding of Saharia et al. 2022 (Imagen) that Lu et al. 2022b (DPM-Solver++, Section 5)
+# apply to D: per sample, s = max(1, the 99.5 % quantile of |D|), then D <- clamp(D, -s, s) / s.
+THRESHOLDINGS = ("none", "dynamic")
+THRESHOLD_QUANTILE = 0.995
+
+
+def dynamic_threshold(denoised: torch.Tensor, quantile: float = THRESHOLD_QUANTILE) -> torch.Tensor:
+    """Dynamic thresholding of D [B, ...]: per sample s = max(1, quantile of |D|), D clamped to [-s, s] and divided
+    by s (so a sample whose |D| stays within 1 at that quantile is only clipped at 1, never rescaled)."""
+    flat = denoised.abs().flatten(1)
+    s = torch.quantile(flat, quantile, dim=1).clamp(min=1.0).reshape(-1, *([1] * (denoised.dim() - 1)))
+    return torch.maximum(torch.minimum(denoised, s), -s) / s
+
+
+def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The analytical first step's D (AFS; Zhou et al. 2024, AMED-Solver, and diff-sampler's samplers): at
+    sigma_max, x is nearly pure noise, so eps = dx/dsigma is taken as x / sqrt(1 + sigma^2) without a model call,
+    i.e. D = x - sigma x / sqrt(1 + sigma^2)."""
+    return x - sigma * (x / math.sqrt(1.0 + sigma * sigma))
+
 
 @dataclass
 class StepResult:
@@ -75,6 +96,11 @@ class Solver:
     ``calls_per_step``: denoiser calls of a step that does not end at sigma = 0 (2 for Heun and DPM-Solver-2).
     ``revision``: bumped when the solver's definition changes its results, so that result rows computed
     before the change are not reused (1 is left out of row identities).
+    ``thresholdable``: whether ``sampler.thresholding=dynamic`` is defined for it (diff-sampler applies it to
+    its data-prediction solvers only: DPM-Solver++ and UniPC).
+    ``thresholding`` and ``afs``: the run's ``sampler.thresholding`` and ``sampler.afs``, applied by
+    :meth:`denoiser` to the denoiser a step sees; ``afs`` also shifts the NFE accounting (:meth:`plan`).
+    Subclasses define :meth:`_plan` and :meth:`_grid_calls` (model calls without AFS).
     """
 
     record_type: ClassVar[type[StepRecord]] = StepRecord
@@ -84,8 +110,36 @@ class Solver:
     convention: str = DEFAULT_CONVENTION
     calls_per_step: int = 1
     revision: int = 1
+    thresholdable: ClassVar[bool] = False
+    thresholding: str = "none"
+    afs: bool = False
 
     def plan(self, nfe: int) -> GridPlan:
+        """The grid plan of ``nfe`` denoiser calls. With AFS the first step's first D is free, so the plan is
+        the one of ``nfe + 1`` calls without it (diff-sampler: ``nfe = num_steps - 2``, or ``2 (num_steps - 1)
+        - 1`` for 2-call steps)."""
+        if not self.afs:
+            return self._plan(nfe)
+        try:
+            return self._plan(nfe + 1)
+        except ConfigError:
+            valid = [n for n in range(max(1, nfe - 3), nfe + 5) if n != nfe and self._valid(n + 1)]
+            near = " or ".join(map(str, sorted(valid, key=lambda n: (abs(n - nfe), n))[:2]))
+            raise ConfigError(f"{self.name} with sampler.afs=true cannot make NFE {nfe} (the first step's first "
+                              f"call is free, so it plans {nfe + 1} calls); nearest valid: {near or 'none'}") from None
+
+    def _valid(self, nfe: int) -> bool:
+        try:
+            self._plan(nfe)
+        except ConfigError:
+            return False
+        return True
+
+    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+        """Denoiser calls on ``sigmas``: the model calls, less the free first one under AFS."""
+        return self._grid_calls(sigmas) - int(self.afs)
+
+    def _plan(self, nfe: int) -> GridPlan:
         """K denoiser calls = K steps: K sigmas from sigma_max to sigma_min plus a final 0 (``iia``), or
         K + 1 sigmas ending at sigma_min without a final denoise (``diff-sampler``)."""
         if nfe < 1:
@@ -94,11 +148,37 @@ class Solver:
             return GridPlan(n_points=nfe + 1, append_zero=False)
         return GridPlan(n_points=nfe, append_zero=True)
 
-    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+    def _grid_calls(self, sigmas: torch.Tensor) -> int:
         return len(sigmas) - 1
 
     def reference_solver(self) -> Solver:
         return self
+
+    def same_rules(self, other: Solver) -> Solver:
+        """``other`` (a new solver, e.g. a reference form) under this solver's convention, thresholding and AFS."""
+        other.convention, other.thresholding, other.afs = self.convention, self.thresholding, self.afs
+        return other
+
+    def denoiser(self, denoise: DenoiseFn, sigmas: torch.Tensor, i: int, history: History) -> DenoiseFn:
+        """The denoiser step i sees: ``denoise`` itself by default. With AFS the first call of the first step
+        (i = 0, no history: the call at x_0 and sigma_0) is :func:`afs_denoised`, no model call; with dynamic
+        thresholding every D is :func:`dynamic_threshold`-ed (the AFS one too, as diff-sampler does)."""
+        first = self.afs and i == 0 and not history
+        if not first and self.thresholding == "none":
+            return denoise
+        pending = [first]
+
+        def wrapped(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            if pending[0]:
+                pending[0] = False
+                if float(sigma) != float(sigmas[0]):
+                    raise IIARuntimeError(f"internal: {self.name}'s first call is at sigma {sigma}, not sigma_0")
+                d = afs_denoised(x, float(sigma))
+            else:
+                d = denoise(x, sigma)
+            return dynamic_threshold(d) if self.thresholding == "dynamic" else d
+
+        return wrapped
 
     def grid_note(self, sigmas: torch.Tensor) -> str:
         return ""

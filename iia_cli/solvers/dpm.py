@@ -40,7 +40,7 @@ class DPMSolver2(Solver):
     calls_per_step = 2
     time_variable = "lambda"
 
-    def plan(self, nfe: int) -> GridPlan:
+    def _plan(self, nfe: int) -> GridPlan:
         """Both conventions: NFE / 2 steps ending at sigma_min, no final denoise."""
         if nfe < 2 or nfe % 2:
             lo, hi = max(2, nfe - nfe % 2), nfe + 2 - nfe % 2
@@ -48,7 +48,7 @@ class DPMSolver2(Solver):
             raise ConfigError(f"{self.name} takes an even NFE (2 calls a step); got {nfe}, nearest valid: {near}")
         return GridPlan(n_points=nfe // 2 + 1, append_zero=False)
 
-    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+    def _grid_calls(self, sigmas: torch.Tensor) -> int:
         return sum(2 if float(s) > 0 else 1 for s in sigmas[1:])
 
     def grid_note(self, sigmas: torch.Tensor) -> str:
@@ -105,6 +105,7 @@ class DPMSolverPPMultistep(Solver):
 
     time_variable = "lambda"
     record_type = LambdaRecord
+    thresholdable = True  # data prediction: diff-sampler thresholds its D (sampler.thresholding)
 
     def __init__(self, order: int, variant: str = "public", convention: str = "iia",
                  lower_final: bool = True) -> None:
@@ -117,7 +118,7 @@ class DPMSolverPPMultistep(Solver):
             self.revision = 2  # before it became the published 3M, this name computed the exact-integral form
 
     def reference_solver(self) -> Solver:
-        return DPMSolverPPMultistep(self.order, self.variant, self.convention, lower_final=False)
+        return self.same_rules(DPMSolverPPMultistep(self.order, self.variant, self.convention, lower_final=False))
 
     def _order(self, sigmas: torch.Tensor, i: int, history: History) -> tuple[int, str]:
         """The order of step i and the form of its second-order update."""

@@ -35,7 +35,7 @@ class Heun(Solver):
     calls_per_step = 2
     record_type = HeunRecord
 
-    def plan(self, nfe: int) -> GridPlan:
+    def _plan(self, nfe: int) -> GridPlan:
         if nfe < 2:
             raise ConfigError(f"{self.name}: NFE must be at least 2, got {nfe}")
         if self.convention == "diff-sampler" and nfe % 2:
@@ -45,7 +45,7 @@ class Heun(Solver):
             return GridPlan(n_points=(nfe + 1) // 2, append_zero=True)
         return GridPlan(n_points=nfe // 2 + 1, append_zero=False)
 
-    def nfe_of_grid(self, sigmas: torch.Tensor) -> int:
+    def _grid_calls(self, sigmas: torch.Tensor) -> int:
         return sum(2 if float(s) > 0 else 1 for s in sigmas[1:])
 
     def grid_note(self, sigmas: torch.Tensor) -> str:

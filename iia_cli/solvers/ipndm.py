@@ -60,7 +60,7 @@ class IPNDM(Solver):
         self.variable_steps = variable_steps
 
     def reference_solver(self) -> Solver:
-        return IPNDM(variable_steps=True)
+        return self.same_rules(IPNDM(variable_steps=True))
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)

@@ -71,15 +71,14 @@ class UniPC(Solver):
     order = 3
     time_variable = "lambda"
     record_type = UniPCRecord
+    thresholdable = True  # data prediction: diff-sampler thresholds every D, the carried one too
 
     def __init__(self, order: int = 3, lower_final: bool = True) -> None:
         self.order = order
         self.lower_final = lower_final  # False for IIA's fine reference: full order up to its sub-grid's end
 
     def reference_solver(self) -> Solver:
-        solver = UniPC(self.order, lower_final=False)
-        solver.convention = self.convention
-        return solver
+        return self.same_rules(UniPC(self.order, lower_final=False))
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
