@@ -159,13 +159,7 @@ def with_comparisons(df: pd.DataFrame) -> pd.DataFrame:
     new = pd.concat([pd.DataFrame(base_cols), pd.DataFrame(local_cols, columns=list(pr.paired_columns(
         pr.compare(recs[0], recs[0]), "vs_local")))], axis=1)
     df = pd.concat([df.drop(columns=[c for c in new.columns if c in df]), new], axis=1)
-    df["best"] = ""
-    for n in df.nfe.unique():
-        at = df[df.nfe == n]
-        marks, _ = pr.best_marks(at.to_dict("records"))
-        for i, mark in marks.items():
-            df.loc[at.index[i], "best"] = mark
-    return df[[c for c in df.columns if c != "sq"] + ["sq"]]  # the long per-seed column last
+    return pr.with_best_column(df)
 
 
 def report(df: pd.DataFrame, out: str) -> None:

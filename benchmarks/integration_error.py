@@ -66,13 +66,7 @@ def with_comparisons(df: pd.DataFrame) -> pd.DataFrame:
         base = df[(df.method == r["base"]) & (df.nfe == r["nfe"])].iloc[0].to_dict()
         cols.append(pr.paired_columns(pr.compare(r, base)))
     df = pd.concat([df.drop(columns=[c for c in cols[0] if c in df], errors="ignore"), pd.DataFrame(cols)], axis=1)
-    df["best"] = ""
-    for n in df.nfe.unique():
-        at = df[df.nfe == n]
-        marks, _ = pr.best_marks(at.to_dict("records"))
-        for i, mark in marks.items():
-            df.loc[at.index[i], "best"] = mark
-    return df[[c for c in df.columns if c != "sq"] + ["sq"]]  # the long per-seed column last
+    return pr.with_best_column(df)
 
 
 def table(df: pd.DataFrame, nfes: list[int]) -> str:

@@ -91,6 +91,18 @@ def best_marks(rows: list[Mapping[str, Any]]) -> tuple[dict[int, str], Paired | 
     return marks, runner
 
 
+def with_best_column(df: Any) -> Any:
+    """``df`` (a DataFrame of rows with ``nfe`` and ``sq``) with a ``best`` column of :func:`best_marks` per NFE, and
+    the long per-seed column ``sq`` moved last."""
+    df["best"] = ""
+    for n in df.nfe.unique():
+        at = df[df.nfe == n]
+        marks, _ = best_marks(at.to_dict("records"))
+        for i, mark in marks.items():
+            df.loc[at.index[i], "best"] = mark
+    return df[[c for c in df.columns if c != "sq"] + ["sq"]]
+
+
 def stored(row: Mapping[str, Any], prefix: str = "ratio") -> Paired:
     """The comparison kept in a row's ``{prefix}*`` columns (see :func:`paired_columns`); n from its ``sq``."""
     return Paired(float(row[prefix]), float(row[prefix + "_low"]), float(row[prefix + "_high"]),
