@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         noises: int = typer.Option(DEFAULT_NOISES, "--noises", min=1, help="Teacher trajectories (gits) or training "
                                    "noises (learned); seeds from 3e9."),
         teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps", min=1, help="Teacher Heun steps "
-                                                       f"per interval, uniform in log sigma (default gits "
+                                                       f"per interval, uniform in log sigma (unless given: gits "
                                                        f"{DEFAULT_TEACHER_SUBSTEPS}, learned {LD3_TEACHER_SUBSTEPS})."),
         batch: Optional[int] = typer.Option(None, "--batch", min=1, help="gits: noises per model call (default "
                                             f"sampler.batch, or 64); learned: noises per iteration (default "
