@@ -151,9 +151,11 @@ def teacher_finals(model: Any, teacher: Teacher, path: torch.Tensor, seeds: list
 
 
 def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: LearnSettings = LearnSettings(),
-                   log: LogFn = default_log) -> GridFile:
+                   log: LogFn = default_log, teacher_memo: dict[tuple, Any] | None = None) -> GridFile:
     """Learn the grid of ``method`` at ``nfe`` on the config's model (LD3, see the module doc) over ``cfg.grid``'s
-    [sigma_min, sigma_max]. Returns the grid file (not yet saved)."""
+    [sigma_min, sigma_max]. Returns the grid file (not yet saved). ``teacher_memo``: a dict where the teacher's
+    final samples are kept between searches that share them (model fingerprint, teacher, its sigmas, seeds); the
+    search then records the teacher's seconds of the search that solved it."""
     from .api import prepare  # api imports the grid-file loader; the search is a layer above it
 
     t0 = time.perf_counter()
@@ -186,13 +188,23 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
 
     chunk_size = max(settings.batch, 1)
     n_teacher = math.ceil(settings.noises / chunk_size) + math.ceil(settings.val_noises / chunk_size)
-    with ImageProgress(n_teacher * (len(path) - 1), f"LD3 teacher {teacher.tag} "
-                       f"({settings.noises + settings.val_noises} noises)", unit="steps") as bar:
-        train, calls_t1 = teacher_finals(model, teacher, path, train_seeds, chunk_size, p.device, p.state_dtype,
-                                         cfg.sampler.class_label, bar)
-        val, calls_t2 = teacher_finals(model, teacher, path, val_seeds, chunk_size, p.device, p.state_dtype,
-                                       cfg.sampler.class_label, bar)
-    teacher_calls = calls_t1 + calls_t2
+    key = (p.fingerprint, teacher.tag, path.numpy().tobytes(), tuple(train_seeds), tuple(val_seeds), chunk_size,
+           str(p.state_dtype), str(p.device), cfg.sampler.class_label)
+    if teacher_memo is not None and key in teacher_memo:
+        train, val, teacher_calls, teacher_s = teacher_memo[key]
+    else:
+        t_teacher = time.perf_counter()
+        with ImageProgress(n_teacher * (len(path) - 1), f"LD3 teacher {teacher.tag} "
+                           f"({settings.noises + settings.val_noises} noises)", unit="steps") as bar:
+            train, calls_t1 = teacher_finals(model, teacher, path, train_seeds, chunk_size, p.device, p.state_dtype,
+                                             cfg.sampler.class_label, bar)
+            val, calls_t2 = teacher_finals(model, teacher, path, val_seeds, chunk_size, p.device, p.state_dtype,
+                                           cfg.sampler.class_label, bar)
+        teacher_calls, teacher_s = calls_t1 + calls_t2, time.perf_counter() - t_teacher
+        if teacher_memo is not None:
+            teacher_memo.clear()
+            teacher_memo[key] = (train, val, teacher_calls, teacher_s)
+    t_train = time.perf_counter()
     d = train[0].noise[0].numel()
 
     def validate(sigmas: torch.Tensor) -> tuple[float, int]:
@@ -277,6 +289,7 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
                               "use a smaller --lr or fewer --iterations")
     if solver.nfe_of_grid(sigmas) != nfe:
         raise IIARuntimeError(f"internal: the learned grid makes {solver.nfe_of_grid(sigmas)} calls, not {nfe}")
+    train_s = time.perf_counter() - t_train
     seconds = time.perf_counter() - t0
     log(f"LD3 best grid at iteration {best['iteration']}: validation MSE {best['val_mse']:.4g} (Karras "
         f"{init_val:.4g}, x{best['val_mse'] / init_val if init_val > 0 else math.nan:.2f}); sigmas "
@@ -308,6 +321,8 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
         "denoiser_calls": {"teacher": teacher_calls, "training": train_calls, "validation": val_calls},
         "state_dtype": str(p.state_dtype).removeprefix("torch."),
         "seconds": round(seconds, 3),
+        "teacher_seconds": round(teacher_s, 3),
+        "training_seconds": round(train_s, 3),
     }
     search = {k: v for k, v in search.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
     return GridFile(sigmas=[float(s) for s in sigmas], nfe=nfe, method=p.method.name, solver=solver.name,
