@@ -150,6 +150,20 @@ def teacher_finals(model: Any, teacher: Teacher, path: torch.Tensor, seeds: list
     return chunks, calls
 
 
+def _differentiable(den: BoundDenoiser, kind: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``den``, refusing a model whose output drops out of the graph (it runs under no_grad or detaches): the
+    solver's own terms would still carry gradient, silently without the model's part."""
+
+    def call(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        out = den(x, sigma)
+        if not out.requires_grad:
+            raise ConfigError(f"model.kind={kind}: its denoiser is not differentiable (it runs under no_grad or "
+                              "detaches its output), so a grid cannot be learned through it; use --search gits")
+        return out
+
+    return call
+
+
 def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: LearnSettings = LearnSettings(),
                    log: LogFn = default_log, teacher_memo: dict[tuple, Any] | None = None) -> GridFile:
     """Learn the grid of ``method`` at ``nfe`` on the config's model (LD3, see the module doc) over ``cfg.grid``'s
@@ -244,12 +258,8 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
             sigmas = grid_of(theta, s_max, s_min, plan.append_zero)
             start = c.noise + deltas[k] if settings.loss == "soft" else c.noise
             den = BoundDenoiser(model, c.labels)
-            x = run_steps(p.method, den, start * s_max, sigmas)
+            x = run_steps(p.method, _differentiable(den, cfg.model.kind), start * s_max, sigmas)
             loss = ((x - c.target) ** 2).mean()
-            if not loss.requires_grad:
-                raise ConfigError(f"model.kind={cfg.model.kind}: its denoiser is not differentiable (it runs "
-                                  "under no_grad or detaches), so a grid cannot be learned through it; use "
-                                  "--search gits")
             if not bool(torch.isfinite(loss)):
                 raise IIARuntimeError(f"LD3: the training loss became {float(loss)} at iteration {it}; "
                                       "use a smaller --lr")

@@ -114,6 +114,19 @@ def test_learned_grid_file_round_trips_and_is_refused_elsewhere(gauss, tmp_path)
         api.prepare(load_config(gauss, use), "ipndm", 4)
 
 
+def test_a_model_without_gradient_is_refused(gauss, monkeypatch):
+    plain = GaussianModel.__call__
+
+    def no_grad_call(self, *args, **kwargs):
+        with torch.no_grad():
+            return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianModel, "__call__", no_grad_call)
+    with pytest.raises(ConfigError, match="not differentiable.*--search gits"):
+        search_learned(load_config(gauss), "ddim", 4, LearnSettings(iterations=2, noises=2, val_noises=2,
+                                                                    teacher="exact"), log=lambda s: None)
+
+
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="--loss 'l1'"):
         LearnSettings(loss="l1")
