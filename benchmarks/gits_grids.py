@@ -11,6 +11,11 @@ solver on the Karras grid with a paired 95 % bootstrap interval over the seeds (
 
     nice python benchmarks/gits_grids.py                # 128 seeds, 32 teacher noises, 100 candidates
     nice python benchmarks/gits_grids.py --quick        # a smoke run
+
+``--search learned`` adds LD3-style learned grids (Tong et al., ICLR 2025; ``iia grid --search learned``,
+:mod:`iia_cli.ld3`) for DDIM and iPNDM beside their Karras and GITS grids (no IIA, EDM or 2M rows): one search per
+solver and NFE, the teacher's final samples shared between them (its time counted in every search's
+``search_s``, as a standalone search would spend it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from iia_cli import api
 from iia_cli.config import load_config
 from iia_cli.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
 from iia_cli.gridfile import GridFile
+from iia_cli.ld3 import LearnSettings, search_learned
 from iia_cli.sampling import sample_batches
 from iia_cli.solvers import make_solver
 from iia_cli.uncertainty import paired_rmse
@@ -54,11 +60,25 @@ def main() -> None:
     ap.add_argument("--nfes", default=",".join(map(str, NFES)))
     ap.add_argument("--out", default="results/gits")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--search", choices=["gits", "learned"], default="gits",
+                    help="learned: add LD3-style learned grids for DDIM and iPNDM (and leave out IIA, EDM and 2M)")
+    ap.add_argument("--reference-nfe", type=int, default=999, help="EDM Heun NFE of the reference solve")
+    ap.add_argument("--learn-noises", type=int, default=64, help="learned: training noises")
+    ap.add_argument("--learn-val-noises", type=int, default=32, help="learned: validation noises")
+    ap.add_argument("--learn-iterations", type=int, default=150, help="learned: Adam iterations")
+    ap.add_argument("--learn-loss", choices=["soft", "mse"], default="soft", help="learned: loss")
     a = ap.parse_args()
     if a.quick:
         a.seeds, a.noises, a.candidates, a.teacher_substeps, a.calib_samples, a.nfes = 16, 8, 30, 2, 16, "5,6"
+        a.learn_noises, a.learn_val_noises, a.learn_iterations, a.reference_nfe = 8, 8, 10, 199
+    learned = a.search == "learned"
+    bases = ["ddim", "ipndm"] if learned else BASES
+    iia = {} if learned else IIA
+    learn = LearnSettings(iterations=a.learn_iterations, noises=a.learn_noises, val_noises=a.learn_val_noises,
+                          loss=a.learn_loss)
+    teacher_memo: dict = {}
     nfes = [int(n) for n in a.nfes.split(",")]
-    out = Path(a.out)
+    out = Path("results/ld3" if learned and a.out == "results/gits" else a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(a.config, [("sampler.batch", 128), ("calibration.samples", a.calib_samples),
                                  ("calibration.val_samples", 0), ("calibration.guard", False)])
@@ -73,14 +93,14 @@ def main() -> None:
     states, labels, teacher_calls = teacher_states(model, cand, seeds_search, settings, base.device, base.state_dtype)
     t_teacher = time.perf_counter() - t0
     costs = {}
-    for name in ("ddim", "edm"):
+    for name in ("ddim",) if learned else ("ddim", "edm"):
         t0 = time.perf_counter()
         cost, calls = step_costs(make_solver(name), model, cand, states, labels)
         costs[name] = (cost, calls, time.perf_counter() - t0)
         print(f"step costs {name}: {costs[name][2]:.1f} s, {calls} calls", flush=True)
 
     seeds = list(range(a.seeds))
-    ref = api.prepare(cfg, "edm", 999, model=model, fingerprint=fp)
+    ref = api.prepare(cfg, "edm", a.reference_nfe, model=model, fingerprint=fp)
     x_ref = final_states(ref, ref.sigmas, seeds)
     d = x_ref[0].numel()
 
@@ -89,7 +109,7 @@ def main() -> None:
 
     rows, grids = [], []
     tmp = Path(tempfile.mkdtemp(prefix="gits-bench-"))
-    for m in BASES:
+    for m in bases:
         for n in nfes:
             try:
                 p = api.prepare(cfg, m, n, model=model, fingerprint=fp)
@@ -112,7 +132,14 @@ def main() -> None:
             sq_k = sq_err(final_states(p, p.sigmas, seeds))
             sq_g = sq_err(final_states(p, gits, seeds))
             variants = [("karras", m, sq_k, 0.0, 0), ("gits", m, sq_g, search_s, search_calls)]
-            if m in IIA:
+            if learned:
+                gl = search_learned(cfg, m, n, learn, log=lambda line: print(line, flush=True),
+                                    teacher_memo=teacher_memo)
+                ls = gl.search
+                grids[-1]["learned"] = gl.sigmas
+                variants.append(("learned", m, sq_err(final_states(p, gl.tensor(), seeds)),
+                                 ls["teacher_seconds"] + ls["training_seconds"], sum(ls["denoiser_calls"].values())))
+            if m in iia:
                 gf = GridFile(sigmas=gits.tolist(), nfe=n, method=m, solver=solver.name, convention=solver.convention,
                               model_kind=cfg.model.kind, model_sha256=fp, search={"kind": "gits", "benchmark": True})
                 gpath = gf.save(tmp / f"{m}-{n}.json")
@@ -120,9 +147,9 @@ def main() -> None:
                     c2 = load_config(a.config, [("sampler.batch", 128), ("calibration.samples", a.calib_samples),
                                                 ("calibration.val_samples", 0), ("calibration.guard", False),
                                                 ("calibration.out_dir", str(tmp)), *overrides])
-                    pi = api.prepare(c2, IIA[m], n, model=model, fingerprint=fp)
+                    pi = api.prepare(c2, iia[m], n, model=model, fingerprint=fp)
                     cs, _ = api.calibrate(c2, prepared=pi, verbose=False, log=lambda s: None)
-                    variants.append((gname, IIA[m], sq_err(final_states(pi, pi.sigmas, seeds, cs.coefficients)),
+                    variants.append((gname, iia[m], sq_err(final_states(pi, pi.sigmas, seeds, cs.coefficients)),
                                      search_s if gname == "gits" else 0.0, search_calls if gname == "gits" else 0))
             for gname, meth, sq, s_s, s_c in variants:
                 pr = paired_rmse(sq, np.full(len(sq), d), sq_k, np.full(len(sq_k), d))
@@ -130,7 +157,9 @@ def main() -> None:
                              "rmse": float(np.sqrt(sq.sum() / (len(sq) * d))), "ratio_vs_base_karras": pr.ratio,
                              "ci_low": pr.low, "ci_high": pr.high, "p_better": pr.prob_improvement, "seeds": len(sq),
                              "search_s": round(s_s, 2), "search_calls": s_c, "candidates": len(cand),
-                             "noises": settings.noises, "teacher": f"edm{settings.teacher_substeps}"})
+                             "noises": settings.noises if gname != "learned" else learn.noises,
+                             "teacher": f"edm{settings.teacher_substeps}" if gname != "learned" else
+                             f"edm{learn.teacher_substeps} on {learn.teacher_steps} Karras intervals"})
                 print(f"{meth:18s} {gname:6s} NFE {n:2d}: rmse {rows[-1]['rmse']:.4f} x{pr.ratio:.2f} "
                       f"[{pr.low:.2f}, {pr.high:.2f}]", flush=True)
     df = pd.DataFrame(rows)
@@ -157,6 +186,9 @@ def table(df: pd.DataFrame, nfes: list[int]) -> str:
                          f"{r.rmse:.4f} x{r.ratio_vs_base_karras:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]")
         s = g.iloc[0]
         search = f"{s.search_s:.0f} s, {int(s.search_calls):,} calls" if grid == "gits" else ""
+        if grid == "learned":  # one search per NFE
+            search = (f"{g.search_s.min():.0f}-{g.search_s.max():.0f} s, {int(g.search_calls.min()):,}-"
+                      f"{int(g.search_calls.max()):,} calls")
         lines.append(f"| {meth} | {grid} | " + " | ".join(cells) + f" | {search} |")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from .grids import list_grid
 GRID_FILE_FORMAT = "iia-grid"
 GRID_FILE_VERSION = 1
 _NOT_HASHED = ("sha256", "created", "tool_version")  # top-level fields left out of the content hash
-_SEARCH_NOT_HASHED = ("seconds",)  # search fields left out of it
+_SEARCH_NOT_HASHED = ("seconds", "teacher_seconds", "training_seconds")  # search fields left out of it (wall times)
 
 
 @dataclass(frozen=True)

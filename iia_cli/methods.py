@@ -71,7 +71,7 @@ class Method:
 
     def quantities(self, x: torch.Tensor, record: StepRecord, history: History, sigmas: torch.Tensor,
                    i: int) -> list[torch.Tensor] | None:
-        if self.basis is None or float(sigmas[i + 1]) == 0:
+        if self.basis is None or float(sigmas[i + 1].detach()) == 0:
             return None
         return self.basis(x, record, history, sigmas, i)
 
@@ -94,7 +94,7 @@ def _biia_edm_basis(r: int) -> Basis:
     def basis(x: torch.Tensor, record: HeunRecord, history: History, sigmas: torch.Tensor, i: int):
         if record.v is None or len(history) < min(r, 1):
             return None
-        h = float(sigmas[i + 1] - sigmas[i])
+        h = sigmas[i + 1] - sigmas[i] if sigmas.requires_grad else float(sigmas[i + 1] - sigmas[i])  # grad: ld3
         recs: list[HeunRecord] = [record] + list(reversed(history))[: min(r, len(history))]
         return [h * rec.slope for rec in recs]
 

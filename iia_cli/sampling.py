@@ -134,20 +134,33 @@ class BoundDenoiser:
         self.dtype = model_dtype(model)
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         self.calls += 1
         # Half-precision networks get float32 input: their adapters cast inside (after EDM's c_in scaling),
         # so the solver state is never rounded to 16 bits.
         full = self.dtype in (torch.float32, torch.float64)
         x_in = x.to(self.dtype if full else torch.float32)
         sig_dtype = self.dtype if full else torch.float32
-        sig = torch.full((x.shape[0],), float(sigma), dtype=sig_dtype, device=x.device)
         labels = self.class_labels
         if labels is not None and labels.shape[0] != x.shape[0]:
             raise IIARuntimeError("internal: class labels do not match the batch")
+        if tracks_grad(x, sigma):
+            # A learned grid (iia_cli.ld3): the call stays in the autograd graph, in x and in sigma. Whether the
+            # model itself is differentiable is the model's affair (the analytic models are).
+            sig = torch.as_tensor(sigma).to(device=x.device, dtype=sig_dtype).reshape(()).expand(x.shape[0])
+            out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
+            return out.to(x.dtype)
+        sig = torch.full((x.shape[0],), float(sigma), dtype=sig_dtype, device=x.device)
         with torch.no_grad():
             out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
         return out.to(x.dtype)
+
+
+def tracks_grad(x: torch.Tensor, sigma: Any) -> bool:
+    """Whether a denoiser call must stay differentiable: grad mode is on and the state or sigma requires grad.
+    Sampling never does (its states and sigmas are plain), so it keeps the ``no_grad`` path bit for bit."""
+    return torch.is_grad_enabled() and (x.requires_grad
+                                        or (isinstance(sigma, torch.Tensor) and sigma.requires_grad))
 
 
 def apply_correction(x_next: torch.Tensor, quantities: list[torch.Tensor] | None, coeffs: Sequence[float]) -> torch.Tensor:
@@ -222,6 +235,9 @@ def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
     """One step: base solver step -> IIA quantities -> correction -> history. Sampling, the calibration pass,
     its fine reference and its teacher all go through this sequence (calibration splits it into
     :func:`propose` and :func:`commit` to fit the coefficients in between).
+    Autograd-friendly: with ``sigmas`` that require grad (the solvers then compute in 0-dim tensors, not floats) or
+    a state that does, the step is differentiable in both (a learned grid, :mod:`iia_cli.ld3`); plain sigmas and
+    states take exactly the float and ``no_grad`` path of sampling.
     Returns (x_{i+1}, history after the step, the proposed step)."""
     step = propose(method, denoise, x, sigmas, i, history, with_quantities=coeffs is not None)
     x_next, history = commit(step, history, coeffs[i] if coeffs is not None and method.is_iia else None)

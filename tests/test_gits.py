@@ -152,8 +152,8 @@ def test_cli_grid_then_evaluate_and_calibrate(cli, gauss, tmp_path):
     r = cli(["evaluate", "--config", gauss, "--nfe", "6", "--methods", "ddim", "--no-fid", "--csv", tmp_path / "x.csv",
              *use])
     assert r.exit_code == 2 and "NFE 5 in the file, 6 in the run" in r.output
-    r = cli(["grid", "--config", gauss, "--nfe", "5", "--search", "learned", "--out", tmp_path / "y.json"])
-    assert r.exit_code == 2 and "choose one of gits" in r.output
+    r = cli(["grid", "--config", gauss, "--nfe", "5", "--search", "dp", "--out", tmp_path / "y.json"])
+    assert r.exit_code == 2 and "choose one of gits, learned" in r.output
 
 
 @pytest.mark.slow

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import torch
 
 from ..errors import ConfigError, IIARuntimeError
 from ..grids import GridPlan
 
+# A noise level in a step: a Python float, or a 0-dim tensor when the grid carries gradient (see sigma_pair).
+Sigma = Union[float, torch.Tensor]
+
 # denoise(x [B, C, H, W], sigma) -> D(x; sigma), same dtype and device as x.
-DenoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, Sigma], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -30,7 +33,7 @@ class StepRecord:
     """What every step records: sigma_i, the denoised estimate D_i = D(x_i; sigma_i) and eps_i = (x_i - D_i) /
     sigma_i (= dx/dsigma of the probability-flow ODE at x_i)."""
 
-    sigma: float
+    sigma: Sigma
     denoised: torch.Tensor
     eps: torch.Tensor
 
@@ -83,7 +86,7 @@ def push(history: History, record: Record) -> History:
 
 def steps_to_zero(sigmas: torch.Tensor, i: int) -> float:
     """Steps left until the final denoise to sigma = 0 (inf on a grid that ends above 0)."""
-    return len(sigmas) - 1 - i if float(sigmas[-1]) == 0 else math.inf
+    return len(sigmas) - 1 - i if float(sigmas[-1].detach()) == 0 else math.inf
 
 
 class Solver:
@@ -187,5 +190,23 @@ class Solver:
         raise NotImplementedError
 
 
-def sigma_pair(sigmas: torch.Tensor, i: int) -> tuple[float, float]:
+def sigma_pair(sigmas: torch.Tensor, i: int) -> tuple[Sigma, Sigma]:
+    """(sigma_i, sigma_{i+1}): Python floats, exactly as every sampling run uses them; 0-dim tensors when ``sigmas``
+    requires grad (a learned grid, :mod:`iia_cli.ld3`), so that the step stays differentiable in the sigmas."""
+    if sigmas.requires_grad:
+        return sigmas[i], sigmas[i + 1]
     return float(sigmas[i]), float(sigmas[i + 1])
+
+
+# The scalar functions of the step formulas for either kind of sigma: math on floats (bit for bit what the solvers
+# always computed), torch on tensors (differentiable).
+def log(s: Sigma) -> Sigma:
+    return torch.log(s) if isinstance(s, torch.Tensor) else math.log(s)
+
+
+def sqrt(s: Sigma) -> Sigma:
+    return torch.sqrt(s) if isinstance(s, torch.Tensor) else math.sqrt(s)
+
+
+def expm1(s: Sigma) -> Sigma:
+    return torch.expm1(s) if isinstance(s, torch.Tensor) else math.expm1(s)

@@ -17,21 +17,20 @@ the last steps, ``min(order, steps left)``, as diff-sampler's and diffusers' DPM
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
 from ..grids import GridPlan
-from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair, steps_to_zero
+from .base import DenoiseFn, History, Sigma, Solver, StepRecord, StepResult, expm1, log, sigma_pair, sqrt, steps_to_zero
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class LambdaRecord(StepRecord):
     """A multistep record in lambda = -log sigma: the later steps' divided differences of D need lambda_i."""
 
-    lam: float
+    lam: Sigma
 
 
 class DPMSolver2(Solver):
@@ -61,13 +60,13 @@ class DPMSolver2(Solver):
         record = StepRecord(s, denoised, eps)
         if s_next == 0:  # lambda = inf: the step is a plain denoise (Euler).
             return StepResult(denoised, record)
-        s_mid = math.sqrt(s * s_next)  # midpoint in lambda
+        s_mid = sqrt(s * s_next)  # midpoint in lambda
         u = x + (s_mid - s) * eps  # first-order step to the midpoint
         eps_mid = (u - denoise(u, s_mid)) / s_mid
         return StepResult(x + (s_next - s) * eps_mid, record)
 
 
-def multistep_data_update(x: torch.Tensor, s: float, s_next: float, past: list[tuple[float, torch.Tensor]],
+def multistep_data_update(x: torch.Tensor, s: Sigma, s_next: Sigma, past: list[tuple[Sigma, torch.Tensor]],
                           order: int, second: str = "2m", d2_weight: float = 1.0) -> torch.Tensor:
     """One DPM-Solver++ multistep update of the given order.
 
@@ -80,8 +79,8 @@ def multistep_data_update(x: torch.Tensor, s: float, s_next: float, past: list[t
     lam_0, d_0 = past[0]
     if s_next == 0:
         return d_0
-    h = math.log(s / s_next)
-    phi_1 = math.expm1(-h)
+    h = log(s / s_next)
+    phi_1 = expm1(-h)
     x_next = (s_next / s) * x - phi_1 * d_0
     if order == 1:
         return x_next
@@ -132,7 +131,7 @@ class DPMSolverPPMultistep(Solver):
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
         denoised = denoise(x, s)
-        lam = -math.log(s)
+        lam = -log(s)
         order, second = self._order(sigmas, i, history)
         past = [(lam, denoised)] + [(r.lam, r.denoised) for r in reversed(history[len(history) - order + 1:])] \
             if order > 1 else [(lam, denoised)]

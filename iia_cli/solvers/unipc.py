@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
+from .base import DenoiseFn, History, Sigma, Solver, StepRecord, StepResult, expm1, log, sigma_pair
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -36,14 +36,17 @@ class UniPCRecord(StepRecord):
     next step starts from, most recent (D at sigma_{i+1}, from the corrector's model call) first; None when the
     step made no such call (the next step then calls D itself)."""
 
-    lam: float
+    lam: Sigma
     warm: int
-    carried: tuple[tuple[float, torch.Tensor], ...] | None
+    carried: tuple[tuple[Sigma, torch.Tensor], ...] | None
 
 
-def unipc_weights(h: float, rks: list[float], order: int) -> tuple[list[float], list[float]]:
+def unipc_weights(h: Sigma, rks: list[Sigma], order: int) -> tuple[list[Sigma], list[Sigma]]:
     """(predictor weights a over the first order-1 differences, corrector weights c over all ``order``),
-    bh2, data prediction. ``rks``: r_1 .. r_{order-1} of the past points (the corrector adds r = 1)."""
+    bh2, data prediction. ``rks``: r_1 .. r_{order-1} of the past points (the corrector adds r = 1). Floats in,
+    floats out; tensors (a grid that carries gradient) in, 0-dim tensors out (:func:`_unipc_weights_tensor`)."""
+    if isinstance(h, torch.Tensor) or any(isinstance(r, torch.Tensor) for r in rks):
+        return _unipc_weights_tensor(torch.as_tensor(h, dtype=torch.float64), rks, order)
     hh = -h
     b_h = math.expm1(hh)
     h_phi_k = math.expm1(hh) / hh - 1
@@ -66,6 +69,30 @@ def unipc_weights(h: float, rks: list[float], order: int) -> tuple[list[float], 
     return pred, corr
 
 
+def _unipc_weights_tensor(h: torch.Tensor, rks: list[Sigma], order: int) -> tuple[list[Sigma], list[Sigma]]:
+    """:func:`unipc_weights` in torch, differentiable in h and the r_k."""
+    hh = -h
+    b_h = torch.expm1(hh)
+    h_phi_k = torch.expm1(hh) / hh - 1
+    factorial = 1
+    b = []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    r_all = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rks] + [torch.ones((), dtype=torch.float64)])
+    R = torch.stack([r_all ** (k - 1) for k in range(1, order + 1)])
+    bt = torch.stack(b)
+    if order == 1:
+        pred: list[Sigma] = []
+    elif order == 2:
+        pred = [0.5]
+    else:
+        pred = list(torch.linalg.solve(R[:-1, :-1], bt[:-1]).unbind())
+    corr: list[Sigma] = [0.5] if order == 1 else list(torch.linalg.solve(R, bt).unbind())
+    return pred, corr
+
+
 class UniPC(Solver):
     name = "unipc"
     order = 3
@@ -82,7 +109,7 @@ class UniPC(Solver):
 
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History) -> StepResult:
         s, s_next = sigma_pair(sigmas, i)
-        lam = -math.log(s)
+        lam = -log(s)
         prev = history[-1] if history else None
         if isinstance(prev, UniPCRecord) and prev.carried is not None:
             past = list(prev.carried)  # (lambda, D) most recent first; D at sigma_i first
@@ -95,19 +122,19 @@ class UniPC(Solver):
         if s_next == 0:
             return StepResult(d_0, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=None))
         order = min(self.order, warm, len(past), len(sigmas) - 1 - i if self.lower_final else self.order)
-        h = math.log(s / s_next)
+        h = log(s / s_next)
         rks = [(lam_k - lam) / h for lam_k, _ in past[1:order]]
         d1s = [(d_k - d_0) / r for r, (_, d_k) in zip(rks, past[1:order])]
         pred, corr = unipc_weights(h, rks, order)
-        b_h = math.expm1(-h)
-        base = (s_next / s) * x - math.expm1(-h) * d_0
+        b_h = expm1(-h)
+        base = (s_next / s) * x - expm1(-h) * d_0
         x_pred = base - b_h * sum((a * d for a, d in zip(pred, d1s)), torch.zeros_like(x))
-        if i + 2 >= len(sigmas) or float(sigmas[i + 2]) == 0:
+        if i + 2 >= len(sigmas) or float(sigmas[i + 2].detach()) == 0:
             # No corrector before the end of the grid (it would cost a call) nor before the final denoise:
             # that denoise then calls D at this state itself, the same call and the same result as the
             # reference code's D at the predicted point, but it sees IIA's correction of this state.
             return StepResult(x_pred, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=None))
         d_next = denoise(x_pred, s_next)
         corr_res = sum((c * d for c, d in zip(corr[:-1], d1s)), torch.zeros_like(x)) + corr[-1] * (d_next - d_0)
-        carried = ((-math.log(s_next), d_next), *past[: self.order - 1])
+        carried = ((-log(s_next), d_next), *past[: self.order - 1])
         return StepResult(base - b_h * corr_res, UniPCRecord(s, d_0, eps, lam=lam, warm=warm, carried=carried))
