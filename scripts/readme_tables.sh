@@ -19,7 +19,7 @@ export COLUMNS=80  # the width the README shows and tests/test_readme.py compare
 rm -f results/mnist-testbed.csv
 rm -rf results/cache/solves
 start=$(date +%s)
-"$IIA" evaluate 2>&1 | tee results/readme/mnist-testbed.log
+PYTHONUNBUFFERED=1 "$IIA" evaluate 2>&1 | .venv/bin/python scripts/log_gaps.py results/readme/mnist-testbed.log  # + silence stats
 echo "default evaluation: $(( $(date +%s) - start )) s wall" | tee -a results/readme/mnist-testbed.log
 cp results/mnist-testbed.csv results/readme/mnist-testbed.csv
 "$IIA" report results/readme/mnist-testbed.csv --plot results/readme/mnist-testbed.png > results/readme/mnist-testbed.txt
