@@ -28,7 +28,7 @@ from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients,
                   coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
 from .layout import where
-from .methods import IIA_METHODS, Method, make_method
+from .methods import IIA_METHODS, PARAM_KEYS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
@@ -119,7 +119,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     state_dtype = resolve_state_dtype(s.state_dtype, device)
     if model is None:
         model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
-    meth = make_method(method or s.method, r=s.r, quantities=s.quantities,
+    meth = make_method(method or s.method, **{k: getattr(s, k) for k in PARAM_KEYS},
                        guided=bool(getattr(model, "guided", False)), convention=s.convention,
                        thresholding=s.thresholding, afs=s.afs)
     cl = s.class_label

@@ -22,6 +22,7 @@ from .atomic import OutputRescued, savez_atomic
 from .config import ExperimentConfig, GridConfig, check_nfe
 from .errors import ConfigError, IIARuntimeError
 from .images import quantize
+from .methods import PARAM_KEYS
 from .metrics import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states, make_accumulator,
                       parse_metrics, result_fields, save_states)
 from .models.base import model_dtype
@@ -121,7 +122,7 @@ def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: tor
 # method's parameters, dtypes). Every other sampler setting, including ones added later, enters the identity.
 # thresholding and afs are in the method's parameters when not the default (so default rows keep their identities).
 _SAMPLER_NOT_IN_IDENTITY = ("method", "nfe", "seeds", "batch", "device", "compile", "channels_last", "coeffs", "dtype",
-                            "state_dtype", "r", "quantities", "thresholding", "afs")
+                            "state_dtype", "thresholding", "afs", *PARAM_KEYS)
 _CALIBRATION_NOT_IN_IDENTITY = ("out_dir", "batch", "val_samples", "val_seed_start", "samples", "substeps", "ridge",
                                 "seed_start")
 

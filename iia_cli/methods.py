@@ -133,10 +133,12 @@ def _dpm_basis(x: torch.Tensor, record: StepRecord, history: History, sigmas: to
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter, set by ``sampler.<key>``: its valid values and its default."""
+    """A method parameter, set by ``sampler.<key>``: its valid values and its default. ``always_shown``: table
+    labels name it even at its default (the paper writes "IIA-EDM r=1"); otherwise only when it differs."""
 
     choices: tuple[int, ...]
     default: int
+    always_shown: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,9 +176,9 @@ def _dpm_method(base: str) -> MethodSpec:
 # The IIA methods (the base solvers join them below, from solvers.SOLVERS). A new IIA method: its basis above
 # and one entry here.
 _IIA_METHODS: dict[str, MethodSpec] = {
-    "iia-edm": MethodSpec("edm", "IIA-EDM, eq. (18)", _iia_edm_basis, {"r": Param((0, 1, 2), 1)},
+    "iia-edm": MethodSpec("edm", "IIA-EDM, eq. (18)", _iia_edm_basis, {"r": Param((0, 1, 2), 1, True)},
                           paper_offset=_heun_uv_coefficients),
-    "biia-edm": MethodSpec("edm", "BIIA-EDM, Algorithm 2", _biia_edm_basis, {"r": Param((0, 1), 0)},
+    "biia-edm": MethodSpec("edm", "BIIA-EDM, Algorithm 2", _biia_edm_basis, {"r": Param((0, 1), 0, True)},
                            paper_offset=lambda s, s_next: [1.0]),  # g = 1 + c on the averaged slope S_i
     "iia-ddim": MethodSpec("ddim", "IIA-DDIM, eq. (6), eq. (8) if guided",
                            lambda quantities: _difference_basis(StepRecord, "denoised", "eps", quantities),
@@ -193,6 +195,20 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     {name: MethodSpec(name, spec.help) for name, spec in SOLVERS.items()} | _IIA_METHODS)
 METHOD_NAMES = tuple(METHODS)
 IIA_METHODS = tuple(name for name, spec in METHODS.items() if spec.is_iia)
+PARAM_KEYS = tuple(sorted({key for spec in METHODS.values() for key in spec.params}))  # sampler.<key> of methods
+
+
+def shown_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The method parameters of ``params`` that a table label names: every ``always_shown`` one, the others when
+    they differ from their default (:class:`Param`); other entries (convention, ...) are not method parameters."""
+    out = {}
+    for key, value in params.items():
+        specs = [spec.params[key] for spec in METHODS.values() if key in spec.params]
+        if specs and (any(p.always_shown for p in specs) or all(value != p.default for p in specs)):
+            out[key] = value
+    return out
+
+
 R_CHOICES = {name: spec.params["r"].choices for name, spec in METHODS.items() if "r" in spec.params}
 ALIASES_TEXT = ", ".join(f"{a}={b}" for a, b in SOLVER_ALIASES.items())
 
@@ -227,11 +243,11 @@ def canonical_method(name: str) -> str:
     return name
 
 
-def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bool = False,
-                convention: str = DEFAULT_CONVENTION, thresholding: str = "none", afs: bool = False) -> Method:
-    """Build a method by its CLI/config name from :data:`METHODS`. ``r`` for (b)iia-edm, ``quantities`` (1 or 2)
-    for iia-ddim / iia-ipndm (1 = the one-quantity ablation, eq. 25); a method ignores the parameters it does
-    not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
+def make_method(name: str, guided: bool = False, convention: str = DEFAULT_CONVENTION, thresholding: str = "none",
+                afs: bool = False, **method_params: Any) -> Method:
+    """Build a method by its CLI/config name from :data:`METHODS`. ``method_params``: values of the registered
+    method parameters (:data:`PARAM_KEYS`, e.g. ``r`` of (b)iia-edm, ``quantities`` of iia-ddim / iia-ipndm; None
+    or absent: the method's default); a method ignores the parameters it does not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
     (eq. 8). ``convention``: the NFE/grid convention of the base solver (``iia`` or ``diff-sampler``).
     ``thresholding`` (``none`` | ``dynamic``) and ``afs``: diff-sampler's dynamic thresholding of D and analytical
     first step (:class:`~iia_cli.solvers.Solver`). Like the convention, each enters ``params`` (so row identities
@@ -239,7 +255,11 @@ def make_method(name: str, r: int | None = None, quantities: int = 2, guided: bo
     Raises ConfigError for an invalid parameter, or a basis whose record its solver does not provide."""
     name = canonical_method(name)
     spec = METHODS[name]
-    given = {"r": r, "quantities": quantities}
+    unknown = sorted(set(method_params) - set(PARAM_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown method parameter(s) {', '.join(unknown)}; the registered ones are "
+                          f"{', '.join(PARAM_KEYS)}")
+    given = method_params
     params: dict[str, Any] = {}
     for key, param in spec.params.items():
         value = param.default if given.get(key) is None else given[key]

@@ -28,7 +28,7 @@ from . import __version__
 from .atomic import write_rescue_copy
 from .compare import LEGACY, compare_rows, describe, identical
 from .errors import IIARuntimeError, MissingFileError
-from .methods import METHODS
+from .methods import METHODS, shown_params
 from .metrics import METRICS
 from .paths import csv_lock
 from .uncertainty import seeds_to_resolve
@@ -429,7 +429,8 @@ def _params_label(text: str) -> str:
         params = json.loads(text)
     except json.JSONDecodeError:
         return ""
-    keep = {k: v for k, v in params.items() if k in ("r", *_RULES) or (k == "quantities" and v != 2)}
+    shown = shown_params(params)
+    keep = {k: v for k, v in params.items() if k in _RULES or k in shown}
     return "".join(f" {k}={v}" for k, v in keep.items())
 
 

@@ -133,3 +133,28 @@ def test_each_solver_returns_the_record_type_it_declares(name):
     if name == "edm":  # Heun: v is None only on the Euler step to sigma = 0
         assert [r.v is None for r in history] == [False, False, False, True]
         assert isinstance(history[0], HeunRecord)
+
+
+def test_method_parameters_are_generic() -> None:
+    """Every registered method parameter is a sampler key of the schema and reaches its method through the API by
+    its name alone; an unknown one is refused; labels follow the registry's ``always_shown`` and defaults."""
+    from iia_cli.config import SamplerConfig
+    from iia_cli.methods import PARAM_KEYS, shown_params
+
+    assert PARAM_KEYS == ("quantities", "r")
+    assert set(PARAM_KEYS) <= set(SamplerConfig.model_fields)
+    assert make_method("iia-ddim", quantities=1).params == {"quantities": 1}
+    assert make_method("iia-edm", r=2, quantities=1).params == {"r": 2}  # a method ignores what it does not take
+    with pytest.raises(ConfigError, match="unknown method parameter.*rr; the registered ones are quantities, r"):
+        make_method("iia-edm", rr=1)
+    assert shown_params({"r": 1, "quantities": 2, "convention": "iia"}) == {"r": 1}  # r always, quantities at 2 not
+    assert shown_params({"quantities": 1}) == {"quantities": 1}
+
+
+def test_sampler_method_parameters_reach_the_method(write_config) -> None:
+    from iia_cli.api import prepare
+    from iia_cli.config import load_config
+
+    cfg = load_config(write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
+                                    "sampler": {"method": "iia-ddim", "nfe": 5, "quantities": 1}}))
+    assert prepare(cfg).method.params == {"quantities": 1}
