@@ -30,6 +30,7 @@ from .images import quantize, save_grid_png, save_png
 from .layout import where
 from .methods import IIA_METHODS, PARAM_KEYS, Method, make_method
 from .models import label_dim, load_model, model_fingerprint
+from .models.base import Denoiser, capabilities
 from .models.speed import auto_batch, optimize
 from .progress import ImageProgress, log as default_log
 from .sampling import (Coefficients, corrected_steps, format_seeds, parse_seeds, resolve_device, resolve_state_dtype,
@@ -50,7 +51,7 @@ class ModelMemo:
         self.teachers = TeacherCache(teachers)
         self._batch: dict[tuple[str, str], int] = {}
 
-    def auto_batch(self, fingerprint: str, model: Any, device: torch.device) -> int:
+    def auto_batch(self, fingerprint: str, model: Denoiser, device: torch.device) -> int:
         """``sampler.batch: auto``, probed once per model and device."""
         key = (fingerprint, str(device))
         if key not in self._batch:
@@ -70,7 +71,7 @@ class Prepared:
     """Everything a run needs, resolved from a config: model, method, grid, device."""
 
     cfg: ExperimentConfig
-    model: Any
+    model: Denoiser
     method: Method
     sigmas: torch.Tensor
     nfe: int
@@ -82,7 +83,7 @@ class Prepared:
     memo: ModelMemo = field(default_factory=lambda: MEMO)
 
 
-def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int, fingerprint: str | None = None,
+def build_grid(cfg: ExperimentConfig, method: Method, model: Denoiser, nfe: int, fingerprint: str | None = None,
                grid: GridConfig | None = None) -> tuple[torch.Tensor, int]:
     """The sigma grid for ``nfe`` denoiser calls, or an explicit list grid and the NFE it implies, or a grid file's
     sigmas (checked against the model ``fingerprint``, the method's solver and convention, and ``nfe``).
@@ -107,7 +108,7 @@ def build_grid(cfg: ExperimentConfig, method: Method, model: Any, nfe: int, fing
     return sigmas, method.solver.nfe_of_grid(sigmas)
 
 
-def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, model: Any = None,
+def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, model: Denoiser | None = None,
             fingerprint: str | None = None, memo: ModelMemo | None = None, grid: GridConfig | None = None) -> Prepared:
     """Load the model (unless given) and build the method and grid of ``cfg`` (or the overrides). ``memo``: where
     the automatic batch size and the teacher's trajectories are kept (default :data:`MEMO`). ``grid``: a grid
@@ -120,7 +121,7 @@ def prepare(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = 
     if model is None:
         model = optimize(load_model(cfg.model.kind, cfg.model.params, device), s.compile, s.channels_last)
     meth = make_method(method or s.method, **{k: getattr(s, k) for k in PARAM_KEYS},
-                       guided=bool(getattr(model, "guided", False)), convention=s.convention,
+                       guided=capabilities(model).guided, convention=s.convention,
                        thresholding=s.thresholding, afs=s.afs)
     cl = s.class_label
     if cl is not None:

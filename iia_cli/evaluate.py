@@ -25,7 +25,7 @@ from .images import quantize
 from .methods import PARAM_KEYS
 from .metrics import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states, make_accumulator,
                       parse_metrics, result_fields, save_states)
-from .models.base import model_dtype
+from .models.base import Denoiser, capabilities, model_dtype
 from .progress import ImageProgress, log as default_log
 from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
                       normalise_results, read_results, render_table, row_identity)
@@ -193,7 +193,7 @@ class MetricSetup:
     """What the run's metrics need (the registry's ``needs``), set up once per run: FID's Inception, reference
     statistics and features, the CLIP scorer, the reference solve of the integration-error seeds."""
 
-    def __init__(self, cfg: ExperimentConfig, metrics: list[str], base: Prepared, model: Any, err_seeds: list[int],
+    def __init__(self, cfg: ExperimentConfig, metrics: list[str], base: Prepared, model: Denoiser, err_seeds: list[int],
                  inception_weights: str | Path | None, log: LogFn, fresh: bool = False) -> None:
         self.cfg, self.metrics, self.model, self.err_seeds = cfg, metrics, model, err_seeds
         self.fields: dict[str, dict[str, Any]] = {}
@@ -268,7 +268,7 @@ class MetricSetup:
             from .clip_score import ClipScorer, resolve_clip_weights
 
             clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
-            if clip_dir is None or not callable(getattr(model, "prompt_of", None)):
+            if clip_dir is None or capabilities(model).prompt_of is None:
                 raise ConfigError("clip_score needs a text-to-image model (model.kind=diffusers-sd) and local CLIP "
                                   "weights (fid.clip_weights or $IIA_CLIP_WEIGHTS)")
             self.ctx.clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
@@ -307,7 +307,7 @@ def _solve(ref: Prepared, seeds: list[int]) -> torch.Tensor:
     return torch.cat(xs)
 
 
-def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Any) -> list[str]:
+def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Denoiser) -> list[str]:
     """The metrics of a run: ``requested`` (``--metrics`` / ``evaluate.metrics``), else the default: the
     integration error (when evaluate.error_samples > 0), KID (when fid.reference is a data spec, whose features
     it needs), FID and, for text-to-image models with local CLIP weights, the CLIP score."""
@@ -319,7 +319,7 @@ def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Any) -> list[st
     kid = bool(cfg.fid.reference) and not _is_stats_file(cfg)
     metrics = parse_metrics(["fid"] + (["kid"] if kid else []) + (["integration_rmse"] if cfg.evaluate.error_samples > 0
                                                                    else []))
-    if callable(getattr(model, "prompt_of", None)):
+    if capabilities(model).prompt_of is not None:
         from .clip_score import resolve_clip_weights
 
         if resolve_clip_weights(cfg.fid.clip_weights) is not None:

@@ -37,6 +37,7 @@ from .iia import Teacher
 from .progress import ImageProgress, log as default_log
 from .sampling import BoundDenoiser, format_seeds, noise_and_conditioning
 from .solvers import Solver, make_solver
+from .models.base import Denoiser, round_sigmas
 
 SEARCH_KINDS = ("gits",)
 SINGLE_STEP_SOLVERS = ("ddim", "edm", "dpm-solver-2")  # a step depends on its state only, not on history
@@ -124,7 +125,7 @@ class _ReuseFirstCall:
         return self.denoise(x, sigma)
 
 
-def candidate_sigmas(grid: GridConfig, model: Any, n: int) -> torch.Tensor:
+def candidate_sigmas(grid: GridConfig, model: Denoiser, n: int) -> torch.Tensor:
     """C candidates: a Karras rho-7 grid over ``grid``'s [sigma_min, sigma_max] clipped to the model's range and
     rounded by the model's ``round_sigma`` (when it has one); strictly descending, all positive."""
     s_min = max(float(grid.sigma_min), float(model.sigma_min))
@@ -132,15 +133,13 @@ def candidate_sigmas(grid: GridConfig, model: Any, n: int) -> torch.Tensor:
     if not s_min < s_max:
         raise ConfigError(f"grid sigma range [{s_min}, {s_max}] is empty after clipping to the model's range")
     sig = make_karras_grid(n, s_min, s_max, 7.0)
-    round_sigma = getattr(model, "round_sigma", None)
-    if callable(round_sigma):
-        sig = torch.as_tensor(round_sigma(sig), dtype=torch.float64)
+    sig = round_sigmas(model, sig)
     if not bool((sig[:-1] > sig[1:]).all()):
         raise ConfigError(f"{n} candidates collapse on this model's sigmas (round_sigma); use fewer candidates")
     return sig
 
 
-def teacher_states(model: Any, cand: torch.Tensor, seeds: list[int], settings: SearchSettings,
+def teacher_states(model: Denoiser, cand: torch.Tensor, seeds: list[int], settings: SearchSettings,
                    device: torch.device, state_dtype: torch.dtype,
                    class_label: int | None = None) -> tuple[list[torch.Tensor], list[Any], int]:
     """The teacher's states at every candidate, per chunk of noises: ``states[k]`` is [C, b, ...] for chunk k;
@@ -165,7 +164,7 @@ def teacher_states(model: Any, cand: torch.Tensor, seeds: list[int], settings: S
     return states, labels, calls
 
 
-def step_costs(solver: Solver, model: Any, cand: torch.Tensor, states: list[torch.Tensor],
+def step_costs(solver: Solver, model: Denoiser, cand: torch.Tensor, states: list[torch.Tensor],
                labels: list[Any]) -> tuple[np.ndarray, int]:
     """``cost[i, j]`` (i < j; inf elsewhere): mean over the noises of ||step(x*_i; sigma_i -> sigma_j) - x*_j||_2,
     one step of ``solver`` from the teacher state, and the denoiser calls it took (per noise, summed)."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .models.base import Denoiser, capabilities, round_sigmas
 
 GRID_KINDS = ("karras", "logsnr", "time-uniform", "discrete", "list", "file")
 DISCRETE_SPACINGS = ("uniform", "quad")
@@ -74,7 +75,7 @@ def discrete_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int
     return ts[::-1]
 
 
-def make_grid(grid_cfg: Any, plan: GridPlan, model: Any) -> torch.Tensor:
+def make_grid(grid_cfg: Any, plan: GridPlan, model: Denoiser) -> torch.Tensor:
     """Build the sigma grid for ``plan`` from the config section ``grid`` and the model's range.
 
     Returns a descending float64 tensor of ``plan.n_points`` sigmas (plus a trailing 0 if
@@ -88,7 +89,7 @@ def make_grid(grid_cfg: Any, plan: GridPlan, model: Any) -> torch.Tensor:
     if kind == "file":
         raise ConfigError("grid.kind=file takes its sigmas from the grid file grid.path; use gridfile.load_grid_file()")
     if kind == "discrete":
-        sig_train = getattr(model, "discrete_sigmas", None)
+        sig_train = capabilities(model).discrete_sigmas
         if sig_train is None:
             raise ConfigError("grid.kind=discrete needs a discrete-time model (kind: diffusers); "
                               "use karras, logsnr or time-uniform for this model")
@@ -109,9 +110,7 @@ def make_grid(grid_cfg: Any, plan: GridPlan, model: Any) -> torch.Tensor:
             sigmas = make_time_uniform_grid(n, s_min, s_max)
         else:
             raise ConfigError(f"grid.kind={kind!r} is not valid; choose one of {', '.join(GRID_KINDS)}")
-        round_sigma = getattr(model, "round_sigma", None)
-        if callable(round_sigma):
-            sigmas = torch.as_tensor(round_sigma(sigmas), dtype=torch.float64)
+        sigmas = round_sigmas(model, sigmas)
     if plan.append_zero:
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     return sigmas
@@ -126,17 +125,17 @@ def list_grid(values: list[float]) -> torch.Tensor:
     return sigmas
 
 
-def subdivide(s0: float, s1: float, m: int, variable: str, model: Any = None) -> torch.Tensor:
+def subdivide(s0: float, s1: float, m: int, variable: str, model: Denoiser | None = None) -> torch.Tensor:
     """M sub-steps of [s0, s1] uniform in ``variable``: 'sigma', 'lambda' (= -log sigma) or 't' (the
     model's own time via ``sigma_to_t`` / ``t_to_sigma``; sigma where the model has none).
     Returns m + 1 descending sigmas from s0 to s1."""
     if variable == "lambda" and s1 > 0:
         out = torch.exp(torch.linspace(math.log(s0), math.log(s1), m + 1, dtype=torch.float64))
-    elif variable == "t" and model is not None and hasattr(model, "sigma_to_t") and s1 > 0:
-        t0 = float(model.sigma_to_t(torch.tensor(s0, dtype=torch.float64)))
-        t1 = float(model.sigma_to_t(torch.tensor(s1, dtype=torch.float64)))
+    elif variable == "t" and (caps := capabilities(model)).sigma_to_t is not None and s1 > 0:
+        t0 = float(caps.sigma_to_t(torch.tensor(s0, dtype=torch.float64)))
+        t1 = float(caps.sigma_to_t(torch.tensor(s1, dtype=torch.float64)))
         ts = torch.linspace(t0, t1, m + 1, dtype=torch.float64)
-        out = torch.as_tensor(model.t_to_sigma(ts), dtype=torch.float64)
+        out = torch.as_tensor(caps.t_to_sigma(ts), dtype=torch.float64)  # type: ignore[misc]
     else:
         out = torch.linspace(s0, s1, m + 1, dtype=torch.float64)
     out[0], out[-1] = s0, s1

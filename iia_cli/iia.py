@@ -39,6 +39,7 @@ from .methods import METHODS, Method
 from .sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
                        noise_and_conditioning, propose, sample_batches)
 from .solvers import History, make_solver, teacher_name
+from .models.base import Denoiser, capabilities
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
                     # 3: target, teacher, guard and end-to-end validation
@@ -62,12 +63,12 @@ class Teacher:
     def tag(self) -> str:
         return "exact" if self.name == "exact" else f"{self.name}{self.substeps}"
 
-    def check(self, model: Any) -> None:
-        if self.name == "exact" and not callable(getattr(model, "exact_solution", None)):
+    def check(self, model: Denoiser) -> None:
+        if self.name == "exact" and capabilities(model).exact_solution is None:
             raise ConfigError("calibration.teacher=exact needs a model with a closed-form solution "
                               "(exact_solution, e.g. model.kind=gaussian); use calibration.teacher=edm")
 
-    def run(self, model: Any, denoise: Any, x: torch.Tensor, history: History, s0: float,
+    def run(self, model: Denoiser, denoise: Any, x: torch.Tensor, history: History, s0: float,
             s1: float) -> tuple[torch.Tensor, History]:
         """The teacher from state x at sigma s0 to s1 (its own history carried along)."""
         if self.name == "exact":
@@ -79,7 +80,7 @@ class Teacher:
         return x, history
 
 
-def teacher_trajectory(teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
+def teacher_trajectory(teacher: Teacher, model: Denoiser, sig: torch.Tensor, chunks: list[list[int]],
                        starts: list[torch.Tensor], labels: list[torch.Tensor | None],
                        class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
                        done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
@@ -144,7 +145,7 @@ class TeacherCache:
         return (fingerprint, teacher.name, teacher.substeps, sig.to(torch.float64).cpu().numpy().tobytes(),
                 tuple(map(tuple, chunks)), str(starts[0].dtype), str(starts[0].device), class_label)
 
-    def trajectory(self, fingerprint: str, teacher: Teacher, model: Any, sig: torch.Tensor, chunks: list[list[int]],
+    def trajectory(self, fingerprint: str, teacher: Teacher, model: Denoiser, sig: torch.Tensor, chunks: list[list[int]],
                    starts: list[torch.Tensor], labels: list[torch.Tensor | None],
                    class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
                    done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
@@ -209,10 +210,10 @@ def solve_least_squares(G: torch.Tensor, g: torch.Tensor, ridge: float = 1e-8, s
 
 
 def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
-                   history: History, substeps: int, model: Any = None) -> torch.Tensor:
+                   history: History, substeps: int, model: Denoiser | None = None) -> torch.Tensor:
     """The same base solver over M sub-steps of [sigma_i, sigma_{i+1}], uniform in its time variable
     (the model's time for discrete-time models), from state x_i and the coarse history."""
-    variable = "t" if getattr(model, "discrete_sigmas", None) is not None else method.solver.time_variable
+    variable = "t" if capabilities(model).discrete_sigmas is not None else method.solver.time_variable
     sub = subdivide(float(sigmas[i]), float(sigmas[i + 1]), substeps, variable, model)
     solver = method.solver.reference_solver()
     reference = Method(solver.name, solver)
@@ -234,7 +235,7 @@ class PassResult:
     teacher_finals: list[torch.Tensor] = field(default_factory=list)  # the teacher's final states per chunk
 
 
-def greedy_pass(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], substeps: int,
+def greedy_pass(method: Method, model: Denoiser, sigmas: torch.Tensor, seeds: list[int], substeps: int,
                 chunk: int, device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None = None,
                 ridge: float = 1e-8, class_label: int | None = None, log: Any = None,
                 warn: Any = None, target: str = "local", teacher: Teacher | None = None,
@@ -441,7 +442,7 @@ def fold_rmse(finals: list[torch.Tensor], references: list[torch.Tensor], seeds:
     return [math.sqrt(a / b) if b else 0.0 for a, b in zip(sq, count)] + [math.sqrt(sum(sq) / sum(count))]
 
 
-def sample_finals(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], chunk: int,
+def sample_finals(method: Method, model: Denoiser, sigmas: torch.Tensor, seeds: list[int], chunk: int,
                   device: torch.device, state_dtype: torch.dtype, coeffs: Coefficients | None,
                   class_label: int | None = None) -> list[torch.Tensor]:
     """Final states of a plain sampling pass over this process's ``seeds``, in the greedy pass's chunks."""
@@ -500,7 +501,7 @@ class CalibrationOutcome:
     checkpoint: CalibrationCheckpoint | None = None  # remove() it once the coefficient file is written
 
 
-def calibrate_coefficients(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
+def calibrate_coefficients(method: Method, model: Denoiser, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
                            substeps: int, chunk: int, device: torch.device, state_dtype: torch.dtype,
                            ridge: float = 1e-8, class_label: int | None = None, target: str = "local",
                            teacher: Teacher | None = None, guard: bool = True, log: Callable[[str], None] | None = None,
@@ -577,7 +578,7 @@ def _resume_summary(ck: CalibrationCheckpoint, method: Method, sigmas: torch.Ten
     return ", ".join(words) or "nothing usable"
 
 
-def _calibrate(method: Method, model: Any, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
+def _calibrate(method: Method, model: Denoiser, sigmas: torch.Tensor, seeds: list[int], val_seeds: list[int],
                substeps: int, chunk: int, device: torch.device, state_dtype: torch.dtype, ridge: float,
                class_label: int | None, target: str, use_teacher: Teacher | None, guard: bool,
                say: Callable[[str], None], verbose: bool, warn: Any, teachers: TeacherCache | None, fingerprint: str,

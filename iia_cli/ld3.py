@@ -51,6 +51,7 @@ from .grids import make_karras_grid
 from .iia import Teacher
 from .progress import ImageProgress, log as default_log
 from .sampling import BoundDenoiser, format_seeds, noise_and_conditioning, run_steps
+from .models.base import Denoiser, capabilities, round_sigmas
 
 LogFn = Callable[[str], None]
 SEARCH_SEED_START = 3_000_000_000  # as GITS's teacher noises: disjoint from evaluation, calibration and validation
@@ -129,7 +130,7 @@ class _Chunk:
     target: torch.Tensor
 
 
-def teacher_finals(model: Any, teacher: Teacher, path: torch.Tensor, seeds: list[int], batch: int,
+def teacher_finals(model: Denoiser, teacher: Teacher, path: torch.Tensor, seeds: list[int], batch: int,
                    device: torch.device, state_dtype: torch.dtype, class_label: int | None,
                    bar: ImageProgress) -> tuple[list[_Chunk], int]:
     """The teacher's final states through ``path`` (sigma_max first) for ``seeds``, in chunks of ``batch``; and
@@ -288,9 +289,8 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
                         f"{val_loss:.4g} (Karras {init_val:.4g}, best {best['val_mse']:.4g} at {best['iteration']})")
 
     sigmas = best["sigmas"].detach().to(torch.float64)
-    round_sigma = getattr(model, "round_sigma", None)
-    if callable(round_sigma):
-        sigmas = torch.as_tensor(round_sigma(sigmas), dtype=torch.float64)
+    if capabilities(model).round_sigma is not None:
+        sigmas = round_sigmas(model, sigmas)
         if plan.append_zero:
             sigmas[-1] = 0.0
     body = sigmas[:-1] if plan.append_zero else sigmas

@@ -21,7 +21,7 @@ from . import devices
 from .limits import MAX_SEEDS, SEED_LIMIT
 from .errors import ConfigError, IIARuntimeError
 from .methods import Method
-from .models.base import label_dim, model_dtype
+from .models.base import Denoiser, capabilities, label_dim, model_dtype
 from .solvers import History, Record, push
 
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
@@ -90,21 +90,21 @@ def resolve_state_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
-def noise_and_conditioning(model: Any, seeds: Sequence[int], device: torch.device,
+def noise_and_conditioning(model: Denoiser, seeds: Sequence[int], device: torch.device,
                            class_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-seed noise and the conditioning the model gets with it: one-hot class labels drawn from each
     seed's generator, or, for models with a ``condition(seeds)`` hook (text-to-image), its tensor."""
     noise, labels = make_noise(seeds, model.shape, device, label_dim(model), class_label)
-    condition = getattr(model, "condition", None)
-    if callable(condition):
+    condition = capabilities(model).condition
+    if condition is not None:
         labels = condition(list(seeds))
     return noise, labels
 
 
-def to_images(model: Any, x: torch.Tensor) -> torch.Tensor:
+def to_images(model: Denoiser, x: torch.Tensor) -> torch.Tensor:
     """Final solver states -> images in [-1, 1]: the model's ``decode`` (e.g. a VAE) where it has one."""
-    decode = getattr(model, "decode", None)
-    return decode(x) if callable(decode) else x
+    decode = capabilities(model).decode
+    return x if decode is None else decode(x)
 
 
 def make_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device, n_labels: int = 0,
@@ -129,7 +129,7 @@ class BoundDenoiser:
     """``denoise(x, sigma)`` for one batch: casts to the model's dtype and back, adds the class labels,
     and counts calls (one call = one NFE for every image of the batch)."""
 
-    def __init__(self, model: Any, class_labels: torch.Tensor | None = None) -> None:
+    def __init__(self, model: Denoiser, class_labels: torch.Tensor | None = None) -> None:
         self.model, self.class_labels = model, class_labels
         self.dtype = model_dtype(model)
         self.calls = 0
@@ -258,7 +258,7 @@ def run_steps(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tenso
     return x
 
 
-def sample_batches(model: Any, method: Method, sigmas: torch.Tensor, seeds: Sequence[int], batch: int,
+def sample_batches(model: Denoiser, method: Method, sigmas: torch.Tensor, seeds: Sequence[int], batch: int,
                    coeffs: Coefficients | None = None, device: torch.device | str = "cpu",
                    state_dtype: torch.dtype = torch.float64, class_label: int | None = None,
                    progress: Any = None, heartbeat: Any = None) -> Iterator[tuple[list[int], torch.Tensor]]:

@@ -158,3 +158,33 @@ def test_sampler_method_parameters_reach_the_method(write_config) -> None:
     cfg = load_config(write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
                                     "sampler": {"method": "iia-ddim", "nfe": 5, "quantities": 1}}))
     assert prepare(cfg).method.params == {"quantities": 1}
+
+
+def test_capabilities_read_every_optional_hook_with_its_default() -> None:
+    """A bare denoiser gets every default; an adapter declares a capability by having the attribute."""
+    from iia_cli.models.base import Capabilities, capabilities, round_sigmas
+
+    class Bare:
+        shape, sigma_min, sigma_max = (1, 2, 2), 0.01, 10.0
+
+        def __call__(self, x, sigma, class_labels=None):
+            return x
+
+    assert capabilities(Bare()) == Capabilities()
+    s = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert round_sigmas(Bare(), s) is s
+
+    class Rich(Bare):
+        label_dim, dtype, guided = 10, torch.float16, True
+        discrete_sigmas = torch.ones(3)
+
+        def round_sigma(self, sigma):
+            return torch.round(sigma)
+
+        def sigma_to_t(self, sigma):  # without t_to_sigma the model's own time is not usable
+            return sigma
+
+    caps = capabilities(Rich())
+    assert (caps.label_dim, caps.dtype, caps.guided, caps.sigma_to_t) == (10, torch.float16, True, None)
+    assert caps.discrete_sigmas is Rich.discrete_sigmas and caps.round_sigma is not None
+    assert round_sigmas(Rich(), torch.tensor([1.4, 0.6], dtype=torch.float64)).tolist() == [1.0, 1.0]
