@@ -3,9 +3,10 @@
 
 1. Samples vs real digits: FID of N samples of DPM-Solver++(2M) at NFE 30 against N held-out digits, next to the
    FID between two disjoint sets of N held-out digits (the floor that N images can resolve). Bar: within 3x.
-2. IIA vs its base at NFE 6, over two seed ranges: FID of edm, iia-edm, ddim, iia-ddim on seeds 0..N-1 and
-   N..2N-1 against the 1,000 held-out digits. Bar: IIA's FID is lower than its base's by more than the
-   difference between the two seed ranges of the same method.
+2. IIA vs its base at NFE 6, over two seed ranges: FID and KID (each with its 95 % block-jackknife interval) of
+   edm, iia-edm, ddim, iia-ddim on seeds 0..N-1 and N..2N-1 against the 1,000 held-out digits, and the paired
+   ratio IIA / base on the same seeds with its interval. Bar: in both seed ranges and both metrics the ratio's
+   interval lies below 1 (resolved), the rows' own intervals say how far apart two seed ranges may fall.
 
     python benchmarks/testbed_quality.py                # N = 250, about 10 minutes on 2 CPU cores
     python benchmarks/testbed_quality.py --samples 500
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from iia_cli import api
-from iia_cli.cli import DEFAULT_CONFIG
+from iia_cli.cli_common import DEFAULT_CONFIG
+from iia_cli.compare import compare_rows, describe
 from iia_cli.config import load_config
 from iia_cli.evaluate import evaluate
 from iia_cli.fid import FeatureExtractor, FeatureStats, compute_stats, frechet_distance, resolve_inception_weights
@@ -63,10 +65,10 @@ def main() -> None:
 
     # 2. IIA vs base at NFE 6 over two seed ranges, through iia evaluate's library function.
     result = evaluate(cfg, nfes=[6], methods=["edm", "iia-edm", "ddim", "iia-ddim"],
-                      seed_ranges=[f"0-{n - 1}", f"{n}-{2 * n - 1}"], csv=args.csv, metrics=["fid"], progress=False)
-    fid = {}
-    for row in result.rows:
-        fid.setdefault(row["method"], []).append(float(row["value"]))
+                      seed_ranges=[f"0-{n - 1}", f"{n}-{2 * n - 1}"], csv=args.csv, metrics=["fid", "kid"],
+                      progress=False)
+    rows = {(r["method"], r["metric"], r["seeds"]): r for r in result.rows}
+    ranges = list(dict.fromkeys(r["seeds"] for r in result.rows))
 
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; {time.perf_counter() - t0:.0f} s; N = {n}\n")
     print("| FID (N images) | value |")
@@ -74,15 +76,25 @@ def main() -> None:
     print(f"| two disjoint sets of held-out digits | {fid_real:.2f} |")
     print(f"| DPM-Solver++(2M) NFE 30 samples vs held-out digits | {fid_samples:.2f} "
           f"({fid_samples / fid_real:.2f}x; bar: <= 3x) |")
-    print("\n| method, NFE 6 | FID seeds A | FID seeds B | |A - B| |")
-    print("|---|---|---|---|")
-    for m, (a, b) in fid.items():
-        print(f"| {m} | {a:.2f} | {b:.2f} | {abs(a - b):.2f} |")
+    for metric, fmt in (("fid", "{:.2f}"), ("kid", "{:.4f}")):
+        cell = (lambda r: f"{fmt.format(float(r['value']))} [{fmt.format(float(r['ci_low']))}, "
+                          f"{fmt.format(float(r['ci_high']))}]")
+        print(f"\n| {metric.upper()}, NFE 6 | " + " | ".join(f"seeds {s}" for s in ranges) + " |")
+        print("|---|" + "---|" * len(ranges))
+        for m in ("edm", "iia-edm", "ddim", "iia-ddim"):
+            print(f"| {m} | " + " | ".join(cell(rows[(m, metric, s)]) for s in ranges) + " |")
+    print()
     for iia, base in (("iia-edm", "edm"), ("iia-ddim", "ddim")):
-        gap = min(fid[base]) - max(fid[iia])
-        spread = max(abs(fid[base][0] - fid[base][1]), abs(fid[iia][0] - fid[iia][1]))
-        print(f"\n{iia} vs {base}: worst-case gap {gap:.2f} FID, seed-range spread {spread:.2f}: "
-              f"{'bar met' if gap > spread else 'bar NOT met'}")
+        verdicts = []
+        for metric in ("fid", "kid"):
+            for s in ranges:
+                pair = compare_rows(rows[(iia, metric, s)], rows[(base, metric, s)])
+                ok = not isinstance(pair, str) and pair.resolved and pair.high < 1
+                verdicts.append(ok)
+                print(f"- {iia} / {base}, {metric.upper()}, seeds {s}: "
+                      f"{pair if isinstance(pair, str) else describe(pair)}")
+        print(f"- {iia} vs {base}: {'bar met' if all(verdicts) else 'bar NOT met'} "
+              f"({sum(verdicts)} of {len(verdicts)} paired ratios resolved below 1)")
 
 
 if __name__ == "__main__":
