@@ -24,7 +24,7 @@ from .config import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .gridfile import check_grid_file, load_grid_file
 from .grids import list_grid, make_grid
-from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
+from .iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
                   coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
 from .layout import where
@@ -189,10 +189,10 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     if skipped:
         log(f"fitting {n_steps - len(skipped)} of {n_steps} steps; uncorrected (the base step): "
             f"{uncorrected_text(skipped)}")
-    res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
-                                 p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
-                                 teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log,
-                                 teachers=p.memo.teachers, fingerprint=p.fingerprint,
+    setup = CalibrationSetup(p.method, p.model, p.sigmas, c.substeps, chunk, p.device, p.state_dtype, ridge=c.ridge,
+                             class_label=cfg.sampler.class_label, target=c.target, teacher=teacher,
+                             teachers=p.memo.teachers, fingerprint=p.fingerprint, log=log, warn=log)
+    res = calibrate_coefficients(setup, seeds, val_seeds, guard=c.guard, verbose=verbose,
                                  checkpoint_dir=layout.partial_dir(), checkpoint_every=checkpoint_interval())
     fit, val = res.fit, res.val
     if val is not None:
