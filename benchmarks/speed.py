@@ -28,7 +28,7 @@ import torch
 
 from iia_cli.config import GridConfig
 from iia_cli.grids import make_grid
-from iia_cli.iia import greedy_pass
+from iia_cli.iia import CalibrationSetup, greedy_pass
 from iia_cli.methods import METHODS, make_method
 from iia_cli.sampling import BoundDenoiser, make_noise, sample_batches
 from iia_cli.solvers import BASE_SOLVER_NAMES
@@ -138,8 +138,8 @@ def main() -> None:
             im = make_method(iia)
             model.inside = 0.0
             t0 = time.perf_counter()
-            fit = greedy_pass(im, model, sig, list(range(10**9, 10**9 + args.calib_samples)), 10, args.batch,
-                              device, state_dtype)
+            fit = greedy_pass(CalibrationSetup(im, model, sig, 10, args.batch, device, state_dtype),
+                              list(range(10**9, 10**9 + args.calib_samples)))
             fitted.append((im, fit, time.perf_counter() - t0, model.inside))
         base_runs, iia_runs = [], [[] for _ in fitted]
         for _ in range(args.repeats):  # interleaved: base, each IIA method, base, ...

@@ -24,7 +24,7 @@ from .config import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa
 from .errors import ConfigError, IIARuntimeError, MissingFileError
 from .gridfile import check_grid_file, load_grid_file
 from .grids import list_grid, make_grid
-from .iia import (CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
+from .iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
                   coefficient_filename, paper_coefficients)
 from .images import quantize, save_grid_png, save_png
 from .layout import where
@@ -189,10 +189,10 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     if skipped:
         log(f"fitting {n_steps - len(skipped)} of {n_steps} steps; uncorrected (the base step): "
             f"{uncorrected_text(skipped)}")
-    res = calibrate_coefficients(p.method, p.model, p.sigmas, seeds, val_seeds, c.substeps, chunk, p.device,
-                                 p.state_dtype, ridge=c.ridge, class_label=cfg.sampler.class_label, target=c.target,
-                                 teacher=teacher, guard=c.guard, log=log, verbose=verbose, warn=log,
-                                 teachers=p.memo.teachers, fingerprint=p.fingerprint,
+    setup = CalibrationSetup(p.method, p.model, p.sigmas, c.substeps, chunk, p.device, p.state_dtype, ridge=c.ridge,
+                             class_label=cfg.sampler.class_label, target=c.target, teacher=teacher,
+                             teachers=p.memo.teachers, fingerprint=p.fingerprint, log=log, warn=log)
+    res = calibrate_coefficients(setup, seeds, val_seeds, guard=c.guard, verbose=verbose,
                                  checkpoint_dir=layout.partial_dir(), checkpoint_every=checkpoint_interval())
     fit, val = res.fit, res.val
     if val is not None:
@@ -392,6 +392,23 @@ def _shard_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.shard-{ctx.shard[0]}-of-{ctx.shard[1]}{path.suffix}") if ctx.shard else path
 
 
+@dataclass
+class _SamplePlan:
+    """Where one sampling run writes (a PNG directory, an .npz with its partial checkpoint, or nowhere) and its
+    seeds: this process's, those still to sample, and those done (resumed or sampled, kept in memory)."""
+
+    out_path: Path | None
+    to_npz: bool
+    subdirs: bool
+    collect: bool  # keep each sample in memory (an .npz, keep, a grid PNG)
+    mine: list[int]
+    meta: dict[str, Any]
+    todo: list[int] = field(default_factory=list)
+    # seed -> (x float32 [C, H, W], image uint8 [H, W, C])
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    partial: Path | None = None
+
+
 def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = None, seeds: Any = None,
            batch: int | None = None, out: str | Path | None = None, grid_png: str | Path | None = None,
            coeffs: str | Path | None = None, calibrate_missing: bool = False, keep: bool = False,
@@ -411,7 +428,31 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     resolved = resolve_coefficients(p, coeffs or cfg.sampler.coeffs, calibrate_missing, log)
     coeff_values, coeff_path = (resolved.values, resolved.path) if resolved else (None, None)
     note = base_note(p.method, resolved.cs) if resolved else ""
-    out_path = Path(out) if out else None
+    plan = _plan_output(cfg, p, Path(out) if out else None, seed_list, bool(keep or grid_png), log)
+    log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
+        f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
+        + (f", coefficients {coeff_path.resolve()}" if coeff_path else "") + (f" ({note})" if note else "")
+        + (f", {dist.context().world} processes" if dist.context().distributed else ""))
+    seconds = _sample_seeds(cfg, p, plan, batch, coeff_values, progress, log)
+    gathered, order, images = _gather(plan, seed_list)
+    if plan.to_npz and dist.context().is_main:
+        images = _write_npz(p, plan, gathered, order, images, len(seed_list), log)
+    if plan.partial is not None:
+        dist.barrier()
+        plan.partial.unlink(missing_ok=True)
+    if grid_png and images is not None and len(images) and dist.context().is_main:
+        _write_grid_png(cfg, p, grid_png, order, images, note, log)
+    if plan.out_path is not None:
+        log(f"wrote {len(seed_list)} images to {plan.out_path} ({seconds:.1f} s, "
+            f"{len(plan.todo) / max(seconds, 1e-9):.1f} img/s)")
+    return SampleResult(seed_list, p.nfe, p.method.name, seconds, plan.out_path, coeff_path,
+                        images if keep else None, note=note)
+
+
+def _plan_output(cfg: ExperimentConfig, p: Prepared, out_path: Path | None, seed_list: list[int], keep: bool,
+                 log: LogFn) -> _SamplePlan:
+    """Where the run writes (this shard's .npz, or the PNG directory, made) and which of this process's seeds
+    are left: PNGs already written and an .npz run's partial checkpoint are taken as done."""
     to_npz = out_path is not None and out_path.suffix == ".npz"
     if to_npz:
         out_path = _shard_path(out_path)
@@ -420,73 +461,85 @@ def sample(cfg: ExperimentConfig, method: str | None = None, nfe: int | None = N
     mine = dist.split(seed_list)  # this process's seeds
     meta = dict(method=np.asarray(p.method.name), nfe=np.asarray(p.nfe), sigmas=p.sigmas.numpy(),
                 grid=np.asarray(cfg.grid.kind), model_sha256=np.asarray(p.fingerprint))
-    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seed -> (x float32 [C, H, W], image uint8 [H, W, C])
-    partial = None
+    plan = _SamplePlan(out_path, to_npz, cfg.output.subdirs, to_npz or keep, mine, meta)
     if to_npz:
         ctx = dist.context()
-        partial = out_path.with_name(f".{out_path.stem}.partial-r{ctx.rank}of{ctx.world}.npz")
-        done = _load_partial(partial, p, set(mine))
-    todo = [s for s in mine if s not in done]
+        plan.partial = out_path.with_name(f".{out_path.stem}.partial-r{ctx.rank}of{ctx.world}.npz")
+        plan.done = _load_partial(plan.partial, p, set(mine))
+    plan.todo = [s for s in mine if s not in plan.done]
     if out_path is not None and not to_npz:
-        todo = [s for s in mine if not _png_path(out_path, s, cfg.output.subdirs).is_file()]
-    if len(todo) < len(mine):
-        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} images are already done")
-    log(f"sampling {len(seed_list)} images with {p.method.name} at NFE {p.nfe}, batch {batch}, "
-        f"{p.device}/{str(p.state_dtype).removeprefix('torch.')}" + (f" ({p.note})" if p.note else "")
-        + (f", coefficients {coeff_path.resolve()}" if coeff_path else "") + (f" ({note})" if note else "")
-        + (f", {dist.context().world} processes" if dist.context().distributed else ""))
-    every = checkpoint_interval() if partial is not None else math.inf
+        plan.todo = [s for s in mine if not _png_path(out_path, s, plan.subdirs).is_file()]
+    if len(plan.todo) < len(mine):
+        log(f"resuming: {len(mine) - len(plan.todo)} of {len(mine)} images are already done")
+    return plan
+
+
+def _sample_seeds(cfg: ExperimentConfig, p: Prepared, plan: _SamplePlan, batch: int,
+                  coeff_values: Coefficients | None, progress: bool, log: LogFn) -> float:
+    """Sample the plan's seeds left, writing each PNG as it comes and keeping the samples the plan collects,
+    with a partial checkpoint of an .npz run every checkpoint interval; returns the seconds it took."""
+    every = checkpoint_interval() if plan.partial is not None else math.inf
     t0 = last_checkpoint = time.perf_counter()
-    with ImageProgress(len(todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
-        for chunk, x in sample_batches(p.model, p.method, p.sigmas, todo, batch, coeff_values, p.device,
+    with ImageProgress(len(plan.todo), f"{p.method.name} nfe={p.nfe}", enabled=progress) as bar:
+        for chunk, x in sample_batches(p.model, p.method, p.sigmas, plan.todo, batch, coeff_values, p.device,
                                        p.state_dtype, cfg.sampler.class_label, bar):
             u8 = quantize(to_images(p.model, x)).numpy()
             x32 = x.to(torch.float32).cpu().numpy()
             for k, seed in enumerate(chunk):
-                if out_path is not None and not to_npz:
-                    path = _png_path(out_path, seed, cfg.output.subdirs)
+                if plan.out_path is not None and not plan.to_npz:
+                    path = _png_path(plan.out_path, seed, plan.subdirs)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(path, lambda tmp, im=u8[k]: save_png(im, tmp, "PNG"))
-                if to_npz or keep or grid_png:
-                    done[seed] = (x32[k] if to_npz else np.empty(0, np.float32), u8[k])
-            if partial is not None and time.perf_counter() - last_checkpoint >= every:
-                written = save_checkpoint(lambda: _save_partial(partial, done, meta), partial, log)
+                if plan.collect:
+                    plan.done[seed] = (x32[k] if plan.to_npz else np.empty(0, np.float32), u8[k])
+            if plan.partial is not None and time.perf_counter() - last_checkpoint >= every:
+                partial = plan.partial
+                written = save_checkpoint(lambda: _save_partial(partial, plan.done, plan.meta), partial, log)
                 last_checkpoint = time.perf_counter() if written else math.inf
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _gather(plan: _SamplePlan, seed_list: list[int]) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[int],
+                                                               np.ndarray | None]:
+    """Every process's collected samples, their seeds in order (this shard's) and their images (None: none)."""
     gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for part in dist.gather_objects(done) if (to_npz or keep or grid_png) else []:
+    for part in dist.gather_objects(plan.done) if plan.collect else []:
         gathered.update(part)
     order = [s for s in (seed_list if not dist.context().shard else dist.split(seed_list, by_rank=False))
              if s in gathered]
     images = np.stack([gathered[s][1] for s in order]) if order else None
-    if to_npz and dist.context().is_main:
-        assert out_path is not None
-        if not order:  # a shard with no seeds of its own (more shards than seeds) writes an empty file
-            log(f"shard {dist.context().shard} has none of the {len(seed_list)} seeds: writing an empty {out_path}")
-            x0 = torch.zeros((1, *p.model.shape), dtype=p.state_dtype, device=p.device)
-            gathered_x = np.zeros((0, *p.model.shape), np.float32)
-            images = quantize(to_images(p.model, x0)).numpy()[:0]
-        else:
-            gathered_x = np.stack([gathered[s][0] for s in order])
-        extra = {}
-        if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
-            extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order], dtype=str)
-        savez_atomic(out_path, rescue=True, what=f"{len(order)} samples", x=gathered_x, images=images,
-                     seeds=np.asarray(order, dtype=np.int64), **meta, **extra)
-    if partial is not None:
-        dist.barrier()
-        partial.unlink(missing_ok=True)
-    if grid_png and images is not None and len(images) and dist.context().is_main:
-        shown = order[:64]
-        model = cfg.model.kind + (f" {Path(str(cfg.model.params['path'])).name}" if cfg.model.params.get("path") else "")
-        title = (f"{p.method.name}" + (f" ({note.split(':')[0]})" if note else "") + f" | NFE {p.nfe} | "
-                 f"seeds {format_seeds(shown)} | {model}")
-        save_grid_png(images[:64], Path(grid_png), title=title)
-        log(f"wrote sample grid {grid_png}")
-    if out_path is not None:
-        log(f"wrote {len(seed_list)} images to {out_path} ({seconds:.1f} s, {len(todo) / max(seconds, 1e-9):.1f} img/s)")
-    return SampleResult(seed_list, p.nfe, p.method.name, seconds, out_path, coeff_path,
-                        images if keep else None, note=note)
+    return gathered, order, images
+
+
+def _write_npz(p: Prepared, plan: _SamplePlan, gathered: dict[int, tuple[np.ndarray, np.ndarray]], order: list[int],
+               images: np.ndarray | None, n_seeds: int, log: LogFn) -> np.ndarray | None:
+    """Write the .npz of the gathered samples (an empty one for a shard without seeds); returns its images."""
+    out_path = plan.out_path
+    assert out_path is not None
+    if not order:  # a shard with no seeds of its own (more shards than seeds) writes an empty file
+        log(f"shard {dist.context().shard} has none of the {n_seeds} seeds: writing an empty {out_path}")
+        x0 = torch.zeros((1, *p.model.shape), dtype=p.state_dtype, device=p.device)
+        gathered_x = np.zeros((0, *p.model.shape), np.float32)
+        images = quantize(to_images(p.model, x0)).numpy()[:0]
+    else:
+        gathered_x = np.stack([gathered[s][0] for s in order])
+    extra = {}
+    if callable(getattr(p.model, "prompt_of", None)):  # text-to-image: the caption of each seed
+        extra["prompts"] = np.asarray([p.model.prompt_of(s) for s in order], dtype=str)
+    savez_atomic(out_path, rescue=True, what=f"{len(order)} samples", x=gathered_x, images=images,
+                 seeds=np.asarray(order, dtype=np.int64), **plan.meta, **extra)
+    return images
+
+
+def _write_grid_png(cfg: ExperimentConfig, p: Prepared, grid_png: str | Path, order: list[int], images: np.ndarray,
+                    note: str, log: LogFn) -> None:
+    """The grid PNG of the first 64 samples, titled with the method, NFE, seeds and model."""
+    shown = order[:64]
+    model = cfg.model.kind + (f" {Path(str(cfg.model.params['path'])).name}" if cfg.model.params.get("path") else "")
+    title = (f"{p.method.name}" + (f" ({note.split(':')[0]})" if note else "") + f" | NFE {p.nfe} | "
+             f"seeds {format_seeds(shown)} | {model}")
+    save_grid_png(images[:64], Path(grid_png), title=title)
+    log(f"wrote sample grid {grid_png}")
 
 
 def _save_partial(path: Path, done: dict[int, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any]) -> None:

@@ -201,83 +201,99 @@ class MetricSetup:
         self.ctx = MetricContext()
         needs = {m: METRICS[m].needs for m in metrics}
         every = set().union(*needs.values()) if needs else set()
-        ev = cfg.evaluate
         if "fine_reference" in every:
-            ref_nfe = ev.reference_nfe
-            if (cfg.sampler.convention == "diff-sampler"
-                    and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
-                ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
-            ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
-            # The reference solves the plain ODE: no thresholding, no AFS (the error of a thresholded or AFS sampler
-            # includes what they change).
-            plain = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"thresholding": "none",
-                                                                                     "afs": False})})
-            ref = prepare(plain, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint,
-                          memo=base.memo, grid=reference_grid(cfg, base.sigmas))
-            fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
-                                    "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
-            key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,
-                   "state_dtype": str(ref.state_dtype), "network_dtype": str(model_dtype(model)),
-                   "class_label": cfg.sampler.class_label}
-            store = layout.reference_cache_dir() / "solves" / (
-                f"{ev.reference_method}-nfe{ref.nfe}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-                + ".npz")
-            if fresh:
-                store.unlink(missing_ok=True)
-            self.ctx.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds), path=store,
-                                                    seeds=dist.split(err_seeds), log=log,
-                                                    save=dist.context().is_main)
-            for m in metrics:
-                if "fine_reference" in needs[m]:
-                    self.fields[m], self.columns[m] = dict(fields), (ref_name, "")
+            self._fine_reference(needs, base, log, fresh)
         if "inception" in every:
-            from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
-
-            if not cfg.fid.reference:
-                chosen = ", ".join(m for m in metrics if "inception" in needs[m])
-                raise ConfigError(f"fid.reference is not set: {chosen} need reference images; give an .npz with "
-                                  "mu/sigma (e.g. EDM's cifar10-32x32.npz) or a data spec such as builtin:mnist, or "
-                                  f"leave {chosen} out of --metrics")
-            weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
-            log(f"Inception weights: {weights} ({source})")
-            weights_sha = sha256_of_file(weights)
-            main = dist.context().is_main
-            if "reference_stats" in every:
-                # rank 0 computes missing reference statistics, the others then read them
-                ref_stats = resolve_reference(cfg, weights, base.device, log) if main else None
-                dist.barrier()
-                ref_path, self.ctx.ref_mu, self.ctx.ref_sigma, ref_sha = (
-                    ref_stats or resolve_reference(cfg, weights, base.device, log))
-                for m in metrics:
-                    if "reference_stats" in needs[m]:
-                        self.fields[m] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": weights_sha}
-                        self.columns[m] = (str(ref_path), ref_sha)
-            if "reference_features" in every:
-                ref_feats = resolve_reference_features(cfg, weights, base.device, log) if main else None
-                dist.barrier()
-                feats_path, self.ctx.ref_features, feats_sha = (
-                    ref_feats or resolve_reference_features(cfg, weights, base.device, log))
-                for m in metrics:
-                    if "reference_features" in needs[m]:
-                        self.fields[m] = {"fid.reference": str(cfg.fid.reference),
-                                          "fid.reference_samples": cfg.fid.reference_samples,
-                                          "reference_features_sha256": feats_sha, "fid.weights_sha256": weights_sha}
-                        self.columns[m] = (str(feats_path), feats_sha)
-            self.ctx.extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+            self._inception(needs, every, base, inception_weights, log)
         if "clip" in every:
-            from .clip_score import ClipScorer, resolve_clip_weights
+            self._clip(base, log)
 
-            clip_dir = resolve_clip_weights(cfg.fid.clip_weights)
-            if clip_dir is None or capabilities(model).prompt_of is None:
-                raise ConfigError("clip_score needs a text-to-image model (model.kind=diffusers-sd) and local CLIP "
-                                  "weights (fid.clip_weights or $IIA_CLIP_WEIGHTS)")
-            self.ctx.clip = ClipScorer(clip_dir, device=base.device, batch_size=cfg.fid.batch)
-            self.ctx.prompt_of = model.prompt_of
-            log(f"CLIP score with {clip_dir}")
-            self.fields["clip_score"] = {"clip.weights": str(clip_dir.resolve())}
-            self.columns["clip_score"] = (str(clip_dir), "")
+    def _fine_reference(self, needs: dict[str, Any], base: Prepared, log: LogFn, fresh: bool) -> None:
+        """The integration error's reference solve of the error seeds (``evaluate.reference_method`` at
+        ``evaluate.reference_nfe``), kept in a file named by what it depends on."""
+        cfg, model, ev = self.cfg, self.model, self.cfg.evaluate
+        ref_nfe = ev.reference_nfe
+        if (cfg.sampler.convention == "diff-sampler"
+                and make_solver(ev.reference_method, "diff-sampler").calls_per_step == 2):
+            ref_nfe += ref_nfe % 2  # 2-call steps ending at sigma_min, where this convention's samples end
+        ref_name = f"{ev.reference_method}@nfe{ref_nfe}"
+        # The reference solves the plain ODE: no thresholding, no AFS (the error of a thresholded or AFS sampler
+        # includes what they change).
+        plain = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"thresholding": "none",
+                                                                                 "afs": False})})
+        ref = prepare(plain, ev.reference_method, ref_nfe, model=model, fingerprint=base.fingerprint,
+                      memo=base.memo, grid=reference_grid(cfg, base.sigmas))
+        fields = {"reference": {"method": ev.reference_method, "nfe": ref.nfe,
+                                "sigmas_sha256": _sigmas_sha256(ref.sigmas), **_solver_revision(ref.method.solver)}}
+        key = {**fields["reference"], "model_sha256": base.fingerprint, "device": ref.device.type,
+               "state_dtype": str(ref.state_dtype), "network_dtype": str(model_dtype(model)),
+               "class_label": cfg.sampler.class_label}
+        store = layout.reference_cache_dir() / "solves" / (
+            f"{ev.reference_method}-nfe{ref.nfe}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            + ".npz")
+        if fresh:
+            store.unlink(missing_ok=True)
+        self.ctx.reference = ReferenceSolutions(lambda seeds: _solve(ref, seeds), path=store,
+                                                seeds=dist.split(self.err_seeds), log=log,
+                                                save=dist.context().is_main)
+        for m in self.metrics:
+            if "fine_reference" in needs[m]:
+                self.fields[m], self.columns[m] = dict(fields), (ref_name, "")
+
+    def _inception(self, needs: dict[str, Any], every: set[str], base: Prepared,
+                   inception_weights: str | Path | None, log: LogFn) -> None:
+        """FID's Inception feature extractor and the reference statistics and features it is compared with."""
+        from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
+
+        cfg, metrics = self.cfg, self.metrics
+        if not cfg.fid.reference:
+            chosen = ", ".join(m for m in metrics if "inception" in needs[m])
+            raise ConfigError(f"fid.reference is not set: {chosen} need reference images; give an .npz with "
+                              "mu/sigma (e.g. EDM's cifar10-32x32.npz) or a data spec such as builtin:mnist, or "
+                              f"leave {chosen} out of --metrics")
+        weights, source = resolve_inception_weights(inception_weights, cfg.fid.inception_weights)
+        log(f"Inception weights: {weights} ({source})")
+        weights_sha = sha256_of_file(weights)
+        main = dist.context().is_main
+        if "reference_stats" in every:
+            # rank 0 computes missing reference statistics, the others then read them
+            ref_stats = resolve_reference(cfg, weights, base.device, log) if main else None
+            dist.barrier()
+            ref_path, self.ctx.ref_mu, self.ctx.ref_sigma, ref_sha = (
+                ref_stats or resolve_reference(cfg, weights, base.device, log))
+            for m in metrics:
+                if "reference_stats" in needs[m]:
+                    self.fields[m] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": weights_sha}
+                    self.columns[m] = (str(ref_path), ref_sha)
+        if "reference_features" in every:
+            ref_feats = resolve_reference_features(cfg, weights, base.device, log) if main else None
+            dist.barrier()
+            feats_path, self.ctx.ref_features, feats_sha = (
+                ref_feats or resolve_reference_features(cfg, weights, base.device, log))
+            for m in metrics:
+                if "reference_features" in needs[m]:
+                    self.fields[m] = {"fid.reference": str(cfg.fid.reference),
+                                      "fid.reference_samples": cfg.fid.reference_samples,
+                                      "reference_features_sha256": feats_sha, "fid.weights_sha256": weights_sha}
+                    self.columns[m] = (str(feats_path), feats_sha)
+        self.ctx.extractor = FeatureExtractor(weights, device=base.device, batch_size=cfg.fid.batch)
+
+    def _clip(self, base: Prepared, log: LogFn) -> None:
+        """The CLIP scorer of a text-to-image model's samples against their prompts."""
+        from .clip_score import ClipScorer, resolve_clip_weights
+
+        clip_dir = resolve_clip_weights(self.cfg.fid.clip_weights)
+        if clip_dir is None or capabilities(self.model).prompt_of is None:
+            raise ConfigError("clip_score needs a text-to-image model (model.kind=diffusers-sd) and local CLIP "
+                              "weights (fid.clip_weights or $IIA_CLIP_WEIGHTS)")
+        self.ctx.clip = ClipScorer(clip_dir, device=base.device, batch_size=self.cfg.fid.batch)
+        self.ctx.prompt_of = self.model.prompt_of
+        log(f"CLIP score with {clip_dir}")
+        self.fields["clip_score"] = {"clip.weights": str(clip_dir.resolve())}
+        self.columns["clip_score"] = (str(clip_dir), "")
 
     def accumulator(self, cell: Cell) -> Accumulator:
+        """The accumulator of a cell's metric over its seeds."""
         return make_accumulator(cell.metric, cell.seeds, self.ctx)
 
 
@@ -379,6 +395,27 @@ def _shard_file(cfg: ExperimentConfig, identity: str) -> Path:
     return _shard_dir(cfg) / f"{identity}.shard-{i}-of-{n}.npz"
 
 
+@dataclass
+class _EvalPlan:
+    """An evaluation's grid, resolved once: the CSV, the seed ranges, the prepared (method, NFE) runs, the
+    metrics (those on the integration-error seeds apart) and what they share."""
+
+    csv_path: Path
+    ranges: list[list[int]]
+    prepared: dict[tuple[str, int], Prepared]
+    chosen: list[str]
+    on_err: list[str]  # metrics on the error seeds only
+    err_seeds: list[int]
+    setup: MetricSetup
+
+    def cells(self) -> list[Cell]:
+        """The rows of one (method, NFE): the error-seed metrics, then each seed range's other metrics."""
+        cells = [Cell(metric, 0, self.err_seeds) for metric in self.on_err]
+        cells += [Cell(metric, k, seeds) for k, seeds in enumerate(self.ranges) for metric in self.chosen
+                  if metric not in self.on_err]
+        return cells
+
+
 def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list[str] | None = None,
              samples: int | None = None, seed_ranges: Any = None, csv: str | Path | None = None,
              inception_weights: str | Path | None = None, fid: bool = True, fresh: bool = False,
@@ -392,8 +429,33 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     uninterrupted run. Under torchrun the seeds are split across ranks and the sums all-reduced; with
     ``--shard i/n`` each process writes shard files under results/shards/<experiment>/ for ``iia merge``.
     ``fid=False`` (``--no-fid``) means the integration error only."""
+    plan = _plan_evaluation(cfg, nfes, methods, samples, seed_ranges, csv, inception_weights, fid, fresh, log,
+                            metrics)
+    t_run = time.perf_counter()
+    timing = {"interval_seconds": 0.0}
+    all_rows: list[dict[str, Any]] = []
+    identities: list[str] = []
+    skipped = 0
+    for p in plan.prepared.values():
+        cells = plan.cells()
+        coeffs, todo = _coefficients_and_todo(p, cells, plan, fresh, log)
+        identities += [c.identity for c in cells if c.identity]
+        skipped += len(cells) - len(todo)
+        if not todo:
+            continue
+        rows = _evaluate_cells(p, coeffs, todo, plan.ranges, plan.setup, fresh, progress, log, timing)
+        _write_rows(p, plan.csv_path, rows, fresh, log)
+        all_rows.extend(rows)
+    _report_run(cfg, plan.csv_path, len(identities), skipped, all_rows, t_run, timing, log)
+    return EvaluateResult(plan.csv_path, all_rows, identities, skipped, timing["interval_seconds"])
+
+
+def _plan_evaluation(cfg: ExperimentConfig, nfes: list[int] | None, methods: list[str] | None, samples: int | None,
+                     seed_ranges: Any, csv: str | Path | None, inception_weights: str | Path | None, fid: bool,
+                     fresh: bool, log: LogFn, metrics: Any) -> _EvalPlan:
+    """:func:`evaluate`'s arguments checked and resolved: the NFEs, methods, seed ranges and CSV (its header
+    checked before any work), every (method, NFE) prepared on one model, and the metrics set up."""
     ev = cfg.evaluate
-    ctx = dist.context()
     nfes = [check_nfe(n, "--nfe") for n in (ev.nfe if nfes is None else nfes)]  # None = the config's; 0 is an error
     methods = ev.methods if methods is None else methods
     n_samples = ev.samples if samples is None else samples
@@ -406,7 +468,7 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     if samples is not None and given is not None:
         ranges = [r[:n_samples] for r in ranges]
     csv_path = Path(csv or ev.csv or layout.results_csv(cfg.experiment))
-    if not ctx.shard:
+    if not dist.context().shard:
         check_header(csv_path)  # before any work: rows that could not be appended would be lost
     requested = metrics if metrics is not None else ev.metrics
     if not fid:
@@ -421,38 +483,42 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
     on_err = [m for m in chosen if "fine_reference" in METRICS[m].needs]  # metrics on the error seeds only
     err_seeds = ranges[0][: max(0, ev.error_samples)] if on_err else []
     setup = MetricSetup(cfg, chosen, base, model, err_seeds, inception_weights, log, fresh=fresh)
-    t_run = time.perf_counter()
-    timing = {"interval_seconds": 0.0}
-    all_rows: list[dict[str, Any]] = []
-    identities: list[str] = []
-    skipped = 0
+    return _EvalPlan(csv_path, ranges, prepared, chosen, on_err, err_seeds, setup)
+
+
+def _coefficients_and_todo(p: Prepared, cells: list[Cell], plan: _EvalPlan, fresh: bool,
+                           log: LogFn) -> tuple[ResolvedCoefficients | None, list[Cell]]:
+    """The coefficients of one (method, NFE), fitted only when a row is still to compute, and its cells left
+    (each identified once the coefficients are known)."""
+    coeffs = None
+    if p.method.is_iia:
+        coeffs, _ = find_coefficients(p, match_calibration=True)
+    todo = _todo(cells, p, coeffs, plan.setup, plan.csv_path, fresh)
+    if todo and p.method.is_iia and coeffs is None:
+        coeffs = resolve_coefficients(p, calibrate_missing=True, log=log, match_calibration=True)
+        todo = _todo(cells, p, coeffs, plan.setup, plan.csv_path, fresh)  # a recalibration can reproduce a done row
+    elif coeffs is not None and todo:
+        log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
+        if coeffs.cs.warning:
+            log(coeffs.cs.warning)
+    return coeffs, todo
+
+
+def _write_rows(p: Prepared, csv_path: Path, rows: list[dict[str, Any]], fresh: bool, log: LogFn) -> None:
+    """Append one (method, NFE)'s rows to the CSV (rank 0, without --shard): nothing is lost if a later one fails."""
+    ctx = dist.context()
+    if rows and ctx.is_main and not ctx.shard:
+        written = append_rows(csv_path, rows, skip_done=not fresh)
+        if len(written) < len(rows):
+            log(f"{p.method.name} nfe={p.nfe}: {len(rows) - len(written)} row(s) appeared in {csv_path} meanwhile "
+                "(another run with the same settings); not appended twice")
+
+
+def _report_run(cfg: ExperimentConfig, csv_path: Path, total: int, skipped: int, all_rows: list[dict[str, Any]],
+                t_run: float, timing: dict[str, float], log: LogFn) -> None:
+    """Say which rows were skipped, where the shard sums went (--shard) and what the intervals cost."""
+    ctx = dist.context()
     where = csv_path if not ctx.shard else _shard_dir(cfg)
-    for (m, n), p in prepared.items():
-        cells = [Cell(metric, 0, err_seeds) for metric in on_err]
-        cells += [Cell(metric, k, seeds) for k, seeds in enumerate(ranges) for metric in chosen if metric not in on_err]
-        coeffs = None
-        if p.method.is_iia:
-            coeffs, _ = find_coefficients(p, match_calibration=True)
-        todo = _todo(cells, p, coeffs, setup, csv_path, fresh)
-        if todo and p.method.is_iia and coeffs is None:
-            coeffs = resolve_coefficients(p, calibrate_missing=True, log=log, match_calibration=True)
-            todo = _todo(cells, p, coeffs, setup, csv_path, fresh)  # a recalibration can reproduce a done row
-        elif coeffs is not None and todo:
-            log(f"{p.method.name} nfe={p.nfe}: reusing coefficients {coeffs.path}")
-            if coeffs.cs.warning:
-                log(coeffs.cs.warning)
-        identities += [c.identity for c in cells if c.identity]
-        skipped += len(cells) - len(todo)
-        if not todo:
-            continue
-        rows = _evaluate_cells(p, coeffs, todo, ranges, setup, fresh, progress, log, timing)
-        if rows and ctx.is_main and not ctx.shard:  # after each (method, NFE): nothing is lost if a later one fails
-            written = append_rows(csv_path, rows, skip_done=not fresh)
-            if len(written) < len(rows):
-                log(f"{p.method.name} nfe={p.nfe}: {len(rows) - len(written)} row(s) appeared in {csv_path} meanwhile "
-                    "(another run with the same settings); not appended twice")
-        all_rows.extend(rows)
-    total = len(identities)
     if skipped:
         log(f"all {total} rows already in {where} (same identity); --fresh recomputes" if skipped == total else
             f"{skipped} of {total} rows already in {where} (same identity), skipped; --fresh recomputes them")
@@ -460,11 +526,10 @@ def evaluate(cfg: ExperimentConfig, nfes: list[int] | None = None, methods: list
         log(f"shard {ctx.shard[0]}/{ctx.shard[1]} done: partial sums in {_shard_dir(cfg)}/; "
             f"combine them with `iia merge {_shard_dir(cfg)} --csv {csv_path}`")
     if all_rows:
-        total = time.perf_counter() - t_run
+        seconds = time.perf_counter() - t_run
         log(f"uncertainty: values, 95 % intervals and replicates of {len(all_rows)} rows took "
-            f"{timing['interval_seconds']:.1f} s of this run's {total:.0f} s "
-            f"({100 * timing['interval_seconds'] / max(total, 1e-9):.1f} %)")
-    return EvaluateResult(csv_path, all_rows, identities, skipped, timing["interval_seconds"])
+            f"{timing['interval_seconds']:.1f} s of this run's {seconds:.0f} s "
+            f"({100 * timing['interval_seconds'] / max(seconds, 1e-9):.1f} %)")
 
 
 def _todo(cells: list[Cell], p: Prepared, coeffs: ResolvedCoefficients | None, setup: MetricSetup, csv_path: Path,
@@ -488,59 +553,88 @@ def _evaluate_cells(p: Prepared, coeffs: ResolvedCoefficients | None, todo: list
                     timing: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Sample each seed range once for the cells of this (method, NFE), then finish every cell generically:
     a shard file (--shard), or all-reduced state -> value -> row."""
-    cfg, ctx = p.cfg, dist.context()
-    cs = coeffs.cs if coeffs is not None else None
-    common = dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=p.fingerprint, method=p.method.name,
-                  method_params=p.method.params, r=p.method.params.get("r", ""), M=cs.substeps if cs else "",
-                  B=cs.samples if cs else "", grid=cfg.grid.kind, nfe=p.nfe, device=str(p.device),
-                  coefficient_file=str(coeffs.path) if coeffs else "",
-                  calibration_seconds=round(cs.calibration_seconds, 3) if cs else 0.0)
+    common = _common_fields(p, coeffs)
     rows = []
     for k, seeds in enumerate(ranges):
         cells = [c for c in todo if c.range_index == k]
-        if not cells:
-            continue
-        # the integration-error seeds are the first seeds of range 0: sampled with the range when another
-        # metric needs the range, else alone
-        pass_seeds = seeds if any("fine_reference" not in METRICS[c.metric].needs for c in cells) else cells[0].seeds
-        accs = [setup.accumulator(c) for c in cells]
-        key = hashlib.sha256("|".join(c.identity for c in cells).encode()).hexdigest()[:16]
-        tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
-        partial = layout.partial_dir() / f"{key}-r{ctx.rank}of{ctx.world}{tag}.npz"
-        if fresh:
-            partial.unlink(missing_ok=True)
-        label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)
-        secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label, log)
-        rescued: list[str] = []
-        for cell, acc in zip(cells, accs):
-            reference, reference_sha = setup.columns[cell.metric]
-            identity, text = row_identity(cell.fields)
-            row = make_row(**common, seeds=format_seeds(cell.seeds), n_samples=len(cell.seeds), metric=cell.metric,
-                           value="", reference=reference, reference_sha256=reference_sha,
-                           sampling_seconds=round(secs, 3), identity=identity, identity_fields=text)
-            if ctx.shard:
-                meta = json.dumps({"row": row, "shard": ctx.shard[0], "shards": ctx.shard[1]})
-                shard_file = _shard_file(cfg, identity)
-                try:  # a shard that cannot be written goes to a rescue file; the other cells are still written
-                    savez_atomic(shard_file, rescue=True, what="shard sums", meta=np.asarray(meta), **acc.state)
-                except OutputRescued as exc:
-                    rescued.append(f"{exc}" + (f" (for iia merge, move it to {shard_file})" if exc.rescued else ""))
-                continue
-            acc.all_reduce()
-            acc.check_complete()
-            t0 = time.perf_counter()
-            row.update(result_fields(acc))
-            if timing is not None:
-                timing["interval_seconds"] += time.perf_counter() - t0
-            rows.append(row)
-            log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {METRICS[cell.metric].fmt(row['value'])} "
-                f"[{METRICS[cell.metric].fmt(row['ci_low'])}, {METRICS[cell.metric].fmt(row['ci_high'])}] "
-                f"({len(cell.seeds)} seeds, sampling {secs:.1f} s)" + (f"; {row['ci_warning']}" if row["ci_warning"] else ""))
-        if rescued:
-            raise OutputRescued("; ".join(rescued), None)
-        dist.barrier()
-        partial.unlink(missing_ok=True)
+        if cells:
+            rows += _evaluate_range(p, coeffs, cells, seeds, setup, common, fresh, progress, log, timing)
     return rows
+
+
+def _common_fields(p: Prepared, coeffs: ResolvedCoefficients | None) -> dict[str, Any]:
+    """The columns every row of one (method, NFE) shares: the experiment, model, method, grid, calibration."""
+    cfg = p.cfg
+    cs = coeffs.cs if coeffs is not None else None
+    return dict(experiment=cfg.experiment, model=cfg.model.kind, model_sha256=p.fingerprint, method=p.method.name,
+                method_params=p.method.params, r=p.method.params.get("r", ""), M=cs.substeps if cs else "",
+                B=cs.samples if cs else "", grid=cfg.grid.kind, nfe=p.nfe, device=str(p.device),
+                coefficient_file=str(coeffs.path) if coeffs else "",
+                calibration_seconds=round(cs.calibration_seconds, 3) if cs else 0.0)
+
+
+def _evaluate_range(p: Prepared, coeffs: ResolvedCoefficients | None, cells: list[Cell], seeds: list[int],
+                    setup: MetricSetup, common: dict[str, Any], fresh: bool, progress: bool, log: LogFn,
+                    timing: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Sample one seed range once (resuming from its checkpoint) for its cells and finish each: its shard file
+    (--shard) or its row."""
+    ctx = dist.context()
+    # the integration-error seeds are the first seeds of range 0: sampled with the range when another
+    # metric needs the range, else alone
+    pass_seeds = seeds if any("fine_reference" not in METRICS[c.metric].needs for c in cells) else cells[0].seeds
+    accs = [setup.accumulator(c) for c in cells]
+    key = hashlib.sha256("|".join(c.identity for c in cells).encode()).hexdigest()[:16]
+    tag = f"-shard{ctx.shard[0]}of{ctx.shard[1]}" if ctx.shard else ""
+    partial = layout.partial_dir() / f"{key}-r{ctx.rank}of{ctx.world}{tag}.npz"
+    if fresh:
+        partial.unlink(missing_ok=True)
+    label = f"{p.method.name} nfe={p.nfe} " + ",".join(c.metric for c in cells)
+    secs = _run_pass(p, coeffs.values if coeffs else None, pass_seeds, accs, partial, progress, label, log)
+    rows, rescued = [], []
+    for cell, acc in zip(cells, accs):
+        reference, reference_sha = setup.columns[cell.metric]
+        identity, text = row_identity(cell.fields)
+        row = make_row(**common, seeds=format_seeds(cell.seeds), n_samples=len(cell.seeds), metric=cell.metric,
+                       value="", reference=reference, reference_sha256=reference_sha,
+                       sampling_seconds=round(secs, 3), identity=identity, identity_fields=text)
+        if ctx.shard:
+            rescued += _write_shard(p.cfg, identity, row, acc)
+            continue
+        rows.append(_finish_row(p, cell, acc, row, secs, log, timing))
+    if rescued:
+        raise OutputRescued("; ".join(rescued), None)
+    dist.barrier()
+    partial.unlink(missing_ok=True)
+    return rows
+
+
+def _write_shard(cfg: ExperimentConfig, identity: str, row: dict[str, Any], acc: Accumulator) -> list[str]:
+    """A cell's row and partial sums as its shard file; returns what went to a rescue file instead (the other
+    cells are still written)."""
+    ctx = dist.context()
+    meta = json.dumps({"row": row, "shard": ctx.shard[0], "shards": ctx.shard[1]})
+    shard_file = _shard_file(cfg, identity)
+    try:
+        savez_atomic(shard_file, rescue=True, what="shard sums", meta=np.asarray(meta), **acc.state)
+    except OutputRescued as exc:
+        return [f"{exc}" + (f" (for iia merge, move it to {shard_file})" if exc.rescued else "")]
+    return []
+
+
+def _finish_row(p: Prepared, cell: Cell, acc: Accumulator, row: dict[str, Any], secs: float, log: LogFn,
+                timing: dict[str, float] | None) -> dict[str, Any]:
+    """A cell's value and interval from its all-reduced sums into its row, said in one line."""
+    acc.all_reduce()
+    acc.check_complete()
+    t0 = time.perf_counter()
+    row.update(result_fields(acc))
+    if timing is not None:
+        timing["interval_seconds"] += time.perf_counter() - t0
+    fmt = METRICS[cell.metric].fmt
+    log(f"{p.method.name} nfe={p.nfe} seeds {row['seeds']}: {cell.metric} = {fmt(row['value'])} "
+        f"[{fmt(row['ci_low'])}, {fmt(row['ci_high'])}] "
+        f"({len(cell.seeds)} seeds, sampling {secs:.1f} s)" + (f"; {row['ci_warning']}" if row["ci_warning"] else ""))
+    return row
 
 
 def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_log) -> EvaluateResult:

@@ -167,6 +167,25 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+@dataclass
+class _Training:
+    """A training run's network, its EMA copy, the optimiser and its progress: the step it starts from, the
+    loss curve (mean of every 50 steps) and the training seconds so far."""
+
+    unet: Any
+    ema: Any
+    opt: Any
+    start: int = 0
+    losses: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def checkpoint(self, cfg: TrainConfig, path: Path, step: int) -> None:
+        """Write the run's state after ``step`` steps to ``path``."""
+        _save_checkpoint(path, {"config": json.loads(json.dumps(asdict(cfg))), "model": self.unet.state_dict(),
+                                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "step": step,
+                                "losses": self.losses, "elapsed": self.elapsed})
+
+
 def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = print, log_every_s: float = 30.0,
           checkpoint_every: int = 250, stop_at: int | None = None) -> dict[str, Any] | None:
     """Train (or resume from ``work_dir/checkpoint.pt``) and, if ``out_dir``, export the EMA network.
@@ -179,94 +198,104 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
         train_u8 = train_u8[: cfg.limit_images]
     data = to_model_range(pad_to_32(train_u8))  # [N, 1, 32, 32]
     abar = _alphas_cumprod(cfg)
-
-    unet = build_unet(cfg)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
-    start, losses, elapsed = 0, [], 0.0
     ckpt = work_dir / "checkpoint.pt"
-    if ckpt.is_file():
-        state = _load_checkpoint(ckpt)
-        saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **state["config"]}  # keys added later: defaults
-        if _identity(saved) != _identity(json.loads(json.dumps(asdict(cfg)))):
-            raise ConfigError(f"{ckpt} was written with other training settings; give the same settings to resume, "
-                              "or another --work directory")
-        try:
-            unet.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["opt"])
-            start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise IIARuntimeError(f"{ckpt} is not a usable training checkpoint ({one_line(err)}); "
-                                  "remove it to start over") from None
-        log(f"resuming from {ckpt} at step {start}/{cfg.steps}")
-
-    def checkpoint(step: int) -> None:
-        _save_checkpoint(ckpt, {"config": json.loads(json.dumps(asdict(cfg))), "model": unet.state_dict(),
-                                "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                                "losses": losses, "elapsed": elapsed})
-
-    unet.train()
+    tr = _start_training(cfg, ckpt, log)
+    tr.unet.train()
     t0 = run_start = time.perf_counter()
     last_log, window = t0, []
-    step = start
+    step = tr.start
     try:
-        for step in range(start, cfg.steps):
-            g = _step_generator(cfg.seed, step)
-            idx = torch.randint(0, len(data), (cfg.batch,), generator=g)
-            x0 = data[idx]
-            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch,), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            a = abar[t].view(-1, 1, 1, 1)
-            z = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
-            loss = torch.nn.functional.mse_loss(unet(z, t).sample, eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():  # EMA (diffusers' EMAModel rule, started after ema_start steps)
-                n = step + 1 - cfg.ema_start
-                if n == 0:
-                    ema.load_state_dict(unet.state_dict())
-                elif n > 0:
-                    decay = min(cfg.ema_decay, (1 + n) / (10 + n))
-                    for pe, pm in zip(ema.parameters(), unet.parameters()):
-                        pe.lerp_(pm, 1 - decay)
+        for step in range(tr.start, cfg.steps):
+            loss = _train_step(cfg, tr, data, abar, step)
             window.append(float(loss.detach()))
             if len(window) == 50 or step + 1 == cfg.steps:
-                losses.append(sum(window) / len(window))
+                tr.losses.append(sum(window) / len(window))
                 window = []
             now = time.perf_counter()
             if now - last_log >= log_every_s or step + 1 == cfg.steps:
-                done = step + 1 - start
-                rate = done / max(now - run_start, 1e-9)
-                eta = (cfg.steps - step - 1) / max(rate, 1e-9)
-                log(f"training: step {step + 1}/{cfg.steps}, loss {losses[-1] if losses else float(loss.detach()):.4f}, "
-                    f"{rate:.2f} steps/s, ETA {eta / 60:.1f} min")
+                _log_progress(cfg, tr, step, now - run_start, loss, log)
                 last_log = now
             if stop_at is not None and step + 1 >= stop_at:
-                elapsed += time.perf_counter() - t0
-                checkpoint(step + 1)
+                tr.elapsed += time.perf_counter() - t0
+                tr.checkpoint(cfg, ckpt, step + 1)
                 return None
             if (step + 1) % checkpoint_every == 0:
-                elapsed += time.perf_counter() - t0
+                tr.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                checkpoint(step + 1)
+                tr.checkpoint(cfg, ckpt, step + 1)
         step = cfg.steps
     except KeyboardInterrupt:
-        elapsed += time.perf_counter() - t0
-        checkpoint(step)
+        tr.elapsed += time.perf_counter() - t0
+        tr.checkpoint(cfg, ckpt, step)
         log(f"interrupted: checkpoint at step {step} in {ckpt}; run the same command again to resume")
         raise
-    elapsed += time.perf_counter() - t0
-    checkpoint(cfg.steps)
-    summary = {"steps": cfg.steps, "train_seconds": round(elapsed, 1), "loss_every_50_steps": losses,
+    tr.elapsed += time.perf_counter() - t0
+    tr.checkpoint(cfg, ckpt, cfg.steps)
+    summary = {"steps": cfg.steps, "train_seconds": round(tr.elapsed, 1), "loss_every_50_steps": tr.losses,
                "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if out_dir is not None:
-        export(ema, cfg, out_dir, summary)
+        export(tr.ema, cfg, out_dir, summary)
     return summary
+
+
+def _start_training(cfg: TrainConfig, ckpt: Path, log: Any) -> _Training:
+    """A fresh network, EMA and optimiser, or those of ``ckpt`` when it exists (written with the same settings)."""
+    unet = build_unet(cfg)
+    tr = _Training(unet, copy.deepcopy(unet).requires_grad_(False), torch.optim.Adam(unet.parameters(), lr=cfg.lr))
+    if not ckpt.is_file():
+        return tr
+    state = _load_checkpoint(ckpt)
+    saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **state["config"]}  # keys added later: defaults
+    if _identity(saved) != _identity(json.loads(json.dumps(asdict(cfg)))):
+        raise ConfigError(f"{ckpt} was written with other training settings; give the same settings to resume, "
+                          "or another --work directory")
+    try:
+        tr.unet.load_state_dict(state["model"])
+        tr.ema.load_state_dict(state["ema"])
+        tr.opt.load_state_dict(state["opt"])
+        tr.start, tr.losses, tr.elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise IIARuntimeError(f"{ckpt} is not a usable training checkpoint ({one_line(err)}); "
+                              "remove it to start over") from None
+    log(f"resuming from {ckpt} at step {tr.start}/{cfg.steps}")
+    return tr
+
+
+def _train_step(cfg: TrainConfig, tr: _Training, data: torch.Tensor, abar: torch.Tensor, step: int) -> torch.Tensor:
+    """One optimiser step on the step's own batch, noise levels and noise (drawn from its seed), then the EMA
+    update; returns the loss."""
+    unet, ema, opt = tr.unet, tr.ema, tr.opt
+    g = _step_generator(cfg.seed, step)
+    idx = torch.randint(0, len(data), (cfg.batch,), generator=g)
+    x0 = data[idx]
+    t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t].view(-1, 1, 1, 1)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(cfg, step)
+    loss = torch.nn.functional.mse_loss(unet(z, t).sample, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+    opt.step()
+    with torch.no_grad():  # EMA (diffusers' EMAModel rule, started after ema_start steps)
+        n = step + 1 - cfg.ema_start
+        if n == 0:
+            ema.load_state_dict(unet.state_dict())
+        elif n > 0:
+            decay = min(cfg.ema_decay, (1 + n) / (10 + n))
+            for pe, pm in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pm, 1 - decay)
+    return loss
+
+
+def _log_progress(cfg: TrainConfig, tr: _Training, step: int, seconds: float, loss: torch.Tensor, log: Any) -> None:
+    """The progress line after ``step``: the loss, the rate over this run's ``seconds`` and the time left."""
+    rate = (step + 1 - tr.start) / max(seconds, 1e-9)
+    eta = (cfg.steps - step - 1) / max(rate, 1e-9)
+    log(f"training: step {step + 1}/{cfg.steps}, loss {tr.losses[-1] if tr.losses else float(loss.detach()):.4f}, "
+        f"{rate:.2f} steps/s, ETA {eta / 60:.1f} min")
 
 
 def export(ema: Any, cfg: TrainConfig, out_dir: Path, summary: dict[str, Any]) -> Path:

@@ -7,7 +7,7 @@ import torch
 
 from iia_cli import api
 from iia_cli.config import load_config
-from iia_cli.iia import accumulate_normal_equations, greedy_pass, solve_least_squares
+from iia_cli.iia import CalibrationSetup, accumulate_normal_equations, greedy_pass, solve_least_squares
 from iia_cli.methods import IIA_METHODS, make_method
 from iia_cli.models.gaussian import GaussianModel
 from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
@@ -115,8 +115,8 @@ def test_greedy_pass_is_independent_of_chunk_size():
     model = DiagonalGaussian()
     m = make_method("iia-ddim")
     sig = api.build_grid(load_config(None), m, model, 6)[0]
-    a = greedy_pass(m, model, sig, list(range(30)), 4, 30, torch.device("cpu"), torch.float64)
-    b = greedy_pass(m, model, sig, list(range(30)), 4, 7, torch.device("cpu"), torch.float64)
+    a = greedy_pass(CalibrationSetup(m, model, sig, 4, 30, torch.device("cpu"), torch.float64), list(range(30)))
+    b = greedy_pass(CalibrationSetup(m, model, sig, 4, 7, torch.device("cpu"), torch.float64), list(range(30)))
     assert sum(len(c) for c in a.coeffs) == 8  # steps 1..4 corrected, 2 quantities each
     for ca, cb in zip(a.coeffs, b.coeffs):
         torch.testing.assert_close(torch.tensor(ca), torch.tensor(cb), rtol=1e-6, atol=1e-12)

@@ -13,8 +13,8 @@ import torch
 from iia_cli import api
 from iia_cli.config import load_config
 from iia_cli.errors import ConfigError
-from iia_cli.iia import (CoefficientSet, IllConditionedWarning, Teacher, TeacherCache, choose_alpha, greedy_pass,
-                         teacher_trajectory)
+from iia_cli.iia import (CalibrationSetup, CoefficientSet, IllConditionedWarning, Teacher, TeacherCache, choose_alpha,
+                         greedy_pass, teacher_trajectory)
 from iia_cli.methods import make_method
 from iia_cli.models.gaussian import GaussianModel
 from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
@@ -41,9 +41,9 @@ def test_trajectory_with_exact_teacher_lands_on_the_exact_solution(name):
     seeds = list(range(12))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IllConditionedWarning)  # collinear quantities: the ridge regularises
-        traj = greedy_pass(m, model, sig, seeds, 4, 5, CPU, torch.float64, target="trajectory",
-                           teacher=Teacher("exact"))
-        local = greedy_pass(m, model, sig, seeds, 4, 5, CPU, torch.float64, target="local")
+        traj = greedy_pass(CalibrationSetup(m, model, sig, 4, 5, CPU, torch.float64, target="trajectory",
+                                            teacher=Teacher("exact")), seeds)
+        local = greedy_pass(CalibrationSetup(m, model, sig, 4, 5, CPU, torch.float64, target="local"), seeds)
     x0 = make_noise(range(50, 58), model.shape, CPU)[0].double() * float(sig[0])  # held-out noises
     corrected = [i for i, c in enumerate(traj.coeffs) if c]
     assert corrected, "some steps are corrected"
@@ -62,8 +62,10 @@ def test_trajectory_pass_is_independent_of_chunk_size():
     m = make_method("iia-ipndm")
     sig = api.build_grid(load_config(None), m, model, 6)[0]
     teacher = Teacher("heun", 3)
-    a = greedy_pass(m, model, sig, list(range(30)), 4, 30, CPU, torch.float64, target="trajectory", teacher=teacher)
-    b = greedy_pass(m, model, sig, list(range(30)), 4, 7, CPU, torch.float64, target="trajectory", teacher=teacher)
+    a = greedy_pass(CalibrationSetup(m, model, sig, 4, 30, CPU, torch.float64, target="trajectory", teacher=teacher),
+                    list(range(30)))
+    b = greedy_pass(CalibrationSetup(m, model, sig, 4, 7, CPU, torch.float64, target="trajectory", teacher=teacher),
+                    list(range(30)))
     assert sum(len(c) for c in a.coeffs) == 8
     for ca, cb in zip(a.coeffs, b.coeffs):
         torch.testing.assert_close(torch.tensor(ca), torch.tensor(cb), rtol=1e-6, atol=1e-12)
