@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -38,3 +39,11 @@ def test_frontier_ratio_is_the_rmse_ratio_of_its_rows_and_lies_in_its_interval(t
     again = capsys.readouterr().out.strip()
     assert again and again in printed  # the README block comes back from the CSV alone
     assert len(pd.read_csv(out / "rows.csv")) == 6
+
+
+@pytest.mark.slow
+def test_readme_frontier_block_is_the_markdown_of_the_shipped_csv(capsys):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- frontier -->\n", 1)[1].split("\n<!-- /frontier -->", 1)[0]
+    frontier.main(["--markdown", str(ROOT / "results" / "frontier" / "rows.csv")])
+    assert capsys.readouterr().out.strip() == block.strip()
