@@ -1,0 +1,405 @@
+"""The calibrated-sampler frontier: base solvers on fixed grids vs GITS grids vs IIA vs IIA on a GITS grid.
+
+On one model (default: the trained testbed network, configs/mnist-testbed.yaml), for each base solver and NFE:
+
+* the base solver on every fixed grid (``--fixed``: Karras rho 7, logSNR-uniform, time-uniform; the kinds of
+  ``iia_cli.grids``) and on a GITS grid (``iia_cli.gits``; one teacher solve over the candidates and DDIM's step
+  costs shared by every solver and NFE, as benchmarks/gits_grids.py does: GITS costs multistep solvers with DDIM's
+  step, so the three default bases get the same GITS grid at one NFE);
+* the IIA method of the base, calibrated with the config's calibration settings (testbed: B = 64, M = 4, local
+  target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
+* learned grids: a column kept for LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid
+  files written by ``iia grid --search learned``); not searched here.
+
+Integration error: RMSE of the final samples on ``--seeds`` held-out seeds (0..N-1) against one converged reference
+solve per noise (EDM's Heun at ``--reference-nfe`` on a Karras grid), the same reference for every cell: the final
+samples are compared, so the error does not depend on a cell's grid. Every row keeps its per-seed squared errors
+(``sq``), so the CSV alone gives every paired comparison (benchmarks/paired_rows.py, iia_cli.uncertainty).
+
+Cost: GITS search (teacher + step costs + dynamic programming, the shared parts counted in every search, as a
+standalone search would spend them) and IIA calibration (``calibration_calls``: fit, teacher and guard passes;
+seconds as measured: the teacher's states are shared between the calibrations on one grid, so ``calib_s`` of a
+row with ``teacher_shared`` leaves the teacher out, its calls do not).
+
+    nice python benchmarks/frontier.py                                   # the README run
+    python benchmarks/frontier.py --markdown results/frontier/rows.csv   # the README block from the CSV
+
+NFEs run in the order given and the CSV is rewritten after each, so a run stopped early keeps the NFEs it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from iia_cli import api
+from iia_cli.config import load_config
+from iia_cli.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
+from iia_cli.gridfile import GridFile, load_grid_file
+from iia_cli.methods import IIA_METHODS
+from iia_cli.sampling import sample_batches
+from iia_cli.solvers import make_solver
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.frontier
+    import paired_rows as pr
+except ImportError:  # pragma: no cover
+    from benchmarks import paired_rows as pr
+
+BASES = ["ddim", "ipndm", "dpm-solver++-2m"]
+FIXED = ["karras", "logsnr", "time-uniform"]
+NFES = [6, 4, 5, 8, 10]  # run order: a run stopped early keeps the first ones
+# Goals of the issue: (largest ratio best calibrated / best base on its best fixed grid, NFEs).
+FRONTIER_GOALS = [(0.75, (4, 5, 6, 7, 8, 9, 10)), (0.5, (5, 6))]
+
+
+def final_states(p: api.Prepared, sigmas: torch.Tensor, seeds: list[int], coeffs=None) -> torch.Tensor:
+    return torch.cat([x.to(torch.float64) for _, x in sample_batches(p.model, p.method, sigmas, seeds, 128, coeffs,
+                                                                      p.device, p.state_dtype)])
+
+
+def iia_of(base: str) -> str | None:
+    name = f"iia-{base}"
+    return name if name in IIA_METHODS else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report (from the rows alone)
+
+
+def _rows(df: pd.DataFrame, n: int) -> list[dict]:
+    return df[df.nfe == n].to_dict("records")
+
+
+def best_fixed(rows: list[dict], base: str) -> dict:
+    """The base solver's row on its best fixed grid (lowest RMSE) at one NFE."""
+    fixed = [r for r in rows if r["method"] == base and r["kind"] == "fixed"]
+    return min(fixed, key=lambda r: float(r["rmse"]))
+
+
+def frontier(rows: list[dict]) -> dict:
+    """At one NFE: the best base solver on its best fixed grid, the best calibrated sampler (a searched grid, IIA, or
+    both) and their paired ratio."""
+    base = min((r for r in rows if r["kind"] == "fixed"), key=lambda r: float(r["rmse"]))
+    cal = [r for r in rows if r["kind"] != "fixed"]
+    best = min(cal, key=lambda r: float(r["rmse"])) if cal else None
+    return {"base": base, "best": best, "ratio": pr.compare(best, base) if best else None}
+
+
+def label(r: dict) -> str:
+    return f"{r['method']} on {r['grid']}"
+
+
+def with_comparisons(df: pd.DataFrame) -> pd.DataFrame:
+    """Every row compared (paired, same seeds) with the best base solver on its best fixed grid at its NFE
+    (``ratio*`` columns), and ``best`` marks (``*`` / ``~``) per NFE."""
+    df = df.reset_index(drop=True)
+    cols = []
+    for r in df.to_dict("records"):
+        ref = frontier(_rows(df, r["nfe"]))["base"]
+        cols.append(pr.paired_columns(pr.compare(r, ref)))
+    df = pd.concat([df.drop(columns=[c for c in cols[0] if c in df], errors="ignore"), pd.DataFrame(cols)], axis=1)
+    return pr.with_best_column(df)
+
+
+def table(df: pd.DataFrame) -> str:
+    """Rows = (method, grid), columns = NFE: RMSE and the paired ratio to the best base solver on its best fixed grid
+    at that NFE [95 % interval]; ``fixed*``: the fixed grid the IIA row was calibrated on (the base's best)."""
+    nfes = sorted(int(n) for n in df.nfe.unique())
+    lines = ["| method | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    order = []
+    for r in df.to_dict("records"):
+        key = (r["method"], r["grid"] if r["kind"] != "iia-fixed" else "best fixed")
+        if key not in order:
+            order.append(key)
+    for meth, grid in order:
+        cells = []
+        for n in nfes:
+            at = df[(df.method == meth) & (df.nfe == n)
+                    & ((df.kind == "iia-fixed") if grid == "best fixed" else (df.grid == grid))]
+            if at.empty:
+                cells.append("")
+                continue
+            r = at.iloc[0]
+            text = f"{r.rmse:.4f}" + ("!" if r.ci_warning else "") + " " + pr.ratio_text(pr.stored(r, "ratio"))
+            if grid == "best fixed":
+                text += f" ({r.grid})"
+            cells.append(f"{text} {r.best}" if r.best else text)
+        lines.append(f"| {meth} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(df: pd.DataFrame) -> list[str]:
+    """Per NFE: the best base on its best fixed grid, the best calibrated sampler, their ratio; IIA on the GITS grid
+    against IIA alone (on the best fixed grid) and against the GITS grid alone."""
+    nfes = sorted(int(n) for n in df.nfe.unique())
+    out = ["| NFE | best base (best fixed grid) | best calibrated | ratio [95 %] |"
+           + " IIA on GITS / IIA alone | IIA on GITS / GITS alone |", "|---|---|---|---|---|---|"]
+    for n in nfes:
+        rows = _rows(df, n)
+        f = frontier(rows)
+        vs_iia, vs_grid = [], []
+        for base in dict.fromkeys(r["base"] for r in rows):
+            both = [r for r in rows if r["base"] == base and r["kind"] == "iia-gits"]
+            alone = [r for r in rows if r["base"] == base and r["kind"] == "iia-fixed"]
+            grid = [r for r in rows if r["method"] == base and r["kind"] == "gits"]
+            if both and alone:
+                vs_iia.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], alone[0]))}")
+            if both and grid:
+                vs_grid.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], grid[0]))}")
+        b, c = f["base"], f["best"]
+        out.append(f"| {n} | {label(b)} {b['rmse']:.4f} | " + (f"{label(c)} {c['rmse']:.4f} | "
+                   f"{pr.ratio_text(f['ratio'])} |" if c else " | |")
+                   + f" {'; '.join(vs_iia)} | {'; '.join(vs_grid)} |")
+    return out
+
+
+def goals(df: pd.DataFrame) -> list[str]:
+    """The issue's goals judged on the paired intervals, NFE by NFE (only the NFEs measured)."""
+    nfes = sorted(int(n) for n in df.nfe.unique())
+    out = []
+    for target, want in FRONTIER_GOALS:
+        cells, met, judged = [], 0, 0
+        for n in nfes:
+            if n not in want:
+                continue
+            f = frontier(_rows(df, n))
+            if f["ratio"] is None:
+                continue
+            p = f["ratio"]
+            v = pr.goal_verdict(p.ratio, p.low, p.high, target)
+            judged += 1
+            met += v.startswith("met")
+            cells.append(f"NFE {n} x{p.ratio:.2f} [{p.low:.2f}, {p.high:.2f}] {v}")
+        missing = [n for n in want if n not in nfes]
+        verdict = pr.fmt_goal(met == judged) if judged else "not measured"
+        out.append(f"- best calibrated <= {target:g}x the best base on its best fixed grid (upper bound below 1), "
+                   f"NFE {want[0]}-{want[-1]}: {verdict} on the NFEs measured "
+                   f"({met} of {judged}; {'; '.join(cells)})"
+                   + (f"; not measured: NFE {', '.join(map(str, missing))}" if missing else ""))
+    cells, bad = [], 0
+    for n in nfes:
+        rows = _rows(df, n)
+        for base in dict.fromkeys(r["base"] for r in rows):
+            both = [r for r in rows if r["base"] == base and r["kind"] == "iia-gits"]
+            alone = [r for r in rows if r["base"] == base and r["kind"] in ("iia-fixed", "gits")]
+            if not both or len(alone) < 2:
+                continue
+            better = min(alone, key=lambda r: float(r["rmse"]))
+            p = pr.compare(both[0], better)
+            ok = not (p.resolved and p.ratio > 1)
+            bad += not ok
+            cells.append(f"{both[0]['method']} NFE {n} vs {label(better)} {pr.ratio_text(p)}"
+                         + ("" if ok else " MISSED"))
+    out.append(f"- IIA on the GITS grid at least as good as the better of IIA alone and the GITS grid alone (ratio "
+               f"<= 1.00 or not resolved): {pr.fmt_goal(bad == 0 and bool(cells))} ({len(cells) - bad} of "
+               f"{len(cells)}; {'; '.join(cells)})")
+    return out
+
+
+def costs(df: pd.DataFrame) -> list[str]:
+    """Search and calibration cost per NFE (denoiser calls and seconds), ranges over the bases."""
+    out = ["| NFE | GITS search (one standalone search) | IIA calibration on the best fixed grid | "
+           "IIA calibration on the GITS grid |", "|---|---|---|---|"]
+
+    def rng(v, fmt):
+        lo, hi = fmt(min(v)), fmt(max(v))
+        return lo if lo == hi else f"{lo}-{hi}"
+
+    for n in sorted(int(k) for k in df.nfe.unique()):
+        at = df[df.nfe == n]
+        cells = []
+        g = at[at.kind == "gits"]
+        cells.append(f"{rng(g.search_calls, lambda x: f'{int(x):,}')} calls, {rng(g.search_s, lambda x: f'{x:.0f}')} s"
+                     if len(g) else "")
+        for kind in ("iia-fixed", "iia-gits"):
+            c = at[at.kind == kind]
+            cells.append(f"{rng(c.calib_calls, lambda x: f'{int(x):,}')} calls, "
+                         f"{rng(c.calib_s, lambda x: f'{x:.0f}')} s" if len(c) else "")
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return out
+
+
+def report(df: pd.DataFrame) -> str:
+    df = with_comparisons(df)
+    return "\n".join([table(df), "", *summary(df), "", "Goals (judged on the paired 95 % intervals):", *goals(df), "",
+                      "Cost (denoiser calls = images x sigmas; seconds on this machine):", "", *costs(df)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/mnist-testbed.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--bases", default=",".join(BASES))
+    ap.add_argument("--fixed", default=",".join(FIXED), help="fixed grid kinds (iia_cli.grids)")
+    ap.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFEs, run in this order")
+    ap.add_argument("--seeds", type=int, default=128, help="held-out evaluation seeds 0..N-1")
+    ap.add_argument("--reference-nfe", type=int, default=99, help="EDM Heun NFE of the reference (Karras grid)")
+    ap.add_argument("--reference-cache", default="", help="file holding the reference solve (written if absent)")
+    ap.add_argument("--candidates", type=int, default=50, help="GITS candidates")
+    ap.add_argument("--noises", type=int, default=16, help="GITS teacher noises")
+    ap.add_argument("--teacher-substeps", type=int, default=2, help="GITS teacher Heun steps per candidate interval")
+    ap.add_argument("--no-iia", action="store_true", help="base solvers and grids only")
+    ap.add_argument("--learned", default="", metavar="DIR",
+                    help="add learned grids: DIR/<base>-nfe<N>.json grid files (iia grid --search learned)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", default="results/frontier")
+    ap.add_argument("--markdown", metavar="CSV", help="print the README block of this rows CSV and exit")
+    a = ap.parse_args(argv)
+    if a.markdown:
+        print(report(pd.read_csv(a.markdown, keep_default_na=False)))
+        return None
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="frontier-"))
+    overrides = [tuple(s.split("=", 1)) for s in a.set]
+    base_overrides = [*overrides, ("calibration.out_dir", str(tmp)), ("calibration.val_samples", 0)]
+
+    def config(extra=()):
+        return load_config(a.config or None, [*base_overrides, *extra])
+
+    cfg = config()
+    c = cfg.calibration
+    bases = a.bases.split(",")
+    fixed = a.fixed.split(",")
+    nfes = [int(n) for n in a.nfes.split(",")]
+    seeds = list(range(a.seeds))
+    first = api.prepare(cfg, bases[0], nfes[0])
+    model, fp = first.model, first.fingerprint
+
+    # The reference: one converged solve per noise, shared by every cell.
+    t0 = time.perf_counter()
+    cache = Path(a.reference_cache) if a.reference_cache else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache)
+        if saved["seeds"] != seeds or saved["fingerprint"] != fp or saved["nfe"] != a.reference_nfe:
+            raise SystemExit(f"{cache} holds the reference of other seeds, NFE or model")
+        x_ref = saved["reference"]
+    else:
+        ref = api.prepare(config([("grid.kind", "karras"), ("grid.rho", 7.0)]), "edm", a.reference_nfe, model=model,
+                          fingerprint=fp)
+        x_ref = final_states(ref, ref.sigmas, seeds)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"seeds": seeds, "fingerprint": fp, "nfe": a.reference_nfe, "reference": x_ref}, cache)
+    print(f"reference edm@{a.reference_nfe}: {time.perf_counter() - t0:.0f} s", flush=True)
+    elements = int(x_ref[0].numel())
+
+    # GITS: the teacher over the candidates and DDIM's step costs, shared by every solver and NFE.
+    settings = SearchSettings(candidates=a.candidates, noises=a.noises, teacher_substeps=a.teacher_substeps, batch=64)
+    t0 = time.perf_counter()
+    cand = candidate_sigmas(cfg.grid, model, settings.candidates)
+    search_seeds = list(range(settings.seed_start, settings.seed_start + settings.noises))
+    states, labels, teacher_calls = teacher_states(model, cand, search_seeds, settings, first.device,
+                                                   first.state_dtype)
+    t_teacher = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cost, cost_calls = step_costs(make_solver("ddim"), model, cand, states, labels)
+    t_cost = time.perf_counter() - t0
+    del states
+    print(f"GITS teacher {t_teacher:.0f} s ({teacher_calls:,} calls), DDIM step costs {t_cost:.0f} s", flush=True)
+
+    rows: list[dict] = []
+    teachers_seen: set = set()
+
+    def add(method, base, kind, grid, n, x, sigmas, **extra):
+        rows.append(dict(method=method, base=base, kind=kind, grid=grid, nfe=n,
+                         sigmas=" ".join(f"{float(s):.6g}" for s in sigmas), search_s=0.0, search_calls=0,
+                         calib_s=0.0, calib_calls=0, guard_alpha="", teacher_shared="", **extra,
+                         **pr.row_stats(pr.per_seed_sq(x, x_ref), elements)))
+        r = rows[-1]
+        print(f"NFE {n:2d} {method:22s} {grid:13s} rmse {r['rmse']:.4f}"
+              + (f"  calibration {r['calib_s']:.0f} s" if r["calib_s"] else ""), flush=True)
+
+    def calibrate(method, n, extra, grid_name, kind, base):
+        c2 = config(extra)
+        pi = api.prepare(c2, method, n, model=model, fingerprint=fp)
+        key = tuple(float(s) for s in pi.sigmas)
+        shared = key in teachers_seen
+        teachers_seen.add(key)
+        cs, _ = api.calibrate(c2, prepared=pi, verbose=False, log=lambda s: None)
+        x = final_states(pi, pi.sigmas, seeds, cs.coefficients)
+        return dict(method=method, base=base, kind=kind, grid=grid_name, n=n, x=x, sigmas=pi.sigmas,
+                    calib_s=round(cs.calibration_seconds, 1), calib_calls=int(cs.calibration_calls),
+                    guard_alpha=cs.guard_alpha, teacher_shared=shared)
+
+    def save():
+        df = pd.DataFrame(rows)
+        df["seeds"] = f"0-{a.seeds - 1}"
+        df["reference"] = f"edm@{a.reference_nfe} karras"
+        df["B"], df["M"], df["guard"], df["target"] = c.samples, c.substeps, c.guard, c.target
+        df["gits"] = f"{len(cand)} candidates, {settings.noises} noises, edm{settings.teacher_substeps}, ddim cost"
+        df["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads"
+        df["seconds_total"] = round(time.perf_counter() - t_start)
+        df = with_comparisons(df)
+        df.to_csv(out / "rows.csv", index=False)
+        return df
+
+    for n in nfes:
+        for base in bases:
+            p = api.prepare(cfg, base, n, model=model, fingerprint=fp)
+            for kind in fixed:
+                pk = api.prepare(config([("grid.kind", kind)]), base, n, model=model, fingerprint=fp)
+                add(base, base, "fixed", kind, n, final_states(pk, pk.sigmas, seeds), pk.sigmas)
+            # GITS grid of this solver's plan (DDIM's step cost; see the module doc).
+            solver = p.method.solver
+            plan = solver.plan(n)
+            t0 = time.perf_counter()
+            path, _ = cheapest_path(cost, (plan.n_points - 1) * solver.calls_per_step, solver.calls_per_step)
+            gits = cand[path]
+            if plan.append_zero:
+                gits = torch.cat([gits, gits.new_zeros(1)])
+            assert solver.nfe_of_grid(gits) == n
+            search_s = round(t_teacher + t_cost + time.perf_counter() - t0, 1)
+            add(base, base, "gits", "gits", n, final_states(p, gits, seeds), gits, )
+            rows[-1].update(search_s=search_s, search_calls=teacher_calls + cost_calls)
+            gf = GridFile(sigmas=gits.tolist(), nfe=n, method=base, solver=solver.name, convention=solver.convention,
+                          model_kind=cfg.model.kind, model_sha256=fp, search={"kind": "gits", "benchmark": True})
+            gpath = gf.save(tmp / f"gits-{base}-nfe{n}.json")
+            grids = [("gits", "gits", gpath, search_s, teacher_calls + cost_calls)]
+            lpath = Path(a.learned) / f"{base}-nfe{n}.json" if a.learned else None
+            if lpath is not None and lpath.is_file():
+                lg = load_grid_file(lpath)
+                s = lg.search or {}
+                calls = s.get("denoiser_calls", 0)
+                add(base, base, "learned", "learned", n, final_states(p, lg.tensor(), seeds), lg.tensor())
+                rows[-1].update(search_s=float(s.get("seconds", 0.0)),
+                                search_calls=sum(calls.values()) if isinstance(calls, dict) else int(calls))
+                grids.append(("learned", "learned", lpath, rows[-1]["search_s"], rows[-1]["search_calls"]))
+            iia = iia_of(base)
+            if a.no_iia or iia is None:
+                continue
+            bf = best_fixed([r for r in rows if r["nfe"] == n], base)
+            r = calibrate(iia, n, [("grid.kind", bf["grid"])], bf["grid"], "iia-fixed", base)
+            add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"),
+                r.pop("sigmas"), **{})
+            rows[-1].update(r)
+            for gname, kind_name, path_, s_s, s_c in grids:
+                r = calibrate(iia, n, [("grid.kind", "file"), ("grid.path", str(path_))], gname, f"iia-{kind_name}",
+                              base)
+                add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"),
+                    r.pop("sigmas"))
+                rows[-1].update(r, search_s=s_s, search_calls=s_c)
+        df = save()
+        print(f"-- NFE {n} done, {time.perf_counter() - t_start:.0f} s so far; {out / 'rows.csv'} written", flush=True)
+    df = save()
+    print()
+    print(report(df))
+    print(f"\n{a.seeds} held-out seeds; {time.perf_counter() - t_start:.0f} s on {df['machine'][0]}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""benchmarks/frontier.py on a tiny setting: its frontier ratio is the paired ratio of the two rows it names, and the
+README block rebuilds from the CSV alone."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+frontier = importlib.import_module("frontier")
+
+
+def test_frontier_ratio_is_the_rmse_ratio_of_its_rows_and_lies_in_its_interval(tmp_path, capsys):
+    out = tmp_path / "frontier"
+    df = frontier.main(["--config", "", "--set", "model.kind=gmm-mnist", "--set", "model.components=2",
+                        "--set", "calibration.samples=8", "--set", "grid.sigma_min=0.01", "--bases", "ddim",
+                        "--nfes", "4", "--seeds", "12", "--reference-nfe", "19", "--candidates", "8",
+                        "--noises", "4", "--teacher-substeps", "1", "--threads", "1", "--out", str(out)])
+    assert set(df.kind) == {"fixed", "gits", "iia-fixed", "iia-gits"} and len(df) == 6
+    rows = df.to_dict("records")
+    f = frontier.frontier(rows)
+    base, best = f["base"], f["best"]
+    assert base["kind"] == "fixed" and base["rmse"] == min(r["rmse"] for r in rows if r["kind"] == "fixed")
+    assert best["kind"] != "fixed" and best["rmse"] == min(r["rmse"] for r in rows if r["kind"] != "fixed")
+    p = f["ratio"]
+    assert math.isclose(p.ratio, best["rmse"] / base["rmse"], rel_tol=1e-9)
+    assert p.low <= p.ratio <= p.high and p.low < p.high  # a real interval over seeds, not a point
+    # the stored ratio of the best row is the same comparison, and IIA on the best fixed grid used that grid
+    stored = df[(df.method == best["method"]) & (df.grid == best["grid"]) & (df.kind == best["kind"])].iloc[0]
+    assert math.isclose(stored.ratio, p.ratio, rel_tol=1e-12)
+    iia_fixed = df[df.kind == "iia-fixed"].iloc[0]
+    assert iia_fixed.grid == frontier.best_fixed(rows, "ddim")["grid"]
+    printed = capsys.readouterr().out
+    frontier.main(["--markdown", str(out / "rows.csv")])
+    again = capsys.readouterr().out.strip()
+    assert again and again in printed  # the README block comes back from the CSV alone
+    assert len(pd.read_csv(out / "rows.csv")) == 6
+
+
+@pytest.mark.slow
+def test_readme_frontier_block_is_the_markdown_of_the_shipped_csv(capsys):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- frontier -->\n", 1)[1].split("\n<!-- /frontier -->", 1)[0]
+    frontier.main(["--markdown", str(ROOT / "results" / "frontier" / "rows.csv")])
+    assert capsys.readouterr().out.strip() == block.strip()
