@@ -22,7 +22,6 @@ IIA's correction (iia-unipc, eq. 23's quantities as for DPM-Solver++) acts on th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,21 +40,27 @@ class UniPCRecord(StepRecord):
     carried: tuple[tuple[Sigma, torch.Tensor], ...] | None
 
 
-def unipc_weights(h: Sigma, rks: list[Sigma], order: int) -> tuple[list[Sigma], list[Sigma]]:
-    """(predictor weights a over the first order-1 differences, corrector weights c over all ``order``),
-    bh2, data prediction. ``rks``: r_1 .. r_{order-1} of the past points (the corrector adds r = 1). Floats in,
-    floats out; tensors (a grid that carries gradient) in, 0-dim tensors out (:func:`_unipc_weights_tensor`)."""
-    if isinstance(h, torch.Tensor) or any(isinstance(r, torch.Tensor) for r in rks):
-        return _unipc_weights_tensor(torch.as_tensor(h, dtype=torch.float64), rks, order)
-    hh = -h
-    b_h = math.expm1(hh)
-    h_phi_k = math.expm1(hh) / hh - 1
+def _b_weights(hh: Sigma, order: int) -> list[Sigma]:
+    """bh2's b_1 .. b_order at hh = -h: the phi_k(hh) recursion divided by expm1(hh); floats or tensors (the same
+    operations either way, :func:`~iia_cli.solvers.base.expm1` picks math's or torch's)."""
+    b_h = expm1(hh)
+    h_phi_k = expm1(hh) / hh - 1
     factorial = 1
     b = []
     for k in range(1, order + 1):
         b.append(h_phi_k * factorial / b_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
+    return b
+
+
+def unipc_weights(h: Sigma, rks: list[Sigma], order: int) -> tuple[list[Sigma], list[Sigma]]:
+    """(predictor weights a over the first order-1 differences, corrector weights c over all ``order``),
+    bh2, data prediction. ``rks``: r_1 .. r_{order-1} of the past points (the corrector adds r = 1). Floats in,
+    floats out; tensors (a grid that carries gradient) in, 0-dim tensors out (:func:`_unipc_weights_tensor`)."""
+    if isinstance(h, torch.Tensor) or any(isinstance(r, torch.Tensor) for r in rks):
+        return _unipc_weights_tensor(torch.as_tensor(h, dtype=torch.float64), rks, order)
+    b = _b_weights(-h, order)
     r_all = torch.tensor(list(rks) + [1.0], dtype=torch.float64)
     R = torch.stack([r_all ** (k - 1) for k in range(1, order + 1)])
     bt = torch.tensor(b, dtype=torch.float64)
@@ -71,15 +76,7 @@ def unipc_weights(h: Sigma, rks: list[Sigma], order: int) -> tuple[list[Sigma], 
 
 def _unipc_weights_tensor(h: torch.Tensor, rks: list[Sigma], order: int) -> tuple[list[Sigma], list[Sigma]]:
     """:func:`unipc_weights` in torch, differentiable in h and the r_k."""
-    hh = -h
-    b_h = torch.expm1(hh)
-    h_phi_k = torch.expm1(hh) / hh - 1
-    factorial = 1
-    b = []
-    for k in range(1, order + 1):
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= k + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
+    b = _b_weights(-h, order)
     r_all = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rks] + [torch.ones((), dtype=torch.float64)])
     R = torch.stack([r_all ** (k - 1) for k in range(1, order + 1)])
     bt = torch.stack(b)
