@@ -178,12 +178,14 @@ class _Training:
     start: int = 0
     losses: list[float] = field(default_factory=list)
     elapsed: float = 0.0
+    threads: int | None = None  # torch threads of the steps trained (None: a checkpoint from before this was kept)
 
     def checkpoint(self, cfg: TrainConfig, path: Path, step: int) -> None:
         """Write the run's state after ``step`` steps to ``path``."""
         _save_checkpoint(path, {"config": json.loads(json.dumps(asdict(cfg))), "model": self.unet.state_dict(),
                                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "step": step,
-                                "losses": self.losses, "elapsed": self.elapsed})
+                                "losses": self.losses, "elapsed": self.elapsed,
+                                **({} if self.threads is None else {"threads": self.threads})})
 
 
 def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = print, log_every_s: float = 30.0,
@@ -201,6 +203,12 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
     ckpt = work_dir / "checkpoint.pt"
     tr = _start_training(cfg, ckpt, log)
     tr.unet.train()
+    if tr.start < cfg.steps:
+        n = torch.get_num_threads()
+        if tr.start > 0 and tr.threads != n:
+            log(f"note: resuming with {n} torch threads, the checkpoint's steps ran with {tr.threads or 'unknown'}; "
+                "the weights can differ in the last bits from a run with one thread count")
+        tr.threads = n if tr.start == 0 or tr.threads == n else None
     t0 = run_start = time.perf_counter()
     last_log, window = t0, []
     step = tr.start
@@ -229,10 +237,11 @@ def train(cfg: TrainConfig, work_dir: Path, out_dir: Path | None, log: Any = pri
         tr.checkpoint(cfg, ckpt, step)
         log(f"interrupted: checkpoint at step {step} in {ckpt}; run the same command again to resume")
         raise
-    tr.elapsed += time.perf_counter() - t0
-    tr.checkpoint(cfg, ckpt, cfg.steps)
+    if tr.start < cfg.steps:  # a finished checkpoint is left as it is (an export only)
+        tr.elapsed += time.perf_counter() - t0
+        tr.checkpoint(cfg, ckpt, cfg.steps)
     summary = {"steps": cfg.steps, "train_seconds": round(tr.elapsed, 1), "loss_every_50_steps": tr.losses,
-               "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+               "config": asdict(cfg), "torch": torch.__version__, "threads": tr.threads}
     if out_dir is not None:
         export(tr.ema, cfg, out_dir, summary)
     return summary
@@ -254,6 +263,7 @@ def _start_training(cfg: TrainConfig, ckpt: Path, log: Any) -> _Training:
         tr.ema.load_state_dict(state["ema"])
         tr.opt.load_state_dict(state["opt"])
         tr.start, tr.losses, tr.elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+        tr.threads = state.get("threads")
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise IIARuntimeError(f"{ckpt} is not a usable training checkpoint ({one_line(err)}); "
                               "remove it to start over") from None
