@@ -1,6 +1,7 @@
 """Progress reporting for every long step: a rich bar with rate and ETA on a terminal; plain log lines
 otherwise (SLURM logs, pipes): one when the step starts, then one every ``IIA_PROGRESS_EVERY_S`` seconds
-(default 30) with the rate and the ETA, and one when it ends."""
+(default 20, so that no stretch reaches 30 s: a due line waits for the step in flight) with the rate and the
+ETA, and one when it ends."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def log(msg: str) -> None:
 
 
 def progress_every_s() -> float:
-    """Seconds between plain progress lines (env ``IIA_PROGRESS_EVERY_S``, default 30; a bad value is a
+    """Seconds between plain progress lines (env ``IIA_PROGRESS_EVERY_S``, default 20; a bad value is a
     ConfigError)."""
     from .envvars import progress_every_s as read
 

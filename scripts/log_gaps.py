@@ -19,20 +19,24 @@ def main() -> int:
         print("usage: ... | log_gaps.py LOG", file=sys.stderr)
         return 2
     gaps: list[float] = []
+    after: list[str] = []  # the line each stretch of silence followed
     with open(sys.argv[1], "w", encoding="utf-8") as log:
-        last = time.monotonic()
+        last, previous = time.monotonic(), "(the start)"
         for line in sys.stdin:
             now = time.monotonic()
             gaps.append(now - last)
-            last = now
+            after.append(previous)
+            last, previous = now, line.strip()
             sys.stdout.write(line)
             sys.stdout.flush()
             log.write(line)
             log.flush()
         gaps.append(time.monotonic() - last)
+        after.append(previous)
         over = [g for g in gaps if g > LIMIT_S]
-        summary = (f"output cadence: {len(gaps) - 1} lines, longest stretch without output {max(gaps):.1f} s, "
-                   f"{len(over)} stretches over {LIMIT_S:.0f} s\n")
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        summary = (f"output cadence: {len(gaps) - 1} lines, longest stretch without output {gaps[worst]:.1f} s "
+                   f"(after '{after[worst][:100]}'), {len(over)} stretches over {LIMIT_S:.0f} s\n")
         sys.stdout.write(summary)
         log.write(summary)
     return 0
