@@ -56,7 +56,10 @@ def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
     from .fid import sha256_of_file
 
     spec = cfg.fid.reference
-    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
+    from .fid.features import MEMORY_FORMAT
+
+    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{MEMORY_FORMAT}".encode()
+                         ).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
     stem = f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}"
     return layout.reference_cache_dir() / f"{stem}.npz", layout.reference_cache_dir() / f"{stem}-features.npz"

@@ -14,6 +14,7 @@ from ..errors import ConfigError, IIARuntimeError, MissingFileError, one_line
 from .weights import FEATURE_DIM, HOW_TO_PROVIDE_WEIGHTS, load_inception_state
 
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
+MEMORY_FORMAT = "channels_last"  # of the network and its input: part of cached reference statistics' identity
 
 
 class FeatureExtractor:
@@ -49,7 +50,10 @@ class FeatureExtractor:
             raise IIARuntimeError(
                 f"Inception weights {self.weights_path} do not fit torch-fidelity's FID Inception: {one_line(exc)}"
             ) from None
-        self.net = net.to(self.device)
+        # channels_last: 1.6x the images per second of the default layout on a 2-core CPU (one run, both layouts
+        # interleaved); features differ from it by ~1e-6 relative (summation order), FID by far less than the
+        # 1e-3 of the torch-fidelity parity test. Cached reference statistics carry the layout in their key.
+        self.net = net.to(self.device).to(memory_format=torch.channels_last)
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 [N, H, W, C] (C = 1 or 3) -> float64 [N, 2048] on the CPU, computed ``batch_size`` at a time."""
@@ -60,7 +64,7 @@ class FeatureExtractor:
         with torch.inference_mode():
             for start in range(0, x.shape[0], self.batch_size):
                 batch = x[start : start + self.batch_size].permute(0, 3, 1, 2)  # [B, C, H, W]
-                batch = batch.expand(-1, 3, -1, -1).contiguous().to(self.device)  # [B, 3, H, W]
+                batch = batch.expand(-1, 3, -1, -1).to(self.device).contiguous(memory_format=torch.channels_last)
                 (features,) = self.net(batch)  # float32 [B, 2048]
                 out.append(features.to("cpu", torch.float64))
         return torch.cat(out)
