@@ -8,8 +8,10 @@ On one model (default: the trained testbed network, configs/mnist-testbed.yaml),
   step, so the three default bases get the same GITS grid at one NFE);
 * the IIA method of the base, calibrated with the config's calibration settings (testbed: B = 64, M = 4, local
   target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
-* learned grids: a column kept for LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid
-  files written by ``iia grid --search learned``); not searched here.
+* learned grids: LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid files written by
+  ``iia grid --search learned``; not searched here), the base on them and its IIA method calibrated on them; with
+  ``--add-learned CSV`` only these rows are computed and added to an earlier run's rows (same NFEs, bases, seeds and
+  reference, its ``--reference-cache``), so learned grids can join a finished table without running it again.
 
 Integration error: RMSE of the final samples on ``--seeds`` held-out seeds (0..N-1) against one converged reference
 solve per noise (EDM's Heun at ``--reference-nfe`` on a Karras grid), the same reference for every cell: the final
@@ -23,6 +25,8 @@ row with ``teacher_shared`` leaves the teacher out, its calls do not).
 
     nice python benchmarks/frontier.py                                   # the README run
     python benchmarks/frontier.py --markdown results/frontier/rows.csv   # the README block from the CSV
+    python benchmarks/frontier.py --learned DIR --add-learned results/frontier/rows.csv \
+        --reference-cache REF.pt --out results/frontier                  # learned grids added to a finished run
 
 NFEs run in the order given and the CSV is rewritten after each, so a run stopped early keeps the NFEs it finished.
 """
@@ -53,6 +57,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import paired_rows as pr
 
 BASES = ["ddim", "ipndm", "dpm-solver++-2m"]
+GRID_LABEL = {"gits": "GITS", "learned": "learned"}
 FIXED = ["karras", "logsnr", "time-uniform"]
 NFES = [6, 4, 5, 8, 10]  # run order: a run stopped early keeps the first ones
 # Goals of the issue: (largest ratio best calibrated / best base on its best fixed grid, NFEs).
@@ -135,28 +140,41 @@ def table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+SEARCHED = ("gits", "learned")  # the optimized grid kinds; IIA on one is kind "iia-<grid>"
+
+
+def searched_kinds(df: pd.DataFrame) -> list[str]:
+    return [k for k in SEARCHED if (df.kind == k).any()]
+
+
 def summary(df: pd.DataFrame) -> list[str]:
-    """Per NFE: the best base on its best fixed grid, the best calibrated sampler, their ratio; IIA on the GITS grid
-    against IIA alone (on the best fixed grid) and against the GITS grid alone."""
+    """Per NFE: the best base on its best fixed grid, the best calibrated sampler, their ratio; IIA on each optimized
+    grid (GITS, learned) against IIA alone (on the best fixed grid) and against that grid alone."""
     nfes = sorted(int(n) for n in df.nfe.unique())
-    out = ["| NFE | best base (best fixed grid) | best calibrated | ratio [95 %] |"
-           + " IIA on GITS / IIA alone | IIA on GITS / GITS alone |", "|---|---|---|---|---|---|"]
+    kinds = searched_kinds(df)
+    head = "".join(f" IIA on {GRID_LABEL[k]} / IIA alone | IIA on {GRID_LABEL[k]} / {GRID_LABEL[k]} alone |"
+                   for k in kinds)
+    out = ["| NFE | best base (best fixed grid) | best calibrated | ratio [95 %] |" + head,
+           "|---|---|---|---|" + "---|---|" * len(kinds)]
     for n in nfes:
         rows = _rows(df, n)
         f = frontier(rows)
-        vs_iia, vs_grid = [], []
-        for base in dict.fromkeys(r["base"] for r in rows):
-            both = [r for r in rows if r["base"] == base and r["kind"] == "iia-gits"]
-            alone = [r for r in rows if r["base"] == base and r["kind"] == "iia-fixed"]
-            grid = [r for r in rows if r["method"] == base and r["kind"] == "gits"]
-            if both and alone:
-                vs_iia.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], alone[0]))}")
-            if both and grid:
-                vs_grid.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], grid[0]))}")
+        cells = []
+        for k in kinds:
+            vs_iia, vs_grid = [], []
+            for base in dict.fromkeys(r["base"] for r in rows):
+                both = [r for r in rows if r["base"] == base and r["kind"] == f"iia-{k}"]
+                alone = [r for r in rows if r["base"] == base and r["kind"] == "iia-fixed"]
+                grid = [r for r in rows if r["method"] == base and r["kind"] == k]
+                if both and alone:
+                    vs_iia.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], alone[0]))}")
+                if both and grid:
+                    vs_grid.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], grid[0]))}")
+            cells += ["; ".join(vs_iia), "; ".join(vs_grid)]
         b, c = f["base"], f["best"]
         out.append(f"| {n} | {label(b)} {b['rmse']:.4f} | " + (f"{label(c)} {c['rmse']:.4f} | "
                    f"{pr.ratio_text(f['ratio'])} |" if c else " | |")
-                   + f" {'; '.join(vs_iia)} | {'; '.join(vs_grid)} |")
+                   + "".join(f" {x} |" for x in cells))
     return out
 
 
@@ -183,30 +201,34 @@ def goals(df: pd.DataFrame) -> list[str]:
                    f"NFE {want[0]}-{want[-1]}: {verdict} on the NFEs measured "
                    f"({met} of {judged}; {'; '.join(cells)})"
                    + (f"; not measured: NFE {', '.join(map(str, missing))}" if missing else ""))
-    cells, bad = [], 0
-    for n in nfes:
-        rows = _rows(df, n)
-        for base in dict.fromkeys(r["base"] for r in rows):
-            both = [r for r in rows if r["base"] == base and r["kind"] == "iia-gits"]
-            alone = [r for r in rows if r["base"] == base and r["kind"] in ("iia-fixed", "gits")]
-            if not both or len(alone) < 2:
-                continue
-            better = min(alone, key=lambda r: float(r["rmse"]))
-            p = pr.compare(both[0], better)
-            ok = not (p.resolved and p.ratio > 1)
-            bad += not ok
-            cells.append(f"{both[0]['method']} NFE {n} vs {label(better)} {pr.ratio_text(p)}"
-                         + ("" if ok else " MISSED"))
-    out.append(f"- IIA on the GITS grid at least as good as the better of IIA alone and the GITS grid alone (ratio "
-               f"<= 1.00 or not resolved): {pr.fmt_goal(bad == 0 and bool(cells))} ({len(cells) - bad} of "
-               f"{len(cells)}; {'; '.join(cells)})")
+    for k in searched_kinds(df):
+        cells, bad = [], 0
+        for n in nfes:
+            rows = _rows(df, n)
+            for base in dict.fromkeys(r["base"] for r in rows):
+                both = [r for r in rows if r["base"] == base and r["kind"] == f"iia-{k}"]
+                alone = [r for r in rows if r["base"] == base and r["kind"] in ("iia-fixed", k)]
+                if not both or len(alone) < 2:
+                    continue
+                better = min(alone, key=lambda r: float(r["rmse"]))
+                p = pr.compare(both[0], better)
+                ok = not (p.resolved and p.ratio > 1)
+                bad += not ok
+                cells.append(f"{both[0]['method']} NFE {n} vs {label(better)} {pr.ratio_text(p)}"
+                             + ("" if ok else " MISSED"))
+        out.append(f"- IIA on the {GRID_LABEL[k]} grid at least as good as the better of IIA alone and the "
+                   f"{GRID_LABEL[k]} grid alone (ratio <= 1.00 or not resolved): "
+                   f"{pr.fmt_goal(bad == 0 and bool(cells))} ({len(cells) - bad} of {len(cells)}; {'; '.join(cells)})")
     return out
 
 
 def costs(df: pd.DataFrame) -> list[str]:
     """Search and calibration cost per NFE (denoiser calls and seconds), ranges over the bases."""
-    out = ["| NFE | GITS search (one standalone search) | IIA calibration on the best fixed grid | "
-           "IIA calibration on the GITS grid |", "|---|---|---|---|"]
+    kinds = searched_kinds(df)
+    out = ["| NFE |" + "".join(f" {GRID_LABEL[k]} search (one standalone search) |" for k in kinds)
+           + " IIA calibration on the best fixed grid |"
+           + "".join(f" IIA calibration on the {GRID_LABEL[k]} grid |" for k in kinds),
+           "|---|" + "---|" * (1 + 2 * len(kinds))]
 
     def rng(v, fmt):
         lo, hi = fmt(min(v)), fmt(max(v))
@@ -215,10 +237,11 @@ def costs(df: pd.DataFrame) -> list[str]:
     for n in sorted(int(k) for k in df.nfe.unique()):
         at = df[df.nfe == n]
         cells = []
-        g = at[at.kind == "gits"]
-        cells.append(f"{rng(g.search_calls, lambda x: f'{int(x):,}')} calls, {rng(g.search_s, lambda x: f'{x:.0f}')} s"
-                     if len(g) else "")
-        for kind in ("iia-fixed", "iia-gits"):
+        for k in kinds:
+            g = at[at.kind == k]
+            cells.append(f"{rng(g.search_calls, lambda x: f'{int(x):,}')} calls, "
+                         f"{rng(g.search_s, lambda x: f'{x:.0f}')} s" if len(g) else "")
+        for kind in ("iia-fixed", *(f"iia-{k}" for k in kinds)):
             c = at[at.kind == kind]
             cells.append(f"{rng(c.calib_calls, lambda x: f'{int(x):,}')} calls, "
                          f"{rng(c.calib_s, lambda x: f'{x:.0f}')} s" if len(c) else "")
@@ -252,6 +275,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap.add_argument("--no-iia", action="store_true", help="base solvers and grids only")
     ap.add_argument("--learned", default="", metavar="DIR",
                     help="add learned grids: DIR/<base>-nfe<N>.json grid files (iia grid --search learned)")
+    ap.add_argument("--add-learned", default="", metavar="CSV",
+                    help="with --learned DIR: add the learned grids (and IIA on them) to the rows of an earlier run "
+                         "(its NFEs, bases and seeds; --reference-cache of that run required), written to --out")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default="results/frontier")
     ap.add_argument("--markdown", metavar="CSV", help="print the README block of this rows CSV and exit")
@@ -276,6 +302,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     fixed = a.fixed.split(",")
     nfes = [int(n) for n in a.nfes.split(",")]
     seeds = list(range(a.seeds))
+    earlier: list[dict] = []
+    if a.add_learned:  # the earlier run's rows, NFEs, bases and seeds; only learned rows are computed
+        if not (a.learned and a.reference_cache and Path(a.reference_cache).is_file()):
+            raise SystemExit("--add-learned needs --learned DIR and the earlier run's --reference-cache file")
+        old = pd.read_csv(a.add_learned, keep_default_na=False)
+        old = old[~old.kind.isin(["learned", "iia-learned"])]
+        earlier = old.drop(columns=[k for k in old.columns if k.startswith("ratio") or k == "best"]).to_dict("records")
+        nfes = list(dict.fromkeys(int(n) for n in old.nfe))
+        bases = list(dict.fromkeys(str(b) for b in old.base))
+        first_seeds = str(old.seeds.iloc[0])
+        seeds = list(range(int(first_seeds.split("-")[1]) + 1))
     first = api.prepare(cfg, bases[0], nfes[0])
     model, fp = first.model, first.fingerprint
 
@@ -299,17 +336,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
 
     # GITS: the teacher over the candidates and DDIM's step costs, shared by every solver and NFE.
     settings = SearchSettings(candidates=a.candidates, noises=a.noises, teacher_substeps=a.teacher_substeps, batch=64)
-    t0 = time.perf_counter()
-    cand = candidate_sigmas(cfg.grid, model, settings.candidates)
-    search_seeds = list(range(settings.seed_start, settings.seed_start + settings.noises))
-    states, labels, teacher_calls = teacher_states(model, cand, search_seeds, settings, first.device,
-                                                   first.state_dtype)
-    t_teacher = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cost, cost_calls = step_costs(make_solver("ddim"), model, cand, states, labels)
-    t_cost = time.perf_counter() - t0
-    del states
-    print(f"GITS teacher {t_teacher:.0f} s ({teacher_calls:,} calls), DDIM step costs {t_cost:.0f} s", flush=True)
+    if not earlier:
+        t0 = time.perf_counter()
+        cand = candidate_sigmas(cfg.grid, model, settings.candidates)
+        search_seeds = list(range(settings.seed_start, settings.seed_start + settings.noises))
+        states, labels, teacher_calls = teacher_states(model, cand, search_seeds, settings, first.device,
+                                                       first.state_dtype)
+        t_teacher = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cost, cost_calls = step_costs(make_solver("ddim"), model, cand, states, labels)
+        t_cost = time.perf_counter() - t0
+        del states
+        print(f"GITS teacher {t_teacher:.0f} s ({teacher_calls:,} calls), DDIM step costs {t_cost:.0f} s", flush=True)
 
     rows: list[dict] = []
     teachers_seen: set = set()
@@ -337,19 +375,49 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
 
     def save():
         df = pd.DataFrame(rows)
-        df["seeds"] = f"0-{a.seeds - 1}"
+        df["seeds"] = f"0-{len(seeds) - 1}"
         df["reference"] = f"edm@{a.reference_nfe} karras"
         df["B"], df["M"], df["guard"], df["target"] = c.samples, c.substeps, c.guard, c.target
-        df["gits"] = f"{len(cand)} candidates, {settings.noises} noises, edm{settings.teacher_substeps}, ddim cost"
+        df["gits"] = ("" if earlier else
+                      f"{len(cand)} candidates, {settings.noises} noises, edm{settings.teacher_substeps}, ddim cost")
         df["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads"
-        df["seconds_total"] = round(time.perf_counter() - t_start)
+        df["seconds_total"] = round(time.perf_counter() - t_start)  # of the run that wrote the row
+        if earlier:  # the earlier run's rows as they were, this run's learned rows after them
+            df = pd.concat([pd.DataFrame(earlier), df], ignore_index=True)
         df = with_comparisons(df)
         df.to_csv(out / "rows.csv", index=False)
         return df
 
+    def learned(base, n, p, lpath):
+        """The base solver on the learned grid file ``lpath``; returns its search seconds and calls."""
+        lg = load_grid_file(lpath)
+        s = lg.search or {}
+        calls = s.get("denoiser_calls", 0)
+        add(base, base, "learned", "learned", n, final_states(p, lg.tensor(), seeds), lg.tensor())
+        rows[-1].update(search_s=float(s.get("seconds", 0.0)),
+                        search_calls=sum(calls.values()) if isinstance(calls, dict) else int(calls))
+        return rows[-1]["search_s"], rows[-1]["search_calls"]
+
+    def iia_on(iia, base, n, grid):
+        """IIA calibrated on a searched grid file: ``grid`` = (name, kind, path, search seconds, search calls)."""
+        gname, kind_name, path_, s_s, s_c = grid
+        r = calibrate(iia, n, [("grid.kind", "file"), ("grid.path", str(path_))], gname, f"iia-{kind_name}", base)
+        add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"), r.pop("sigmas"))
+        rows[-1].update(r, search_s=s_s, search_calls=s_c)
+
     for n in nfes:
         for base in bases:
             p = api.prepare(cfg, base, n, model=model, fingerprint=fp)
+            iia = None if a.no_iia else iia_of(base)
+            lpath = Path(a.learned) / f"{base}-nfe{n}.json" if a.learned else None
+            if earlier:  # only the learned grid and IIA on it
+                if lpath is None or not lpath.is_file():
+                    print(f"NFE {n:2d} {base}: no learned grid {lpath}", flush=True)
+                    continue
+                grid = ("learned", "learned", lpath, *learned(base, n, p, lpath))
+                if iia is not None:
+                    iia_on(iia, base, n, grid)
+                continue
             for kind in fixed:
                 pk = api.prepare(config([("grid.kind", kind)]), base, n, model=model, fingerprint=fp)
                 add(base, base, "fixed", kind, n, final_states(pk, pk.sigmas, seeds), pk.sigmas)
@@ -369,35 +437,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
                           model_kind=cfg.model.kind, model_sha256=fp, search={"kind": "gits", "benchmark": True})
             gpath = gf.save(tmp / f"gits-{base}-nfe{n}.json")
             grids = [("gits", "gits", gpath, search_s, teacher_calls + cost_calls)]
-            lpath = Path(a.learned) / f"{base}-nfe{n}.json" if a.learned else None
             if lpath is not None and lpath.is_file():
-                lg = load_grid_file(lpath)
-                s = lg.search or {}
-                calls = s.get("denoiser_calls", 0)
-                add(base, base, "learned", "learned", n, final_states(p, lg.tensor(), seeds), lg.tensor())
-                rows[-1].update(search_s=float(s.get("seconds", 0.0)),
-                                search_calls=sum(calls.values()) if isinstance(calls, dict) else int(calls))
-                grids.append(("learned", "learned", lpath, rows[-1]["search_s"], rows[-1]["search_calls"]))
-            iia = iia_of(base)
-            if a.no_iia or iia is None:
+                grids.append(("learned", "learned", lpath, *learned(base, n, p, lpath)))
+            if iia is None:
                 continue
             bf = best_fixed([r for r in rows if r["nfe"] == n], base)
             r = calibrate(iia, n, [("grid.kind", bf["grid"])], bf["grid"], "iia-fixed", base)
             add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"),
                 r.pop("sigmas"), **{})
             rows[-1].update(r)
-            for gname, kind_name, path_, s_s, s_c in grids:
-                r = calibrate(iia, n, [("grid.kind", "file"), ("grid.path", str(path_))], gname, f"iia-{kind_name}",
-                              base)
-                add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"),
-                    r.pop("sigmas"))
-                rows[-1].update(r, search_s=s_s, search_calls=s_c)
+            for grid in grids:
+                iia_on(iia, base, n, grid)
         df = save()
         print(f"-- NFE {n} done, {time.perf_counter() - t_start:.0f} s so far; {out / 'rows.csv'} written", flush=True)
     df = save()
     print()
     print(report(df))
-    print(f"\n{a.seeds} held-out seeds; {time.perf_counter() - t_start:.0f} s on {df['machine'][0]}")
+    print(f"\n{len(seeds)} held-out seeds; {time.perf_counter() - t_start:.0f} s on {df['machine'][0]}")
     return df
 
 

@@ -41,6 +41,35 @@ def test_frontier_ratio_is_the_rmse_ratio_of_its_rows_and_lies_in_its_interval(t
     assert len(pd.read_csv(out / "rows.csv")) == 6
 
 
+def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_without_iia(tmp_path, capsys):
+    """--add-learned computes only the learned grid and IIA on it, next to the earlier run's rows (kept as they
+    were), and the report then judges IIA on the learned grid like IIA on the GITS grid."""
+    from iia_cli.config import load_config
+    from iia_cli.ld3 import LearnSettings, search_learned
+
+    common = ["--config", "", "--set", "model.kind=gmm-mnist", "--set", "model.components=2",
+              "--set", "calibration.samples=8", "--set", "grid.sigma_min=0.01", "--bases", "ddim", "--nfes", "4",
+              "--seeds", "12", "--reference-nfe", "19", "--threads", "1",
+              "--reference-cache", str(tmp_path / "ref.pt")]
+    frontier.main([*common, "--candidates", "8", "--noises", "4", "--teacher-substeps", "1",
+                   "--out", str(tmp_path / "a")])
+    cfg = load_config(None, [("model.kind", "gmm-mnist"), ("model.components", 2), ("grid.sigma_min", 0.01)])
+    gf = search_learned(cfg, "ddim", 4, LearnSettings(iterations=3, noises=4, val_noises=4, batch=4, teacher_steps=6,
+                                                                   teacher_substeps=1),
+                        log=lambda s: None)
+    gf.save(tmp_path / "learned" / "ddim-nfe4.json")
+    df = frontier.main([*common, "--learned", str(tmp_path / "learned"), "--add-learned",
+                        str(tmp_path / "a" / "rows.csv"), "--out", str(tmp_path / "b")])
+    before = pd.read_csv(tmp_path / "a" / "rows.csv", keep_default_na=False)
+    assert list(df.kind) == [*before.kind, "learned", "iia-learned"]
+    for col in ("rmse", "sq", "sigmas", "ratio"):  # the earlier rows as they were
+        assert list(df[col][: len(before)]) == list(before[col])
+    learned = df[df.kind == "learned"].iloc[0]
+    assert learned.sigmas == " ".join(f"{s:.6g}" for s in gf.sigmas)
+    printed = capsys.readouterr().out
+    assert "IIA on learned / learned alone" in printed and "IIA on the learned grid at least as good" in printed
+
+
 @pytest.mark.slow
 def test_readme_frontier_block_is_the_markdown_of_the_shipped_csv(capsys):
     text = (ROOT / "README.md").read_text()
