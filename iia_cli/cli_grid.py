@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
         """Search a time grid for a method at one NFE and write it as a grid file. gits: teacher trajectories over
         fine candidates, the cost of one step between every pair, the cheapest path by dynamic programming.
         learned (LD3): the sigmas, monotone between sigma_min and sigma_max, learned by Adam through the solver
-        against the teacher's final samples, the best by held-out validation kept."""
+        against the teacher's final samples from the run's grid (karras, logsnr or time-uniform; else Karras), the
+        best by held-out validation kept."""
         from .gits import SearchSettings, search_grid
         from .ld3 import LearnSettings, search_learned
         from .progress import log

@@ -6,8 +6,10 @@ samples:
 1. Parameterisation: the plan's ``S + 1`` sigmas from sigma_max to sigma_min (``Solver.plan``; the step to
    sigma = 0 of the ``iia`` convention is appended and not learned) are
    ``log sigma_k = log sigma_max + (log sigma_min - log sigma_max) * sum_{j<k} softmax(theta)_j``: strictly
-   descending for any theta, the end points fixed exactly. theta starts at the log of the Karras rho-7 grid's
-   increments in log sigma, so the first grid is the Karras grid of the run (up to the rounding of exp(log)).
+   descending for any theta, the end points fixed exactly. theta starts at the log of the start grid's
+   increments in log sigma, so the first grid is the start grid (up to the rounding of exp(log)): the run's
+   ``grid`` when it is ``karras``, ``logsnr`` or ``time-uniform`` (e.g. a solver's best fixed grid), else
+   Karras rho 7 over the run's range.
 2. Teacher: the final samples of ``noises`` training and ``val_noises`` validation noises (seeds from 3e9, as
    GITS's teacher: disjoint from evaluation and calibration seeds; the validation seeds follow the training ones)
    by EDM's Heun sampler, ``teacher_substeps`` steps uniform
@@ -28,7 +30,7 @@ samples:
 
 4. Validation: every ``val_every`` iterations (and before the first) the plain MSE against the teacher on the
    validation noises, unperturbed, with the grid as floats (exactly the sampling path); the best grid by that
-   loss is kept, the Karras start included, so a search never returns a grid that validates worse than Karras.
+   loss is kept, the start included, so a search never returns a grid that validates worse than its start.
 
 Denoiser calls are counted per image: teacher, training forward calls (each has a backward pass through the
 model as well) and validation calls.
@@ -54,6 +56,12 @@ from .sampling import BoundDenoiser, format_seeds, noise_and_conditioning, run_s
 from .models.base import Denoiser, capabilities, round_sigmas
 
 LogFn = Callable[[str], None]
+START_KINDS = ("karras", "logsnr", "time-uniform")  # grid kinds a search can start from
+
+
+def grid_label(g: GridConfig) -> str:
+    """``Karras`` (rho 7), ``Karras rho 5``, ``logsnr``, ``time-uniform``: how the start grid is named in the log."""
+    return (("Karras" if g.rho == 7.0 else f"Karras rho {g.rho:g}") if g.kind == "karras" else g.kind)
 SEARCH_SEED_START = 3_000_000_000  # as GITS's teacher noises: disjoint from evaluation, calibration and validation
 LOSSES = ("soft", "mse")
 DEFAULT_ITERATIONS = 150
@@ -175,8 +183,10 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
 
     t0 = time.perf_counter()
     g = cfg.grid
-    karras = GridConfig(kind="karras", rho=7.0, sigma_min=g.sigma_min, sigma_max=g.sigma_max)
-    p = prepare(cfg, method, nfe, grid=karras)
+    start_grid = g if g.kind in START_KINDS else GridConfig(kind="karras", rho=7.0, sigma_min=g.sigma_min,
+                                                             sigma_max=g.sigma_max)
+    start_name = grid_label(start_grid)
+    p = prepare(cfg, method, nfe, grid=start_grid)
     solver, model = p.method.solver, p.model
     plan = solver.plan(nfe)
     init = p.sigmas.to(torch.float64)
@@ -286,7 +296,7 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
                 if time.perf_counter() - last_log >= 30 or it == settings.iterations:
                     last_log = time.perf_counter()
                     log(f"LD3 iteration {it}/{settings.iterations}: train loss {train_loss:.4g}, validation MSE "
-                        f"{val_loss:.4g} (Karras {init_val:.4g}, best {best['val_mse']:.4g} at {best['iteration']})")
+                        f"{val_loss:.4g} ({start_name} {init_val:.4g}, best {best['val_mse']:.4g} at {best['iteration']})")
 
     sigmas = best["sigmas"].detach().to(torch.float64)
     if capabilities(model).round_sigma is not None:
@@ -301,7 +311,7 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
         raise IIARuntimeError(f"internal: the learned grid makes {solver.nfe_of_grid(sigmas)} calls, not {nfe}")
     train_s = time.perf_counter() - t_train
     seconds = time.perf_counter() - t0
-    log(f"LD3 best grid at iteration {best['iteration']}: validation MSE {best['val_mse']:.4g} (Karras "
+    log(f"LD3 best grid at iteration {best['iteration']}: validation MSE {best['val_mse']:.4g} ({start_name} "
         f"{init_val:.4g}, x{best['val_mse'] / init_val if init_val > 0 else math.nan:.2f}); sigmas "
         + ", ".join(f"{float(s):.4g}" for s in sigmas) + f"; {teacher_calls + train_calls + val_calls} denoiser "
         f"calls, {seconds:.1f} s")
@@ -309,7 +319,8 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
         "kind": "learned",
         "paper": "LD3 (Tong et al., ICLR 2025)",
         "parameterisation": "softmax increments in log sigma between fixed sigma_max and sigma_min",
-        "init": {"kind": "karras", "rho": 7.0, "sigma_min": s_min, "sigma_max": s_max},
+        "init": {"kind": start_grid.kind, **({"rho": start_grid.rho} if start_grid.kind == "karras" else {}),
+                 "sigma_min": s_min, "sigma_max": s_max},
         "teacher": teacher.tag if teacher.name == "exact" else f"{teacher.tag} on {settings.teacher_steps} "
                                                                 "Karras intervals",
         "loss": settings.loss,
@@ -325,7 +336,7 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
         "val_every": settings.val_every,
         "best_iteration": best["iteration"],
         "val_mse": best["val_mse"],
-        "val_mse_karras": init_val,
+        "val_mse_init": init_val,
         "train_loss_last": train_loss,
         "history": history,
         "denoiser_calls": {"teacher": teacher_calls, "training": train_calls, "validation": val_calls},

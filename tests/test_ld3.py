@@ -93,9 +93,24 @@ def test_learned_grid_lowers_exact_error_on_gaussian(gauss, loss):
     karras = api.prepare(cfg, "ddim", 4).sigmas
     assert len(gf.sigmas) == 5 and gf.sigmas[0] == float(karras[0]) and gf.sigmas[-1] == 0.0
     assert gf.search["kind"] == "learned" and gf.search["loss"] == loss
-    assert gf.search["val_mse"] < 0.8 * gf.search["val_mse_karras"]
+    assert gf.search["val_mse"] < 0.8 * gf.search["val_mse_init"]
     err_k, err_l = _exact_error(cfg, karras), _exact_error(cfg, gf.tensor())
     assert err_l < 0.85 * err_k, (err_l, err_k)
+
+
+@pytest.mark.parametrize("kind", ["time-uniform", "logsnr"])
+def test_a_search_starts_from_the_runs_fixed_grid_and_never_validates_worse(gauss, kind):
+    """With grid.kind a fixed grid (a solver's best, say), the search starts there: no iteration returns that
+    grid (up to exp(log)), and a short search validates no worse than it."""
+    cfg = load_config(gauss, [("grid.kind", kind)])
+    start = api.prepare(cfg, "ddim", 4).sigmas
+    none = search_learned(cfg, "ddim", 4, LearnSettings(iterations=0, noises=4, val_noises=4, batch=4,
+                                                        teacher="exact"), log=lambda s: None)
+    assert none.search["init"]["kind"] == kind and none.search["best_iteration"] == 0
+    torch.testing.assert_close(none.tensor(), start.to(none.tensor().dtype), rtol=1e-12, atol=0)
+    some = search_learned(cfg, "ddim", 4, LearnSettings(iterations=10, noises=4, val_noises=4, batch=4,
+                                                        teacher="exact"), log=lambda s: None)
+    assert some.search["val_mse"] <= some.search["val_mse_init"] == none.search["val_mse_init"]
 
 
 def test_learned_grid_file_round_trips_and_is_refused_elsewhere(gauss, tmp_path):
