@@ -47,6 +47,7 @@ from iia_cli import api
 from iia_cli.config import load_config
 from iia_cli.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
 from iia_cli.gridfile import GridFile, load_grid_file
+from iia_cli.ld3 import LearnSettings, search_learned
 from iia_cli.methods import IIA_METHODS
 from iia_cli.sampling import sample_batches
 from iia_cli.solvers import make_solver
@@ -278,6 +279,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap.add_argument("--add-learned", default="", metavar="CSV",
                     help="with --learned DIR: add the learned grids (and IIA on them) to the rows of an earlier run "
                          "(its NFEs, bases and seeds; --reference-cache of that run required), written to --out")
+    ap.add_argument("--search-learned", action="store_true",
+                    help="search the learned grids missing from --learned DIR (default OUT/learned), each starting "
+                         "from the base's best fixed grid at that NFE, the teacher shared by all searches")
+    ap.add_argument("--learn-noises", type=int, default=32, help="learned: training noises")
+    ap.add_argument("--learn-val-noises", type=int, default=16, help="learned: validation noises")
+    ap.add_argument("--learn-iterations", type=int, default=40, help="learned: Adam iterations")
+    ap.add_argument("--learn-batch", type=int, default=8, help="learned: noises per iteration")
+    ap.add_argument("--learn-teacher-steps", type=int, default=20, help="learned: teacher's Karras intervals")
+    ap.add_argument("--learn-teacher-substeps", type=int, default=2, help="learned: teacher Heun steps per interval")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default="results/frontier")
     ap.add_argument("--markdown", metavar="CSV", help="print the README block of this rows CSV and exit")
@@ -303,9 +313,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     nfes = [int(n) for n in a.nfes.split(",")]
     seeds = list(range(a.seeds))
     earlier: list[dict] = []
+    learned_dir = Path(a.learned) if a.learned else (out / "learned" if a.search_learned else None)
+    learn = LearnSettings(iterations=a.learn_iterations, noises=a.learn_noises, val_noises=a.learn_val_noises,
+                          batch=a.learn_batch, teacher_steps=a.learn_teacher_steps,
+                          teacher_substeps=a.learn_teacher_substeps)
+    learn_memo: dict = {}
     if a.add_learned:  # the earlier run's rows, NFEs, bases and seeds; only learned rows are computed
-        if not (a.learned and a.reference_cache and Path(a.reference_cache).is_file()):
-            raise SystemExit("--add-learned needs --learned DIR and the earlier run's --reference-cache file")
+        if not (learned_dir and a.reference_cache and Path(a.reference_cache).is_file()):
+            raise SystemExit("--add-learned needs --learned DIR or --search-learned, and the earlier run's "
+                             "--reference-cache file")
         old = pd.read_csv(a.add_learned, keep_default_na=False)
         old = old[~old.kind.isin(["learned", "iia-learned"])]
         earlier = old.drop(columns=[k for k in old.columns if k.startswith("ratio") or k == "best"]).to_dict("records")
@@ -388,6 +404,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         df.to_csv(out / "rows.csv", index=False)
         return df
 
+    def learned_grid(base, n, start_kind):
+        """The learned grid file of (base, NFE) in the learned directory, searched from ``start_kind`` (the base's
+        best fixed grid) when it is missing and --search-learned asks for it; None when there is none."""
+        lpath = learned_dir / f"{base}-nfe{n}.json" if learned_dir else None
+        if lpath is None or lpath.is_file() or not a.search_learned:
+            return lpath if lpath is not None and lpath.is_file() else None
+        t0 = time.perf_counter()
+        gf = search_learned(config([("grid.kind", start_kind)]), base, n, learn, log=lambda s: None,
+                            teacher_memo=learn_memo)
+        lpath.parent.mkdir(parents=True, exist_ok=True)
+        gf.save(lpath)
+        print(f"NFE {n:2d} {base}: learned grid from {start_kind} in {time.perf_counter() - t0:.0f} s (validation "
+              f"MSE x{gf.search['val_mse'] / gf.search['val_mse_init']:.2f} of the start) -> {lpath}", flush=True)
+        return lpath
+
     def learned(base, n, p, lpath):
         """The base solver on the learned grid file ``lpath``; returns its search seconds and calls."""
         lg = load_grid_file(lpath)
@@ -409,10 +440,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         for base in bases:
             p = api.prepare(cfg, base, n, model=model, fingerprint=fp)
             iia = None if a.no_iia else iia_of(base)
-            lpath = Path(a.learned) / f"{base}-nfe{n}.json" if a.learned else None
             if earlier:  # only the learned grid and IIA on it
-                if lpath is None or not lpath.is_file():
-                    print(f"NFE {n:2d} {base}: no learned grid {lpath}", flush=True)
+                lpath = learned_grid(base, n, best_fixed([r for r in earlier if int(r["nfe"]) == n], base)["grid"])
+                if lpath is None:
+                    print(f"NFE {n:2d} {base}: no learned grid in {learned_dir}", flush=True)
                     continue
                 grid = ("learned", "learned", lpath, *learned(base, n, p, lpath))
                 if iia is not None:
@@ -437,7 +468,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
                           model_kind=cfg.model.kind, model_sha256=fp, search={"kind": "gits", "benchmark": True})
             gpath = gf.save(tmp / f"gits-{base}-nfe{n}.json")
             grids = [("gits", "gits", gpath, search_s, teacher_calls + cost_calls)]
-            if lpath is not None and lpath.is_file():
+            lpath = learned_grid(base, n, best_fixed([r for r in rows if r["nfe"] == n], base)["grid"])
+            if lpath is not None:
                 grids.append(("learned", "learned", lpath, *learned(base, n, p, lpath)))
             if iia is None:
                 continue

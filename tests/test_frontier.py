@@ -45,6 +45,7 @@ def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_with
     """--add-learned computes only the learned grid and IIA on it, next to the earlier run's rows (kept as they
     were), and the report then judges IIA on the learned grid like IIA on the GITS grid."""
     from iia_cli.config import load_config
+    from iia_cli.gridfile import load_grid_file
     from iia_cli.ld3 import LearnSettings, search_learned
 
     common = ["--config", "", "--set", "model.kind=gmm-mnist", "--set", "model.components=2",
@@ -58,9 +59,17 @@ def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_with
                                                                    teacher_substeps=1),
                         log=lambda s: None)
     gf.save(tmp_path / "learned" / "ddim-nfe4.json")
+    before = pd.read_csv(tmp_path / "a" / "rows.csv", keep_default_na=False)
     df = frontier.main([*common, "--learned", str(tmp_path / "learned"), "--add-learned",
                         str(tmp_path / "a" / "rows.csv"), "--out", str(tmp_path / "b")])
-    before = pd.read_csv(tmp_path / "a" / "rows.csv", keep_default_na=False)
+    # --search-learned: the missing grid is searched from the base's best fixed grid and written to OUT/learned
+    searched = frontier.main([*common, "--search-learned", "--learn-iterations", "2", "--learn-noises", "4",
+                              "--learn-val-noises", "4", "--learn-batch", "4", "--learn-teacher-steps", "6",
+                              "--learn-teacher-substeps", "1", "--add-learned", str(tmp_path / "a" / "rows.csv"),
+                              "--out", str(tmp_path / "c")])
+    grid_file = load_grid_file(tmp_path / "c" / "learned" / "ddim-nfe4.json")
+    assert grid_file.search["init"]["kind"] == frontier.best_fixed(before.to_dict("records"), "ddim")["grid"]
+    assert list(searched.kind) == [*before.kind, "learned", "iia-learned"]
     assert list(df.kind) == [*before.kind, "learned", "iia-learned"]
     for col in ("rmse", "sq", "sigmas", "ratio"):  # the earlier rows as they were
         assert list(df[col][: len(before)]) == list(before[col])
