@@ -161,12 +161,26 @@ def tensor(arrays: dict[str, Any], name: str, device: torch.device) -> torch.Ten
     return torch.from_numpy(np.array(arrays[name])).to(device)
 
 
+# A record class is stored by the name it had when format 1 began, ``<STORED_SOLVERS_PACKAGE>.<file>.<class>``,
+# whatever package the solvers live in now, so that a checkpoint written before a move of the package still resumes.
+STORED_SOLVERS_PACKAGE = "iia_cli.solvers"  # stored name, not an import path
+
+
+def record_name(cls: type) -> str:
+    """The name a record class is stored under (see :data:`STORED_SOLVERS_PACKAGE`)."""
+    package = StepRecord.__module__.rpartition(".")[0]  # the package the solvers live in
+    module = cls.__module__
+    if module.startswith(package + "."):
+        module = STORED_SOLVERS_PACKAGE + module[len(package):]
+    return f"{module}.{cls.__qualname__}"
+
+
 def _record_types() -> dict[str, type[StepRecord]]:
     out: dict[str, type[StepRecord]] = {}
     todo: list[type[StepRecord]] = [StepRecord]
     while todo:
         cls = todo.pop()
-        out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        out[record_name(cls)] = cls
         todo.extend(cls.__subclasses__())
     return out
 
@@ -188,7 +202,7 @@ def encode_history(history: History, prefix: str) -> tuple[list[dict[str, Any]],
     spec = []
     for j, rec in enumerate(history):
         cls = type(rec)
-        spec.append({"type": f"{cls.__module__}.{cls.__qualname__}",
+        spec.append({"type": record_name(cls),
                      "fields": {f.name: enc(getattr(rec, f.name), f"{prefix}_{j}_{f.name}")
                                 for f in dataclasses.fields(rec)}})
     return spec, arrays
