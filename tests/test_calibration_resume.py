@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.calibration_checkpoint import CalibrationCheckpoint
-from iia_cli.config import load_config
+from iia_cli.calibration.checkpoint import CalibrationCheckpoint
+from iia_cli.config.experiment import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,9 +207,9 @@ def test_a_damaged_checkpoint_is_a_warning_and_a_fresh_start(here, monkeypatch, 
 
 def test_record_types_keep_their_stored_names() -> None:
     """Checkpoints name record classes as format 1 did, so one written before the package moved still resumes."""
-    from iia_cli.calibration_checkpoint import _record_types, decode_history, encode_history, record_name
-    from iia_cli.solvers.base import StepRecord
-    from iia_cli.solvers.heun import HeunRecord
+    from iia_cli.calibration.checkpoint import _record_types, decode_history, encode_history, record_name
+    from iia_cli.core.solvers.base import StepRecord
+    from iia_cli.core.solvers.heun import HeunRecord
 
     names = {record_name(StepRecord), record_name(HeunRecord)}
     assert names == {"iia_cli.solvers.base.StepRecord", "iia_cli.solvers.heun.HeunRecord"}  # stored name, not an import path

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iia_cli.data import load_mnist_5k
+from iia_cli.models.data import load_mnist_5k
 from iia_cli.models import gmm as gmm_module
 from iia_cli.models.base import Denoiser
 from iia_cli.models.gaussian import GaussianModel

@@ -1,4 +1,4 @@
-"""iia_cli.uncertainty: exact encodings, FID/KID parity with the project's and torch-fidelity's estimators,
+"""iia_cli.metrics.uncertainty: exact encodings, FID/KID parity with the project's and torch-fidelity's estimators,
 jackknife and bootstrap intervals against known answers, paired comparisons, determinism."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from iia_cli import uncertainty as U
-from iia_cli.fid.stats import FeatureStats, frechet_distance
+from iia_cli.metrics import uncertainty as U
+from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance
 
 
 def _fid_of(X, mu_ref, sigma_ref):

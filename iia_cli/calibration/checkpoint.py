@@ -10,7 +10,7 @@ kept in memory when it is reached and written when ``IIA_CHECKPOINT_EVERY_S`` se
 write, and on any exception (Ctrl-C, SIGTERM, a crash). A directory that cannot be read, or that holds another
 identity, is a warning and a fresh start; the directory is removed once the coefficient file is written.
 
-A solver's history (a tuple of frozen record dataclasses, :mod:`iia_cli.solvers.base`) is stored field by field:
+A solver's history (a tuple of frozen record dataclasses, :mod:`iia_cli.core.solvers.base`) is stored field by field:
 tensors as arrays, numbers in the JSON, the record's class by name among the known ``StepRecord`` subclasses.
 """
 
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
-from .atomic import savez_atomic
-from .solvers.base import History, StepRecord
+from iia_cli.runtime import dist
+from iia_cli.io.atomic import savez_atomic
+from iia_cli.core.solvers.base import History, StepRecord
 
 CHECKPOINT_FORMAT = 1
 LogFn = Callable[[str], None]

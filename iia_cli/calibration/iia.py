@@ -30,17 +30,18 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from . import dist
-from .atomic import write_text_atomic
-from .calibration_checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
-from .errors import ConfigError, IIARuntimeError, MissingFileError
-from .grids import subdivide
-from .methods import METHODS, Method
-from .sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
-                       noise_and_conditioning, propose, sample_batches)
-from .solvers import History, make_solver, teacher_name
-from .models.base import Denoiser, capabilities
+from iia_cli import __version__
+from iia_cli.runtime import dist
+from iia_cli.io.atomic import write_text_atomic
+from .checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.core.grids import subdivide
+from iia_cli.core.methods import METHODS, Method
+from iia_cli.core.sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
+                                   noise_and_conditioning, propose, sample_batches)
+from iia_cli.core.solvers.base import History
+from iia_cli.core.solvers.registry import make_solver, teacher_name
+from iia_cli.models.base import Denoiser, capabilities
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
                     # 3: target, teacher, guard and end-to-end validation
@@ -93,7 +94,7 @@ def teacher_trajectory(teacher: Teacher, model: Denoiser, sig: torch.Tensor, chu
     states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
     done = done or {}
     calls = done_calls if done else 0
-    from .progress import ImageProgress
+    from iia_cli.runtime.progress import ImageProgress
 
     per = f"; {len(sig) - 1} coarse steps x {len(starts)} chunks" if len(starts) > 1 else ""  # what the count counts
     bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises{per})",
@@ -301,7 +302,7 @@ def greedy_pass(setup: CalibrationSetup, seeds: list[int], coeffs: Coefficients 
     st = _start_pass(setup, seeds, sig)
     ck = checkpoint or CalibrationCheckpoint.off()
     teacher_states, teacher_calls = _teacher_states(setup, st, sig, ck, part)
-    from .progress import ImageProgress
+    from iia_cli.runtime.progress import ImageProgress
 
     skipped = corrected_steps(method, sigmas)
     n_fit = n_steps - len(skipped)  # the progress counts the steps fitted (or validated)
@@ -587,7 +588,7 @@ def calibrate_coefficients(setup: CalibrationSetup, seeds: list[int], val_seeds:
     trajectories (:class:`TeacherCache`). ``verbose``: a line per fitted step to ``setup.log``.
 
     With ``checkpoint_dir`` (and a ``fingerprint``) the calibration checkpoints its progress under it (a
-    directory named by the hash of everything the coefficients depend on, :mod:`iia_cli.calibration_checkpoint`)
+    directory named by the hash of everything the coefficients depend on, :mod:`iia_cli.calibration.checkpoint`)
     every ``checkpoint_every`` seconds and on any exception, and continues from such a checkpoint, to the same
     bits; the caller deletes it (``outcome.checkpoint.remove()``) once the coefficient file is written."""
     use_teacher = setup.teacher if (setup.target == "trajectory" or guard or val_seeds) else None

@@ -10,11 +10,11 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors, key_help, set_option
-from .errors import ConfigError, IIARuntimeError
+from .common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors, key_help, set_option
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from .inputs import check_inputs
-from .methods import ALIASES_TEXT, METHOD_NAMES, methods_help
-from .paths import OutputPlan
+from iia_cli.core.methods import ALIASES_TEXT, METHOD_NAMES, methods_help
+from iia_cli.io.paths import OutputPlan
 
 app = typer.Typer(
     name="iia",
@@ -39,8 +39,8 @@ DTYPE_HELP = "Network dtype: float32, float16 or bfloat16 (solver state stays fl
 def version_text() -> str:
     """``iia <version>``, with the git revision of the tool's checkout (``-dirty`` with uncommitted changes) when
     the package runs from one; the same revision the results CSV records in ``git_revision``."""
-    from . import __version__
-    from .results import git_revision
+    from iia_cli import __version__
+    from iia_cli.tables.results import git_revision
 
     rev = git_revision()
     return f"iia {__version__}" + (f" (git {rev})" if rev != "unknown" else "")
@@ -99,7 +99,7 @@ def sample(
     sets: Optional[list[str]] = set_option(),
 ) -> None:
     """Sample images with a base solver or an IIA solver (resumes an interrupted run)."""
-    from . import api
+    from iia_cli import api
 
     with handle_errors(), OutputPlan() as plan:
         cfg = command_config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "sampler.seeds": seeds,
@@ -157,7 +157,7 @@ def calibrate(
     """Fit IIA coefficients by least squares, one greedy pass against the target (local fine reference or the
     teacher's trajectory), apply the guard, and report the final-sample error of base and IIA against the
     teacher on held-out noises (a plain warning when IIA is worse)."""
-    from . import api
+    from iia_cli import api
 
     with handle_errors(), OutputPlan() as plan:
         cfg = command_config(config, sets, {"sampler.method": method, "sampler.nfe": nfe, "calibration.samples": samples,
@@ -185,7 +185,7 @@ def config_command(
     loads back to the same config, or the schema: every key with its type, default and description."""
     import yaml
 
-    from .config import describe_schema
+    from iia_cli.config.experiment import describe_schema
 
     with handle_errors():
         if not show:
@@ -197,7 +197,7 @@ def config_command(
 
 def _log_except_wrote(msg: str) -> None:
     """The library's log without its closing `wrote <path>` line, which the command prints on stdout."""
-    from .progress import log
+    from iia_cli.runtime.progress import log
 
     if not msg.startswith("wrote "):
         log(msg)
@@ -207,7 +207,7 @@ def raise_usage(msg: str) -> None:
     raise ConfigError(msg)
 
 
-from . import cli_evaluate, cli_fid, cli_grid  # noqa: E402 -- their commands register on ``app``, defined above
+from . import evaluate as cli_evaluate, fid as cli_fid, grid as cli_grid  # noqa: E402 -- their commands register on ``app``, defined above
 
 cli_fid.register(app)
 cli_evaluate.register(app)
@@ -221,7 +221,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main() -> None:
     import signal
 
-    from . import dist
+    from iia_cli.runtime import dist
 
     signal.signal(signal.SIGTERM, _terminate)
     try:

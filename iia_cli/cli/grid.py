@@ -1,5 +1,5 @@
-"""CLI command ``grid``: search a sampler's time grid and write it as a grid file (``iia_cli.gits``: GITS's dynamic
-programming; ``iia_cli.ld3``: an LD3-style grid learned by gradient through the solver)."""
+"""CLI command ``grid``: search a sampler's time grid and write it as a grid file (``iia_cli.experiments.gits``: GITS's dynamic
+programming; ``iia_cli.experiments.ld3``: an LD3-style grid learned by gradient through the solver)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from typing import Optional
 
 import typer
 
-from .cli_common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
-from .errors import ConfigError
-from .gits import DEFAULT_CANDIDATES, DEFAULT_NOISES, DEFAULT_TEACHER_SUBSTEPS
-from .ld3 import (DEFAULT_BATCH, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_SLACK, DEFAULT_TEACHER_STEPS,
-                  DEFAULT_TEACHER_SUBSTEPS as LD3_TEACHER_SUBSTEPS, DEFAULT_VAL_NOISES)
-from .paths import OutputPlan
+from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
+from iia_cli.runtime.errors import ConfigError
+from iia_cli.experiments.gits import DEFAULT_CANDIDATES, DEFAULT_NOISES, DEFAULT_TEACHER_SUBSTEPS
+from iia_cli.experiments.ld3 import (DEFAULT_BATCH, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_SLACK,
+                                     DEFAULT_TEACHER_STEPS, DEFAULT_TEACHER_SUBSTEPS as LD3_TEACHER_SUBSTEPS,
+                                     DEFAULT_VAL_NOISES)
+from iia_cli.io.paths import OutputPlan
 
 SEARCH_KINDS = ("gits", "learned")
 
@@ -59,9 +60,9 @@ def register(app: typer.Typer) -> None:
         fine candidates, the cost of one step between every pair, the cheapest path by dynamic programming.
         learned (LD3): the sigmas, monotone between sigma_min and sigma_max, learned by Adam through the solver
         against the teacher's final samples, the best by held-out validation kept."""
-        from .gits import SearchSettings, search_grid
-        from .ld3 import LearnSettings, search_learned
-        from .progress import log
+        from iia_cli.experiments.gits import SearchSettings, search_grid
+        from iia_cli.experiments.ld3 import LearnSettings, search_learned
+        from iia_cli.runtime.progress import log
 
         with handle_errors(), OutputPlan() as plan:
             plan.file(out, "--out", "grid file", suffixes=(".json",), example="gits-ddim-nfe6.json")

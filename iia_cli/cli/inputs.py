@@ -8,7 +8,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any
 
-from .errors import IIARuntimeError
+from iia_cli.runtime.errors import IIARuntimeError
 
 EDM_MODELS = "NVlabs/edm's published pretrained models (nvlabs-fi-cdn.nvidia.com/edm/pretrained/)"
 EDM_REFS = "NVlabs/edm's published FID reference statistics (nvlabs-fi-cdn.nvidia.com/edm/fid-refs/)"

@@ -1,7 +1,7 @@
 """Typed experiment config: YAML file + CLI options + ``--set a.b=c`` overrides, validated in one pass.
 
-The schema is a set of pydantic models, one per section (:mod:`iia_cli.schema` has the YAML-friendly value
-types); the ``model`` section is a union over the model kinds of :data:`iia_cli.models.MODEL_KINDS`, told apart
+The schema is a set of pydantic models, one per section (:mod:`iia_cli.runtime.schema` has the YAML-friendly value
+types); the ``model`` section is a union over the model kinds of :data:`iia_cli.models.registry.MODEL_KINDS`, told apart
 by ``kind``. Field descriptions are the documentation (``iia config --schema``). A loaded config is canonical
 (method aliases resolved, ``sampler.dtype`` copied into network models' ``dtype``); unknown keys and bad values
 raise :class:`ConfigError` naming the key and the valid choices.
@@ -15,14 +15,16 @@ from typing import Annotated, Any, ClassVar, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, MissingFileError
-from .limits import MAX_NFE, SEED_LIMIT
-from .grids import DISCRETE_SPACINGS, GRID_KINDS
-from .layout import RESULTS_DIR, anchored
-from .models import MODEL_KINDS, ModelParams, model_kind
-from .schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList, OptInt,
-                     OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
-from .solvers import CONVENTIONS, THRESHOLDINGS, teacher_name
+from iia_cli.runtime.errors import ConfigError, MissingFileError
+from iia_cli.runtime.limits import MAX_NFE, SEED_LIMIT
+from iia_cli.core.grids import DISCRETE_SPACINGS, GRID_KINDS
+from iia_cli.io.layout import RESULTS_DIR, anchored
+from iia_cli.models.registry import MODEL_KINDS, model_kind
+from iia_cli.runtime.schema import ModelParams
+from iia_cli.runtime.schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList,
+                                    OptInt, OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
+from iia_cli.core.solvers.base import CONVENTIONS, THRESHOLDINGS
+from iia_cli.core.solvers.registry import teacher_name
 
 SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
 CALIBRATION_TARGETS = ("local", "trajectory")  # iia.TARGETS (a test keeps them equal)
@@ -30,7 +32,7 @@ CALIBRATION_TARGETS = ("local", "trajectory")  # iia.TARGETS (a test keeps them 
 
 def canonical_method(name: str) -> str:
     """A method name or alias -> its canonical name (the one place the config asks the method registry)."""
-    from .methods import canonical_method as canonical
+    from iia_cli.core.methods import canonical_method as canonical
 
     return canonical(name)
 
@@ -191,7 +193,7 @@ class EvaluateConfig(Section):
             check_nfe(n, "evaluate.nfe")
         check_nfe(self.reference_nfe, "evaluate.reference_nfe")
         if self.metrics is not None:
-            from .metrics import parse_metrics
+            from iia_cli.metrics.registry import parse_metrics
 
             parse_metrics(self.metrics, "evaluate.metrics")
         if self.samples < 1:

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import write_text_atomic
-from .errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli import __version__
+from iia_cli.io.atomic import write_text_atomic
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 from .grids import list_grid
 
 GRID_FILE_FORMAT = "iia-grid"

@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .solvers import DEFAULT_CONVENTION, SOLVER_ALIASES, SOLVERS, History, HeunRecord, IPNDMRecord, Solver, StepRecord
-from .solvers import make_solver as _make_solver
+from iia_cli.runtime.errors import ConfigError
+from .solvers.base import DEFAULT_CONVENTION, History, Solver, StepRecord
+from .solvers.registry import SOLVER_ALIASES, SOLVERS
+from .solvers.heun import HeunRecord
+from .solvers.ipndm import IPNDMRecord
+from .solvers.registry import make_solver as _make_solver
 
 # basis(x_i, record_i, history, sigmas, i) -> list of quantities [B, C, H, W], or None (uncorrected step)
 BasisFn = Callable[[torch.Tensor, Any, History, torch.Tensor, int], "list[torch.Tensor] | None"]
@@ -250,7 +253,7 @@ def make_method(name: str, guided: bool = False, convention: str = DEFAULT_CONVE
     or absent: the method's default); a method ignores the parameters it does not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
     (eq. 8). ``convention``: the NFE/grid convention of the base solver (``iia`` or ``diff-sampler``).
     ``thresholding`` (``none`` | ``dynamic``) and ``afs``: diff-sampler's dynamic thresholding of D and analytical
-    first step (:class:`~iia_cli.solvers.Solver`). Like the convention, each enters ``params`` (so row identities
+    first step (:class:`~iia_cli.core.solvers.base.Solver`). Like the convention, each enters ``params`` (so row identities
     and coefficient files) only when not the default.
     Raises ConfigError for an invalid parameter, or a basis whose record its solver does not provide."""
     name = canonical_method(name)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from . import devices
-from .limits import MAX_SEEDS, SEED_LIMIT
-from .errors import ConfigError, IIARuntimeError
+from iia_cli.runtime import devices
+from iia_cli.runtime.limits import MAX_SEEDS, SEED_LIMIT
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from .methods import Method
-from .models.base import Denoiser, capabilities, label_dim, model_dtype
-from .solvers import History, Record, push
+from iia_cli.models.base import Denoiser, capabilities, label_dim, model_dtype
+from .solvers.base import History, Record, push
 
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step
 
@@ -80,7 +80,7 @@ def format_seeds(seeds: Sequence[int]) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``sampler.device`` as a torch device (:func:`iia_cli.devices.resolve_device`)."""
+    """``sampler.device`` as a torch device (:func:`iia_cli.runtime.devices.resolve_device`)."""
     return devices.resolve_device(device, "use --set sampler.device=cpu")
 
 
@@ -145,7 +145,7 @@ class BoundDenoiser:
         if labels is not None and labels.shape[0] != x.shape[0]:
             raise IIARuntimeError("internal: class labels do not match the batch")
         if tracks_grad(x, sigma):
-            # A learned grid (iia_cli.ld3): the call stays in the autograd graph, in x and in sigma. Whether the
+            # A learned grid (iia_cli.experiments.ld3): the call stays in the autograd graph, in x and in sigma. Whether the
             # model itself is differentiable is the model's affair (the analytic models are).
             sig = torch.as_tensor(sigma).to(device=x.device, dtype=sig_dtype).reshape(()).expand(x.shape[0])
             out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
@@ -188,7 +188,7 @@ class Step:
 def propose(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor, i: int, history: History,
             with_quantities: bool = True) -> Step:
     """Step i of ``method`` from state x: the base update and (for IIA methods) the quantities of its correction.
-    The step sees the solver's denoiser (:meth:`~iia_cli.solvers.Solver.denoiser`: ``denoise`` itself, or with
+    The step sees the solver's denoiser (:meth:`~iia_cli.core.solvers.base.Solver.denoiser`: ``denoise`` itself, or with
     ``sampler.thresholding`` / ``sampler.afs`` applied), so IIA's quantities and fine reference read the same D."""
     solver = method.solver
     res = solver.step(solver.denoiser(denoise, sigmas, i, history), x, sigmas, i, history)
@@ -236,7 +236,7 @@ def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
     its fine reference and its teacher all go through this sequence (calibration splits it into
     :func:`propose` and :func:`commit` to fit the coefficients in between).
     Autograd-friendly: with ``sigmas`` that require grad (the solvers then compute in 0-dim tensors, not floats) or
-    a state that does, the step is differentiable in both (a learned grid, :mod:`iia_cli.ld3`); plain sigmas and
+    a state that does, the step is differentiable in both (a learned grid, :mod:`iia_cli.experiments.ld3`); plain sigmas and
     states take exactly the float and ``no_grad`` path of sampling.
     Returns (x_{i+1}, history after the step, the proposed step)."""
     step = propose(method, denoise, x, sigmas, i, history, with_quantities=coeffs is not None)

@@ -15,22 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist, layout
-from .api import (LogFn, ModelMemo, Prepared, ResolvedCoefficients, checkpoint_interval, find_coefficients, grid_params,
-                  prepare, resolve_coefficients, save_checkpoint)
-from .atomic import OutputRescued, savez_atomic
-from .config import ExperimentConfig, GridConfig, check_nfe
-from .errors import ConfigError, IIARuntimeError
-from .images import quantize
-from .methods import PARAM_KEYS
-from .metrics import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states, make_accumulator,
-                      parse_metrics, result_fields, save_states)
-from .models.base import Denoiser, capabilities, model_dtype
-from .progress import ImageProgress, log as default_log
-from .results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
-                      normalise_results, read_results, render_table, row_identity)
-from .sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
-from .solvers import make_solver
+from iia_cli.runtime import dist
+from iia_cli.io import layout
+from iia_cli.api import (LogFn, ModelMemo, Prepared, ResolvedCoefficients, checkpoint_interval, find_coefficients,
+                         grid_params, prepare, resolve_coefficients, save_checkpoint)
+from iia_cli.io.atomic import OutputRescued, savez_atomic
+from iia_cli.config.experiment import ExperimentConfig, GridConfig, check_nfe
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.io.images import quantize
+from iia_cli.core.methods import PARAM_KEYS
+from iia_cli.metrics.registry import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states,
+                                      make_accumulator, parse_metrics, result_fields, save_states)
+from iia_cli.models.base import Denoiser, capabilities, model_dtype
+from iia_cli.runtime.progress import ImageProgress, log as default_log
+from iia_cli.tables.results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
+                                    normalise_results, read_results, render_table, row_identity)
+from iia_cli.core.sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
+from iia_cli.core.solvers.registry import make_solver
 
 
 @dataclass
@@ -53,7 +54,7 @@ def parse_seed_ranges(spec: Any) -> list[list[int]]:
 
 def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
     """Cache paths (statistics, features) of the reference images of a data spec."""
-    from .fid import sha256_of_file
+    from iia_cli.io.hashing import sha256_of_file
 
     spec = cfg.fid.reference
     key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}".encode()).hexdigest()[:10]
@@ -69,7 +70,7 @@ def _is_stats_file(cfg: ExperimentConfig) -> bool:
 
 def _compute_reference(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn,
                        with_stats: bool) -> None:
-    from .fid import compute_reference_features
+    from iia_cli.metrics.fid.compute import compute_reference_features
 
     stats_path, feats_path = _reference_cache(cfg, weights)
     spec, n = cfg.fid.reference, cfg.fid.reference_samples
@@ -84,7 +85,7 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
                       log: LogFn) -> tuple[Path, np.ndarray, np.ndarray, str]:
     """Reference statistics (path, mu, sigma, sha256): an existing .npz, or statistics computed once from a
     data spec and cached (with the features, from the same Inception pass)."""
-    from .fid import load_reference
+    from iia_cli.metrics.fid.stats import load_reference
 
     if not cfg.fid.reference:
         raise ConfigError("fid.reference is not set: give an .npz with mu/sigma (e.g. EDM's cifar10-32x32.npz) "
@@ -102,7 +103,7 @@ def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: tor
                                log: LogFn) -> tuple[Path, np.ndarray, str]:
     """Reference features (path, float32 [N, d], content sha256) of the data spec in fid.reference, computed once
     and cached; KID needs the features themselves, which a mu/sigma .npz does not hold."""
-    from .fid import load_reference_features
+    from iia_cli.metrics.fid.compute import load_reference_features
 
     if not cfg.fid.reference or _is_stats_file(cfg):
         raise ConfigError(f"kid needs the reference images' features, but fid.reference={cfg.fid.reference!r} "
@@ -243,7 +244,9 @@ class MetricSetup:
     def _inception(self, needs: dict[str, Any], every: set[str], base: Prepared,
                    inception_weights: str | Path | None, log: LogFn) -> None:
         """FID's Inception feature extractor and the reference statistics and features it is compared with."""
-        from .fid import FeatureExtractor, resolve_inception_weights, sha256_of_file
+        from iia_cli.metrics.fid.features import FeatureExtractor
+        from iia_cli.metrics.fid.weights import resolve_inception_weights
+        from iia_cli.io.hashing import sha256_of_file
 
         cfg, metrics = self.cfg, self.metrics
         if not cfg.fid.reference:
@@ -280,7 +283,7 @@ class MetricSetup:
 
     def _clip(self, base: Prepared, log: LogFn) -> None:
         """The CLIP scorer of a text-to-image model's samples against their prompts."""
-        from .clip_score import ClipScorer, resolve_clip_weights
+        from iia_cli.metrics.clip_score import ClipScorer, resolve_clip_weights
 
         clip_dir = resolve_clip_weights(self.cfg.fid.clip_weights)
         if clip_dir is None or capabilities(self.model).prompt_of is None:
@@ -336,7 +339,7 @@ def choose_metrics(cfg: ExperimentConfig, requested: Any, model: Denoiser) -> li
     metrics = parse_metrics(["fid"] + (["kid"] if kid else []) + (["integration_rmse"] if cfg.evaluate.error_samples > 0
                                                                    else []))
     if capabilities(model).prompt_of is not None:
-        from .clip_score import resolve_clip_weights
+        from iia_cli.metrics.clip_score import resolve_clip_weights
 
         if resolve_clip_weights(cfg.fid.clip_weights) is not None:
             metrics.append("clip_score")
@@ -684,7 +687,8 @@ def merge_shards(shard_dir: str | Path, csv: str | Path, log: LogFn = default_lo
 
 def _merge_context(row: dict[str, Any]) -> MetricContext:
     """The references a metric's value needs when shard sums are merged (checked against the row's hash)."""
-    from .fid import load_reference, load_reference_features
+    from iia_cli.metrics.fid.stats import load_reference
+    from iia_cli.metrics.fid.compute import load_reference_features
 
     needs = METRICS[row["metric"]].needs
     ctx = MetricContext()
@@ -728,7 +732,7 @@ def print_table(csv_path: Path, experiment: str | None = None, only_rows: list[d
     import pandas as pd
     from rich.console import Console
 
-    from .results import figure_title
+    from iia_cli.tables.results import figure_title
 
     if only_rows is not None:
         df = normalise_results(pd.DataFrame(only_rows), "results")
@@ -750,7 +754,7 @@ def print_comparison(csv_path: Path, a: str, b: str, experiment: str | None = No
     """``iia report --compare A B``: every paired comparison of two methods (table labels) in a results CSV."""
     from rich.console import Console
 
-    from .results import compare_methods
+    from iia_cli.tables.results import compare_methods
 
     df = read_results(csv_path)
     if experiment and "experiment" in df:
@@ -781,6 +785,6 @@ def print_comparison(csv_path: Path, a: str, b: str, experiment: str | None = No
 
 
 def _label_params(text: str) -> str:
-    from .results import _params_label
+    from iia_cli.tables.results import _params_label
 
     return _params_label(text)

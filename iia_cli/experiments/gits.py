@@ -3,7 +3,7 @@ Diffusion Sampling", Sec. 4: dynamic programming over a fine candidate grid agai
 
 1. Teacher: a few noises are solved finely through C candidate sigmas (a Karras rho-7 grid over the run's
    [sigma_min, sigma_max], clipped to the model's range): ``teacher_substeps`` Heun steps per candidate interval,
-   uniform in log sigma (:class:`iia_cli.iia.Teacher`). The teacher states x*_i at every candidate are kept.
+   uniform in log sigma (:class:`iia_cli.calibration.iia.Teacher`). The teacher states x*_i at every candidate are kept.
 2. Step costs: for every pair i < j, one step of the cost solver from x*_i at sigma_i to sigma_j, compared with
    x*_j: ``cost[i, j]`` = mean over the noises of ||x_step - x*_j||_2 (GITS's cost).
 3. Dynamic programming: the cheapest path from the first candidate (sigma_max) to the last (sigma_min) with
@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ExperimentConfig, GridConfig
-from .errors import ConfigError, IIARuntimeError
-from .gridfile import GridFile
-from .grids import make_karras_grid
-from .iia import Teacher
-from .progress import ImageProgress, log as default_log
-from .sampling import BoundDenoiser, format_seeds, noise_and_conditioning
-from .solvers import Solver, make_solver
-from .models.base import Denoiser, round_sigmas
+from iia_cli.config.experiment import ExperimentConfig, GridConfig
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.core.gridfile import GridFile
+from iia_cli.core.grids import make_karras_grid
+from iia_cli.calibration.iia import Teacher
+from iia_cli.runtime.progress import ImageProgress, log as default_log
+from iia_cli.core.sampling import BoundDenoiser, format_seeds, noise_and_conditioning
+from iia_cli.core.solvers.base import Solver
+from iia_cli.core.solvers.registry import make_solver
+from iia_cli.models.base import Denoiser, round_sigmas
 
 SEARCH_KINDS = ("gits",)
 SINGLE_STEP_SOLVERS = ("ddim", "edm", "dpm-solver-2")  # a step depends on its state only, not on history
@@ -192,7 +193,7 @@ def search_gits(cfg: ExperimentConfig, method: str, nfe: int, settings: SearchSe
                 log: LogFn = default_log) -> GridFile:
     """Search the grid of ``method`` at ``nfe`` on the config's model (GITS, see the module doc). The run's sigma
     range is ``cfg.grid``'s [sigma_min, sigma_max] (whatever its kind). Returns the grid file (not yet saved)."""
-    from .api import prepare  # api imports the grid-file loader; the search is a layer above it
+    from iia_cli.api import prepare  # api imports the grid-file loader; the search is a layer above it
 
     t0 = time.perf_counter()
     g = cfg.grid

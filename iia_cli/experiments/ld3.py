@@ -15,7 +15,7 @@ samples:
    to 0 when the student ends at 0), or the model's closed-form solution (``teacher="exact"``, the Gaussian
    test model).
 3. Training: Adam on theta, one minibatch of ``batch`` training noises an iteration, the loss differentiated
-   through :func:`iia_cli.sampling.run_steps` (every solver step is autograd-friendly in the sigmas). Two losses:
+   through :func:`iia_cli.core.sampling.run_steps` (every solver step is autograd-friendly in the sigmas). Two losses:
 
    * ``mse``: the mean squared error of the student's final samples against the teacher's;
    * ``soft`` (LD3's soft teacher, the paper's Sec. 3.2): the student may start from a perturbed noise
@@ -44,14 +44,14 @@ from typing import Any
 
 import torch
 
-from .config import ExperimentConfig, GridConfig
-from .errors import ConfigError, IIARuntimeError
-from .gridfile import GridFile
-from .grids import make_karras_grid
-from .iia import Teacher
-from .progress import ImageProgress, log as default_log
-from .sampling import BoundDenoiser, format_seeds, noise_and_conditioning, run_steps
-from .models.base import Denoiser, capabilities, round_sigmas
+from iia_cli.config.experiment import ExperimentConfig, GridConfig
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.core.gridfile import GridFile
+from iia_cli.core.grids import make_karras_grid
+from iia_cli.calibration.iia import Teacher
+from iia_cli.runtime.progress import ImageProgress, log as default_log
+from iia_cli.core.sampling import BoundDenoiser, format_seeds, noise_and_conditioning, run_steps
+from iia_cli.models.base import Denoiser, capabilities, round_sigmas
 
 LogFn = Callable[[str], None]
 SEARCH_SEED_START = 3_000_000_000  # as GITS's teacher noises: disjoint from evaluation, calibration and validation
@@ -171,7 +171,7 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
     [sigma_min, sigma_max]. Returns the grid file (not yet saved). ``teacher_memo``: a dict where the teacher's
     final samples are kept between searches that share them (model fingerprint, teacher, its sigmas, seeds); the
     search then records the teacher's seconds of the search that solved it."""
-    from .api import prepare  # api imports the grid-file loader; the search is a layer above it
+    from iia_cli.api import prepare  # api imports the grid-file loader; the search is a layer above it
 
     t0 = time.perf_counter()
     g = cfg.grid

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IIARuntimeError
+from iia_cli.runtime.errors import IIARuntimeError
 
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
 # .<target>.iia-<host>-<pid>-<mkstemp random>.tmp

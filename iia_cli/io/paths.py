@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .atomic import remove_stale_temps, temp_prefix
-from .errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 
 LOCK_TIMEOUT_S = 600.0
 

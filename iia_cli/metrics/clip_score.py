@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import IIARuntimeError, MissingFileError
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
 
 CLIP_WEIGHTS_ENV = "IIA_CLIP_WEIGHTS"
 INSTALL_HINT = "pip install transformers"

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist, uncertainty
-from .errors import ConfigError, IIARuntimeError
+from iia_cli.runtime import dist
+from . import uncertainty
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 
 State = dict[str, np.ndarray]
 
@@ -80,7 +81,7 @@ class ReferenceSolutions:
             for s, x in zip(missing, self.solve(missing)):
                 self.cache[s] = x
             if self.path is not None and self.save:
-                from .atomic import savez_atomic
+                from iia_cli.io.atomic import savez_atomic
 
                 order = sorted(self.cache)
                 try:
@@ -260,7 +261,7 @@ class FeatureAccumulator(Accumulator):
     vector (exact under addition with zeros) and a fill count."""
 
     def empty_state(self) -> State:
-        from .fid import FEATURE_DIM
+        from .fid.weights import FEATURE_DIM
 
         d = FEATURE_DIM
         if self.ctx.ref_mu is not None:

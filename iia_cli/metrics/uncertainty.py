@@ -350,7 +350,7 @@ def paired_jackknife(value_a: float, loo_a: np.ndarray, value_b: float, loo_b: n
 
 
 def _clean_psd(w: np.ndarray, dim: int) -> np.ndarray:
-    """Eigenvalues below rounding level (dim * eps * max) set to 0, as iia_cli.fid.stats does for its
+    """Eigenvalues below rounding level (dim * eps * max) set to 0, as iia_cli.metrics.fid.stats does for its
     dim x dim problem, so that both routes treat the null space alike."""
     tol = max(float(w.max(initial=0.0)), 0.0) * dim * np.finfo(np.float64).eps
     return np.where(w > tol, w, 0.0)
@@ -362,7 +362,7 @@ class _SubsetFID:
     n < d: the low-rank route. With A = H X_S (H the s x s centring matrix) Sigma_S = A^T A / (s-1), the non-zero
     eigenvalues of Sigma_S Sigma_ref are those of H X_S Sigma_ref X_S^T H / (s-1), so after Q = X Sigma_ref X^T,
     G = X X^T and X mu_ref (once) each subset costs one s x s symmetric eigenproblem.
-    n >= d: moment sums and iia_cli.fid.stats.frechet_distance."""
+    n >= d: moment sums and iia_cli.metrics.fid.stats.frechet_distance."""
 
     def __init__(self, X: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> None:
         X = np.asarray(X, dtype=np.float64)
@@ -431,7 +431,7 @@ def _subset_fid(X, mu_ref, sigma_ref) -> _SubsetFID:
 
 def fid_jackknife(X, mu_ref, sigma_ref, k: int = JACKKNIFE_BLOCKS) -> tuple[float, np.ndarray]:
     """(FID of all n samples, the k leave-one-block-out FIDs) of features X [n, d] (seed order) against reference
-    statistics; agrees with iia_cli.fid.stats.frechet_distance of FeatureStats' mean and unbiased covariance."""
+    statistics; agrees with iia_cli.metrics.fid.stats.frechet_distance of FeatureStats' mean and unbiased covariance."""
     f = _subset_fid(X, mu_ref, sigma_ref)
     parts = blocks(f.n, k)
     if f.low_rank:

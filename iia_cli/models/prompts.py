@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MissingFileError
+from iia_cli.runtime.errors import ConfigError, MissingFileError
 
 
 def _clean(text: str) -> str:

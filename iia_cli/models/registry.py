@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from ..errors import ConfigError, IIARuntimeError
-from ..schema import ModelParams, config_error
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.schema import ModelParams, config_error
 from . import diffusers_sd, diffusers_unet, edm_pkl, factory, gaussian, gmm
-from .base import Denoiser, label_dim, model_dtype
 
 @dataclass(frozen=True)
 class ModelKind:
@@ -34,7 +33,7 @@ class ModelKind:
         return "dtype" in self.params.model_fields
 
 
-# The registry: one entry per kind. config.py builds the ``model`` section's schema from it.
+# The registry: one entry per kind. config/experiment.py builds the ``model`` section's schema from it.
 MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (
     ModelKind(gaussian.GaussianParams, gaussian.build),
     ModelKind(gmm.GMMParams, gmm.build),
@@ -80,4 +79,4 @@ def model_fingerprint(model: Any, kind: str, params: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["MODEL_KINDS", "Denoiser", "ModelKind", "label_dim", "load_model", "model_dtype", "model_fingerprint"]
+__all__ = ["MODEL_KINDS", "ModelKind", "load_model", "model_fingerprint"]

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write, write_text_atomic
+from iia_cli.io.atomic import atomic_write, write_text_atomic
 from .data import load_mnist_5k
-from .errors import ConfigError, IIARuntimeError, one_line
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, one_line
 
 TESTBED_NAME = "mnist-ddpm"
 TESTBED_DIR = Path(__file__).resolve().parent / "testbed_weights" / TESTBED_NAME

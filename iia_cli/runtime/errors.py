@@ -1,4 +1,4 @@
-"""Typed errors. Library code raises these; only ``cli.py`` turns them into exit codes.
+"""Typed errors. Library code raises these; only the command line (``cli/``) turns them into exit codes.
 
 ``ConfigError`` -> exit 2 (usage or configuration: a bad key, value or option combination).
 ``IIARuntimeError`` -> exit 1 (a missing or unreadable file, a failed run, NaN samples, ...).

@@ -4,7 +4,7 @@ YAML and ``--set a.b=c`` give loosely typed values; these annotated types accept
 and nothing more: an int is an int or an integral number or string (never a bool, never 2.5), a bool is a
 bool or one of true/false/yes/no/1/0, a list may be written ``5,9`` or ``[5, 9]``. A bad value raises a pydantic
 error that :func:`config_error` turns into one line: ``key=value is not a valid int``. Checks that know their
-key and valid choices raise :class:`~iia_cli.errors.ConfigError` directly (pydantic lets it through).
+key and valid choices raise :class:`~iia_cli.runtime.errors.ConfigError` directly (pydantic lets it through).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Section(BaseModel):
 
 class ModelParams(Section):
     """The ``model`` section of one model kind: ``kind`` and the kind's own keys (a subclass per kind, next to
-    its loader; the registry in :mod:`iia_cli.models` lists them)."""
+    its loader; the registry in :mod:`iia_cli.models.registry` lists them)."""
 
     section: ClassVar[str] = "model"
     kind: str

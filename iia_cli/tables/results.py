@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .atomic import write_rescue_copy
-from .compare import LEGACY, compare_rows, describe, identical
-from .errors import IIARuntimeError, MissingFileError
-from .methods import METHODS, shown_params
-from .metrics import METRICS
-from .paths import csv_lock
-from .uncertainty import seeds_to_resolve
+from iia_cli import __version__
+from iia_cli.io.atomic import write_rescue_copy
+from iia_cli.metrics.compare import LEGACY, compare_rows, describe, identical
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
+from iia_cli.core.methods import METHODS, shown_params
+from iia_cli.metrics.registry import METRICS
+from iia_cli.io.paths import csv_lock
+from iia_cli.metrics.uncertainty import seeds_to_resolve
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",
@@ -51,7 +51,7 @@ def row_identity(fields: dict[str, Any]) -> tuple[str, str]:
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str:
     """The git revision of the tool's checkout (with -dirty), or 'unknown' outside a checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout: iia_cli/tables/results.py
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=5)

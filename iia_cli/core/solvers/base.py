@@ -18,8 +18,8 @@ from typing import ClassVar, Union
 
 import torch
 
-from ..errors import ConfigError, IIARuntimeError
-from ..grids import GridPlan
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.core.grids import GridPlan
 
 # A noise level in a step: a Python float, or a 0-dim tensor when the grid carries gradient (see sigma_pair).
 Sigma = Union[float, torch.Tensor]
@@ -192,7 +192,7 @@ class Solver:
 
 def sigma_pair(sigmas: torch.Tensor, i: int) -> tuple[Sigma, Sigma]:
     """(sigma_i, sigma_{i+1}): Python floats, exactly as every sampling run uses them; 0-dim tensors when ``sigmas``
-    requires grad (a learned grid, :mod:`iia_cli.ld3`), so that the step stays differentiable in the sigmas."""
+    requires grad (a learned grid, :mod:`iia_cli.experiments.ld3`), so that the step stays differentiable in the sigmas."""
     if sigmas.requires_grad:
         return sigmas[i], sigmas[i + 1]
     return float(sigmas[i]), float(sigmas[i + 1])

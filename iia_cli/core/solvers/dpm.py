@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..grids import GridPlan
+from iia_cli.runtime.errors import ConfigError
+from iia_cli.core.grids import GridPlan
 from .base import DenoiseFn, History, Sigma, Solver, StepRecord, StepResult, expm1, log, sigma_pair, sqrt, steps_to_zero
 
 

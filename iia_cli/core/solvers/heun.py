@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..grids import GridPlan
+from iia_cli.runtime.errors import ConfigError
+from iia_cli.core.grids import GridPlan
 from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .base import (CONVENTIONS, DEFAULT_CONVENTION, THRESHOLDINGS, DenoiseFn, GridPlan, History, Record, Solver,
-                   StepRecord, StepResult, afs_denoised, dynamic_threshold, push)
-from .dpm import DPMSolver2, DPMSolverPPMultistep, LambdaRecord
+from iia_cli.runtime.errors import ConfigError
+from .base import CONVENTIONS, DEFAULT_CONVENTION, THRESHOLDINGS, Solver
+from .dpm import DPMSolver2, DPMSolverPPMultistep
 from .euler import DDIM
-from .heun import Heun, HeunRecord
-from .ipndm import IPNDM, IPNDMRecord
-from .unipc import UniPC, UniPCRecord
+from .heun import Heun
+from .ipndm import IPNDM
+from .unipc import UniPC
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,5 @@ def make_solver(name: str, convention: str = DEFAULT_CONVENTION, thresholding: s
     return solver
 
 
-__all__ = ["DenoiseFn", "GridPlan", "History", "Record", "Solver", "StepRecord", "StepResult", "push", "make_solver",
-           "SOLVERS", "SolverSpec", "teacher_choices", "teacher_name", "BASE_SOLVER_NAMES", "SOLVER_ALIASES", "CONVENTIONS", "DEFAULT_CONVENTION",
-           "THRESHOLDINGS", "afs_denoised", "dynamic_threshold", "thresholdable_solvers",
-           "HeunRecord", "IPNDMRecord", "LambdaRecord", "UniPCRecord"]
+__all__ = ["BASE_SOLVER_NAMES", "SOLVERS", "SOLVER_ALIASES", "SolverSpec", "make_solver", "teacher_choices",
+           "teacher_name", "thresholdable_solvers"]

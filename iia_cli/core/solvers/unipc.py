@@ -42,7 +42,7 @@ class UniPCRecord(StepRecord):
 
 def _b_weights(hh: Sigma, order: int) -> list[Sigma]:
     """bh2's b_1 .. b_order at hh = -h: the phi_k(hh) recursion divided by expm1(hh); floats or tensors (the same
-    operations either way, :func:`~iia_cli.solvers.base.expm1` picks math's or torch's)."""
+    operations either way, :func:`~iia_cli.core.solvers.base.expm1` picks math's or torch's)."""
     b_h = expm1(hh)
     h_phi_k = expm1(hh) / hh - 1
     factorial = 1

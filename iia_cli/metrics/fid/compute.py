@@ -1,6 +1,6 @@
 """Frechet Inception Distance, in parts: ``weights`` (lookup, fid-helper conversion, safe loading), ``features``
 (the Inception extractor), ``stats`` (float64 sums, reference files, the Frechet distance) and ``sources``
-(folders, ``.npz``/``.npy``, built-in data). This module chains them and re-exports their public names::
+(folders, ``.npz``/``.npy``, built-in data). This module chains them::
 
     images (uint8 [N, H, W, C]) -> FeatureExtractor -> features (float64 [N, 2048])
         -> FeatureStats (n, sum f, sum f f^T; merges exactly across batches and shards)
@@ -19,39 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-from ..errors import ConfigError, IIARuntimeError
-from ..hashing import sha256_of_file
-from .convert import convert_fid_helper_state_dict, fid_helper_network_path, install_fid_helper_weights
-from .features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
-from .sources import BUILTIN_PREFIX, IMAGE_SUFFIXES, _take, iter_image_batches, list_image_files
-from .stats import FeatureStats, check_reference_stats, frechet_distance, load_reference
-from .weights import (
-    ENV_INCEPTION_WEIGHTS,
-    FEATURE_DIM,
-    FID_HELPER_PACKAGE,
-    FID_HELPER_PIP,
-    FID_HELPER_SHA256,
-    HOW_TO_PROVIDE_WEIGHTS,
-    TORCH_FIDELITY_WEIGHTS_FILENAME,
-    WeightsSource,
-    load_inception_state,
-    resolve_inception_weights,
-    torch_fidelity_weights_path,
-)
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from .features import FeatureExtractor
+from .sources import _take, iter_image_batches
+from .stats import FeatureStats, frechet_distance, load_reference
 
 ProgressFn = Callable[[int], None]
 
-__all__ = [
-    "BUILTIN_PREFIX", "ENV_INCEPTION_WEIGHTS", "FEATURE_DIM", "FEATURE_EXTRACTOR_NAME", "FID_HELPER_PACKAGE",
-    "FID_HELPER_PIP", "FID_HELPER_SHA256", "HOW_TO_PROVIDE_WEIGHTS", "IMAGE_SUFFIXES",
-    "TORCH_FIDELITY_WEIGHTS_FILENAME", "FeatureExtractor", "FeatureStats", "ProgressFn", "WeightsSource",
-    "check_reference_stats", "compute_reference", "compute_reference_features", "compute_stats", "features_sha256",
-    "load_reference_features", "convert_fid_helper_state_dict",
-    "fid_from_stats", "fid_helper_network_path", "fid_of_images", "frechet_distance", "install_fid_helper_weights",
-    "iter_image_batches", "list_image_files", "load_inception_state", "load_reference", "resolve_device",
-    "resolve_inception_weights", "sha256_of_file", "torch_fidelity_weights_path",
-]
+__all__ = ["ProgressFn", "compute_reference", "compute_reference_features", "compute_stats", "features_sha256",
+           "fid_from_stats", "fid_of_images", "load_reference_features"]
 
 
 def compute_stats(
@@ -128,7 +104,7 @@ def compute_reference_features(
     if stats.n == 0:
         raise IIARuntimeError("no images to compute reference features from")
     features = np.concatenate(parts)
-    from ..atomic import savez_atomic
+    from iia_cli.io.atomic import savez_atomic
 
     savez_atomic(Path(features_path), features=features)
     if stats_path is not None:
@@ -147,7 +123,7 @@ def features_sha256(features: np.ndarray) -> str:
 def load_reference_features(path: str | Path) -> tuple[np.ndarray, str]:
     """Reference features ``(float32 [N, d], content sha256)`` from an ``.npz`` with key ``features``, read as
     data (no pickles)."""
-    from ..errors import MissingFileError
+    from iia_cli.runtime.errors import MissingFileError
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-from ..errors import ConfigError, IIARuntimeError, MissingFileError, one_line
+from iia_cli.runtime.devices import resolve_device
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, one_line
 from .weights import FEATURE_DIM, HOW_TO_PROVIDE_WEIGHTS, load_inception_state
 
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"

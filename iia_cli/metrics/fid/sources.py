@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, IIARuntimeError, MissingFileError, one_line
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, one_line
 from .stats import _open_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -27,7 +27,7 @@ def _as_uint8_nhwc(arr: np.ndarray, where: str) -> np.ndarray:
         if arr.ndim == 4 and arr.shape[1] in (1, 3):
             return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
     elif np.issubdtype(arr.dtype, np.floating) and arr.ndim == 4 and arr.shape[1] in (1, 3):
-        from ..images import quantize
+        from iia_cli.io.images import quantize
 
         arr = np.asarray(arr)
         if not np.isfinite(arr).all():
@@ -96,7 +96,7 @@ def iter_image_batches(source: str | Path, batch_size: int) -> Iterator[np.ndarr
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     spec = str(source)
     if spec.startswith(BUILTIN_PREFIX):
-        from ..datasets import BUILTIN_DATASETS, load_builtin_images
+        from iia_cli.models.datasets import BUILTIN_DATASETS, load_builtin_images
 
         name = spec[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:

