@@ -11,6 +11,8 @@ so the calls a resumed run must make are known exactly: all of them minus those 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +223,7 @@ def test_record_types_keep_their_stored_names() -> None:
     (rec,) = decode_history(spec, arrays, torch.device("cpu"))
     assert type(rec) is StepRecord and rec.sigma == 1.5
     assert encode_history((rec,), "p")[0] == spec
+    # On its own, the checkpoint module knows every record class (it loads the solvers' modules itself).
+    code = "import iia_cli.calibration.checkpoint as c; print(len(c._record_types()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == len(_record_types()) == 5

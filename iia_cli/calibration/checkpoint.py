@@ -31,6 +31,7 @@ import torch
 from iia_cli.runtime import dist
 from iia_cli.io.atomic import savez_atomic
 from iia_cli.core.solvers.base import History, StepRecord
+from iia_cli.core.solvers import registry  # noqa: F401 -- loads every solver's module: _record_types knows each record
 
 CHECKPOINT_FORMAT = 1
 LogFn = Callable[[str], None]
@@ -176,6 +177,8 @@ def record_name(cls: type) -> str:
 
 
 def _record_types() -> dict[str, type[StepRecord]]:
+    """Every record class by its stored name: the subclasses of StepRecord (the solvers' modules, all loaded by
+    the registry's import above, define them)."""
     out: dict[str, type[StepRecord]] = {}
     todo: list[type[StepRecord]] = [StepRecord]
     while todo:
