@@ -41,11 +41,11 @@ import torch
 
 from iia_cli import api
 from iia_cli.config.experiment import load_config
-from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
 from iia_cli.core.gridfile import GridFile, load_grid_file
 from iia_cli.core.methods import IIA_METHODS
 from iia_cli.core.sampling import sample_batches
 from iia_cli.core.solvers.registry import make_solver
+from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.frontier
     import paired_rows as pr

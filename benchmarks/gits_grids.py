@@ -32,11 +32,11 @@ import torch
 
 from iia_cli import api
 from iia_cli.config.experiment import load_config
-from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
 from iia_cli.core.gridfile import GridFile
-from iia_cli.experiments.ld3 import LearnSettings, search_learned
 from iia_cli.core.sampling import sample_batches
 from iia_cli.core.solvers.registry import make_solver
+from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
+from iia_cli.experiments.ld3 import LearnSettings, search_learned
 from iia_cli.metrics.uncertainty import paired_rmse
 
 BASES = ["ddim", "ipndm", "dpm-solver++-2m", "edm"]

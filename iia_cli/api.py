@@ -18,25 +18,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runtime import dist, envvars
-from .io import layout
-from .io.atomic import atomic_write, savez_atomic
-from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
-from .runtime.errors import ConfigError, IIARuntimeError, MissingFileError
-from .core.gridfile import check_grid_file, load_grid_file
-from .core.grids import list_grid, make_grid
 from .calibration.iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients,
                               calibration_tag, coefficient_filename, paper_coefficients)
-from .io.images import quantize, save_grid_png, save_png
-from .io.layout import where
+from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
+from .core.gridfile import check_grid_file, load_grid_file
+from .core.grids import list_grid, make_grid
 from .core.methods import IIA_METHODS, PARAM_KEYS, Method, make_method
-from .models.base import label_dim
-from .models.registry import load_model, model_fingerprint
-from .models.base import Denoiser, capabilities
-from .models.speed import auto_batch, optimize
-from .runtime.progress import ImageProgress, log as default_log
 from .core.sampling import (Coefficients, corrected_steps, format_seeds, parse_seeds, resolve_device,
                             resolve_state_dtype, sample_batches, to_images, uncorrected_text)
+from .io import layout
+from .io.atomic import atomic_write, savez_atomic
+from .io.images import quantize, save_grid_png, save_png
+from .io.layout import where
+from .models.base import Denoiser, capabilities, label_dim
+from .models.registry import load_model, model_fingerprint
+from .models.speed import auto_batch, optimize
+from .runtime import dist, envvars
+from .runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from .runtime.progress import ImageProgress, log as default_log
 
 LogFn = Callable[[str], None]
 

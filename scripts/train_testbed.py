@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from iia_cli.models.testbed import TESTBED_DIR, TrainConfig, train
 from iia_cli.runtime.errors import IIAError
 from iia_cli.runtime.progress import log
-from iia_cli.models.testbed import TESTBED_DIR, TrainConfig, train
 
 
 def main() -> int:

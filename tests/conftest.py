@@ -9,8 +9,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME
 from iia_cli.cli.fid import register
+from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME
 
 ROOT = Path(__file__).resolve().parents[1]
 

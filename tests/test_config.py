@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from iia_cli.config.experiment import CALIBRATION_TARGETS, ExperimentConfig, load_config, validate
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.models.registry import MODEL_KINDS, load_model, model_fingerprint
+from iia_cli.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "iia_cli" / "config" / "default.yaml", *sorted((ROOT / "configs").rglob("*.yaml"))]

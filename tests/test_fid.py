@@ -18,13 +18,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from iia_cli.cli.fid import register
+from iia_cli.io.images import save_png
 from iia_cli.metrics.fid.features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
 from iia_cli.metrics.fid.sources import iter_image_batches
 from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance, load_reference
 from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME, resolve_inception_weights
-from iia_cli.cli.fid import register
 from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.io.images import save_png
 
 N_PER_SIDE = 80
 HOW_TO_PARTS = (

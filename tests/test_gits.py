@@ -12,10 +12,10 @@ import torch
 
 from iia_cli import api
 from iia_cli.config.experiment import load_config
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.core.gridfile import GridFile, load_grid_file
 from iia_cli.experiments.evaluate import reference_grid
 from iia_cli.experiments.gits import SearchSettings, cheapest_path, search_grid
-from iia_cli.core.gridfile import GridFile, load_grid_file
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSS = {"experiment": "gits-test", "model": {"kind": "gaussian", "shape": [1, 4, 4]},

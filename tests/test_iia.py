@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.config.experiment import load_config
 from iia_cli.calibration.iia import CalibrationSetup, accumulate_normal_equations, greedy_pass, solve_least_squares
+from iia_cli.config.experiment import load_config
 from iia_cli.core.methods import IIA_METHODS, make_method
-from iia_cli.models.gaussian import GaussianModel
 from iia_cli.core.sampling import BoundDenoiser, make_noise, run_steps
+from iia_cli.models.gaussian import GaussianModel
 from toy_models import DiagonalGaussian
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)

@@ -23,8 +23,8 @@ import torch
 from ckpt_builders import HAS_DIFFUSERS, SOURCES
 from ckpt_builders import tiny_unet as _tiny_unet
 from ckpt_builders import writer_modules as _writer_modules
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.edm_pkl import _EDMUnpickler, _Unavailable, load_edm_pickle
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

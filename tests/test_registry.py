@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from iia_cli.core import methods
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.core.methods import IIA_METHODS, METHOD_NAMES, METHODS, Method, MethodSpec, make_method
-from iia_cli.models.gaussian import GaussianModel
 from iia_cli.core.sampling import BoundDenoiser
-from iia_cli.core.solvers.registry import BASE_SOLVER_NAMES, SOLVER_ALIASES, SOLVERS, make_solver
 from iia_cli.core.solvers.base import CONVENTIONS, push
 from iia_cli.core.solvers.heun import HeunRecord
+from iia_cli.core.solvers.registry import BASE_SOLVER_NAMES, SOLVER_ALIASES, SOLVERS, make_solver
+from iia_cli.models.gaussian import GaussianModel
+from iia_cli.runtime.errors import ConfigError
 
 
 def _variants(spec: MethodSpec):

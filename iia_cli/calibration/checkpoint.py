@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from iia_cli.runtime import dist
-from iia_cli.io.atomic import savez_atomic
-from iia_cli.core.solvers.base import History, StepRecord
 from iia_cli.core.solvers import registry  # noqa: F401 -- loads every solver's module: _record_types knows each record
+from iia_cli.core.solvers.base import History, StepRecord
+from iia_cli.io.atomic import savez_atomic
+from iia_cli.runtime import dist
 
 CHECKPOINT_FORMAT = 1
 LogFn = Callable[[str], None]

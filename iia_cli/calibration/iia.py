@@ -31,17 +31,18 @@ from typing import Any
 import torch
 
 from iia_cli import __version__
-from iia_cli.runtime import dist
-from iia_cli.io.atomic import write_text_atomic
-from .checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.core.grids import subdivide
 from iia_cli.core.methods import METHODS, Method
 from iia_cli.core.sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
                                    noise_and_conditioning, propose, sample_batches)
 from iia_cli.core.solvers.base import History
 from iia_cli.core.solvers.registry import make_solver, teacher_name
+from iia_cli.io.atomic import write_text_atomic
 from iia_cli.models.base import Denoiser, capabilities
+from iia_cli.runtime import dist
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+
+from .checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
 
 FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
                     # 3: target, teacher, guard and end-to-end validation

@@ -10,11 +10,12 @@ from typing import Any, Optional
 
 import typer
 
-from .common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors, key_help, set_option
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
-from .inputs import check_inputs
 from iia_cli.core.methods import ALIASES_TEXT, METHOD_NAMES, methods_help
 from iia_cli.io.paths import OutputPlan
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+
+from .common import CONFIG_HELP, OneLineErrorGroup, command_config, handle_errors, key_help, set_option
+from .inputs import check_inputs
 
 app = typer.Typer(
     name="iia",

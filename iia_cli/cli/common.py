@@ -14,8 +14,8 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from iia_cli.runtime import dist, envvars
 from iia_cli.config.experiment import ExperimentConfig, load_config, parse_set
+from iia_cli.runtime import dist, envvars
 from iia_cli.runtime.errors import IIAError
 from iia_cli.runtime.progress import log
 

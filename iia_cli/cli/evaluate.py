@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 
 from iia_cli.io import layout
-from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
 from iia_cli.io.paths import PLOT_SUFFIXES, OutputPlan
 from iia_cli.metrics.registry import METRICS
 from iia_cli.tables.results import COLUMNS
+
+from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
 
 NFE_HELP = key_help("evaluate.nfe", "One NFE or a comma-separated list")
 

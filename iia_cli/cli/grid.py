@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.experiments.gits import DEFAULT_CANDIDATES, DEFAULT_NOISES, DEFAULT_TEACHER_SUBSTEPS
 from iia_cli.experiments.ld3 import (DEFAULT_BATCH, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_SLACK,
                                      DEFAULT_TEACHER_STEPS, DEFAULT_TEACHER_SUBSTEPS as LD3_TEACHER_SUBSTEPS,
                                      DEFAULT_VAL_NOISES)
 from iia_cli.io.paths import OutputPlan
+from iia_cli.runtime.errors import ConfigError
+
+from .common import CONFIG_HELP, command_config, handle_errors, key_help, set_option
 
 SEARCH_KINDS = ("gits", "learned")
 

@@ -15,16 +15,16 @@ from typing import Annotated, Any, ClassVar, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from iia_cli.runtime.errors import ConfigError, MissingFileError
-from iia_cli.runtime.limits import MAX_NFE, SEED_LIMIT
 from iia_cli.core.grids import DISCRETE_SPACINGS, GRID_KINDS
-from iia_cli.io.layout import RESULTS_DIR, anchored
-from iia_cli.models.registry import MODEL_KINDS, model_kind
-from iia_cli.runtime.schema import ModelParams
-from iia_cli.runtime.schema import (NETWORK_DTYPES, Batch, Bool, Choice, Float, Int, IntList, OptChoice, OptFloatList,
-                                    OptInt, OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList, config_error)
 from iia_cli.core.solvers.base import CONVENTIONS, THRESHOLDINGS
 from iia_cli.core.solvers.registry import teacher_name
+from iia_cli.io.layout import RESULTS_DIR, anchored
+from iia_cli.models.registry import MODEL_KINDS, model_kind
+from iia_cli.runtime.errors import ConfigError, MissingFileError
+from iia_cli.runtime.limits import MAX_NFE, SEED_LIMIT
+from iia_cli.runtime.schema import (Batch, Bool, Choice, Float, Int, IntList, ModelParams, NETWORK_DTYPES, OptChoice,
+                                    OptFloatList, OptInt, OptSeedSpecList, OptStr, OptStrList, Section, Str, StrList,
+                                    config_error)
 
 SECTIONS = ("model", "grid", "sampler", "calibration", "output", "fid", "evaluate")
 CALIBRATION_TARGETS = ("local", "trajectory")  # iia.TARGETS (a test keeps them equal)

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.models.base import Denoiser, capabilities, round_sigmas
+from iia_cli.runtime.errors import ConfigError
 
 GRID_KINDS = ("karras", "logsnr", "time-uniform", "discrete", "list", "file")
 DISCRETE_SPACINGS = ("uniform", "quad")

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from iia_cli.runtime.errors import ConfigError
+
 from .solvers.base import DEFAULT_CONVENTION, History, Solver, StepRecord
-from .solvers.registry import SOLVER_ALIASES, SOLVERS
 from .solvers.heun import HeunRecord
 from .solvers.ipndm import IPNDMRecord
-from .solvers.registry import make_solver as _make_solver
+from .solvers.registry import SOLVERS, SOLVER_ALIASES, make_solver as _make_solver
 
 # basis(x_i, record_i, history, sigmas, i) -> list of quantities [B, C, H, W], or None (uncorrected step)
 BasisFn = Callable[[torch.Tensor, Any, History, torch.Tensor, int], "list[torch.Tensor] | None"]

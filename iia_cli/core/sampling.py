@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from iia_cli.runtime import devices
-from iia_cli.runtime.limits import MAX_SEEDS, SEED_LIMIT
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
-from .methods import Method
 from iia_cli.models.base import Denoiser, capabilities, label_dim, model_dtype
+from iia_cli.runtime import devices
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.limits import MAX_SEEDS, SEED_LIMIT
+
+from .methods import Method
 from .solvers.base import History, Record, push
 
 Coefficients = list[list[float]]  # per step; an empty list = uncorrected step

@@ -15,23 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from iia_cli.runtime import dist
-from iia_cli.io import layout
 from iia_cli.api import (LogFn, ModelMemo, Prepared, ResolvedCoefficients, checkpoint_interval, find_coefficients,
                          grid_params, prepare, resolve_coefficients, save_checkpoint)
-from iia_cli.io.atomic import OutputRescued, savez_atomic
 from iia_cli.config.experiment import ExperimentConfig, GridConfig, check_nfe
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
-from iia_cli.io.images import quantize
 from iia_cli.core.methods import PARAM_KEYS
+from iia_cli.core.sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
+from iia_cli.core.solvers.registry import make_solver
+from iia_cli.io import layout
+from iia_cli.io.atomic import OutputRescued, savez_atomic
+from iia_cli.io.images import quantize
 from iia_cli.metrics.registry import (METRICS, Accumulator, Batch, MetricContext, ReferenceSolutions, load_states,
                                       make_accumulator, parse_metrics, result_fields, save_states)
 from iia_cli.models.base import Denoiser, capabilities, model_dtype
+from iia_cli.runtime import dist
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from iia_cli.runtime.progress import ImageProgress, log as default_log
 from iia_cli.tables.results import (COLUMNS, append_rows, check_header, done_identities, identity_conflicts, make_row,
                                     normalise_results, read_results, render_table, row_identity)
-from iia_cli.core.sampling import Coefficients, format_seeds, parse_seeds, sample_batches, to_images
-from iia_cli.core.solvers.registry import make_solver
 
 
 @dataclass

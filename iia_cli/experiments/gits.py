@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from iia_cli.calibration.iia import Teacher
 from iia_cli.config.experiment import ExperimentConfig, GridConfig
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from iia_cli.core.gridfile import GridFile
 from iia_cli.core.grids import make_karras_grid
-from iia_cli.calibration.iia import Teacher
-from iia_cli.runtime.progress import ImageProgress, log as default_log
 from iia_cli.core.sampling import BoundDenoiser, format_seeds, noise_and_conditioning
 from iia_cli.core.solvers.base import Solver
 from iia_cli.core.solvers.registry import make_solver
 from iia_cli.models.base import Denoiser, round_sigmas
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.progress import ImageProgress, log as default_log
 
 SEARCH_KINDS = ("gits",)
 SINGLE_STEP_SOLVERS = ("ddim", "edm", "dpm-solver-2")  # a step depends on its state only, not on history

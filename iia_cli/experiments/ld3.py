@@ -44,14 +44,14 @@ from typing import Any
 
 import torch
 
+from iia_cli.calibration.iia import Teacher
 from iia_cli.config.experiment import ExperimentConfig, GridConfig
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from iia_cli.core.gridfile import GridFile
 from iia_cli.core.grids import make_karras_grid
-from iia_cli.calibration.iia import Teacher
-from iia_cli.runtime.progress import ImageProgress, log as default_log
 from iia_cli.core.sampling import BoundDenoiser, format_seeds, noise_and_conditioning, run_steps
 from iia_cli.models.base import Denoiser, capabilities, round_sigmas
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.progress import ImageProgress, log as default_log
 
 LogFn = Callable[[str], None]
 SEARCH_SEED_START = 3_000_000_000  # as GITS's teacher noises: disjoint from evaluation, calibration and validation

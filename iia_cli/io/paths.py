@@ -24,8 +24,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .atomic import remove_stale_temps, temp_prefix
 from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+
+from .atomic import remove_stale_temps, temp_prefix
 
 LOCK_TIMEOUT_S = 600.0
 

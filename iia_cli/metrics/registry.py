@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from iia_cli.runtime import dist
-from . import uncertainty
 from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+
+from . import uncertainty
 
 State = dict[str, np.ndarray]
 

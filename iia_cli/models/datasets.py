@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import load_fashion_mnist, load_mnist_5k
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.io.images import quantize
+from iia_cli.runtime.errors import ConfigError
+
+from .data import load_fashion_mnist, load_mnist_5k
 from .gmm import GMMDenoiser
 from .testbed import heldout_images
 

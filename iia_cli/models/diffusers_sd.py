@@ -39,13 +39,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.io.hashing import sha256_of_file as sha256_file
 from iia_cli.models.diffusers_unet import (DiffusersParams, DiscreteUNetDenoiser, PredictionType, to_denoised,
                                            TimestepLookup, _parse_enum, _read_json, make_betas, make_discrete_sigmas)
-from iia_cli.runtime.errors import describe_error
-from iia_cli.io.hashing import sha256_of_file as sha256_file
-from iia_cli.models.shared import DIFFUSERS_HINT, TRANSFORMERS_HINT, dtype_name, parse_dtype
 from iia_cli.models.prompts import load_prompts
+from iia_cli.models.shared import DIFFUSERS_HINT, TRANSFORMERS_HINT, dtype_name, parse_dtype
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
 from iia_cli.runtime.schema import Float, OptInt, RequiredAny, RequiredStr, Str
 
 PROMPT_CACHE = 1024  # text embeddings kept per model (SD 2.1: 77 x 1024 floats each)

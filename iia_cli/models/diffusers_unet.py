@@ -29,10 +29,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.runtime.errors import describe_error
 from iia_cli.io.hashing import sha256_of_file as sha256_file
 from iia_cli.models.shared import DIFFUSERS_HINT, dtype_name, parse_dtype
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
 from iia_cli.runtime.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from iia_cli.io.atomic import atomic_write, write_text_atomic
-from .data import load_mnist_5k
 from iia_cli.runtime.errors import ConfigError, IIARuntimeError, one_line
+
+from .data import load_mnist_5k
 
 TESTBED_NAME = "mnist-ddpm"
 TESTBED_DIR = Path(__file__).resolve().parent / "testbed_weights" / TESTBED_NAME

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from iia_cli import __version__
-from iia_cli.io.atomic import write_rescue_copy
-from iia_cli.metrics.compare import LEGACY, compare_rows, describe, identical
-from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
 from iia_cli.core.methods import METHODS, shown_params
-from iia_cli.metrics.registry import METRICS
+from iia_cli.io.atomic import write_rescue_copy
 from iia_cli.io.paths import csv_lock
+from iia_cli.metrics.compare import LEGACY, compare_rows, describe, identical
+from iia_cli.metrics.registry import METRICS
 from iia_cli.metrics.uncertainty import seeds_to_resolve
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
 
 COLUMNS = [
     "experiment", "model", "model_sha256", "method", "method_params", "r", "M", "B", "grid", "nfe", "seeds",

@@ -18,8 +18,8 @@ from typing import ClassVar, Union
 
 import torch
 
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 from iia_cli.core.grids import GridPlan
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 
 # A noise level in a step: a Python float, or a 0-dim tensor when the grid carries gradient (see sigma_pair).
 Sigma = Union[float, torch.Tensor]

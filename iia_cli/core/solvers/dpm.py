@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.core.grids import GridPlan
+from iia_cli.runtime.errors import ConfigError
+
 from .base import DenoiseFn, History, Sigma, Solver, StepRecord, StepResult, expm1, log, sigma_pair, sqrt, steps_to_zero
 
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from iia_cli.runtime.errors import ConfigError
 from iia_cli.core.grids import GridPlan
+from iia_cli.runtime.errors import ConfigError
+
 from .base import DenoiseFn, History, Solver, StepRecord, StepResult, sigma_pair
 
 

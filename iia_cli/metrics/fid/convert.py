@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from iia_cli.io.atomic import atomic_write
-from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
 from iia_cli.io.hashing import sha256_of_file
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError
+
 from .features import FeatureExtractor
 from .weights import (FEATURE_DIM, FID_HELPER_PACKAGE, FID_HELPER_PIP, FID_HELPER_SHA256,
                       TORCH_FIDELITY_WEIGHTS_FILENAME, torch_fidelity_weights_path)

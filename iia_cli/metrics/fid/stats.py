@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from iia_cli.io.atomic import savez_atomic
-from iia_cli.runtime.errors import IIARuntimeError, MissingFileError, one_line
 from iia_cli.io.hashing import sha256_of_file
+from iia_cli.runtime.errors import IIARuntimeError, MissingFileError, one_line
+
 from .weights import FEATURE_DIM
 
 
