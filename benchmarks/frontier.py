@@ -3,9 +3,9 @@
 On one model (default: the trained testbed network, configs/mnist-testbed.yaml), for each base solver and NFE:
 
 * the base solver on every fixed grid (``--fixed``: Karras rho 7, logSNR-uniform, time-uniform; the kinds of
-  ``iia_cli.core.grids``) and on a GITS grid (``iia_cli.experiments.gits``; one teacher solve over the candidates and DDIM's step
-  costs shared by every solver and NFE, as benchmarks/gits_grids.py does: GITS costs multistep solvers with DDIM's
-  step, so the three default bases get the same GITS grid at one NFE);
+  ``iia_cli.core.grids``) and on a GITS grid (``iia_cli.experiments.gits``; one teacher solve over the candidates and
+  DDIM's step costs shared by every solver and NFE, as benchmarks/gits_grids.py does: GITS costs multistep solvers with
+  DDIM's step, so the three default bases get the same GITS grid at one NFE);
 * the IIA method of the base, calibrated with the config's calibration settings (testbed: B = 64, M = 4, local
   target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
 * learned grids: a column kept for LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid

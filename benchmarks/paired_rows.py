@@ -1,9 +1,9 @@
 """Per-seed squared errors and paired comparisons for the error benchmarks (integration_error.py, iia_targets.py).
 
 Every row keeps its per-seed squared-error sums (CSV column ``sq``, exact base64 float64 from
-iia_cli.metrics.uncertainty.encode_array) and the element count of one sample (``elements``), so any comparison the tables
-draw can be recomputed from the CSV alone. The estimators are iia_cli.metrics.uncertainty's (``rmse_interval``: BCa
-bootstrap over seeds; ``paired_rmse``: ratio of two RMSEs on the same seeds, resampled jointly; ``tail_share``);
+iia_cli.metrics.uncertainty.encode_array) and the element count of one sample (``elements``), so any comparison the
+tables draw can be recomputed from the CSV alone. The estimators are iia_cli.metrics.uncertainty's (``rmse_interval``:
+BCa bootstrap over seeds; ``paired_rmse``: ratio of two RMSEs on the same seeds, resampled jointly; ``tail_share``);
 this module only applies them to benchmark rows and formats the results. A comparison is *resolved* when its 95 %
 interval excludes 1.
 """

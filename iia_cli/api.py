@@ -20,7 +20,8 @@ import torch
 
 from .calibration.iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients,
                               calibration_tag, coefficient_filename, paper_coefficients)
-from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
+# load_config: not used here, imported for the notebook API (``from iia_cli.api import load_config``)
+from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401
 from .core.gridfile import check_grid_file, load_grid_file
 from .core.grids import list_grid, make_grid
 from .core.methods import IIA_METHODS, PARAM_KEYS, Method, make_method

@@ -129,8 +129,8 @@ def test_a_section_that_is_not_a_mapping(tmp_path):
 
 
 def test_loading_is_canonical_and_validate_changes_nothing():
-    cfg = load_config(ROOT / "iia_cli" / "config" / "default.yaml", [("sampler.method", "heun"), ("sampler.dtype", "float16"),
-                                                          ("evaluate.methods", ["euler", "iia-edm"])])
+    cfg = load_config(ROOT / "iia_cli" / "config" / "default.yaml", [("sampler.method", "heun"),
+                      ("sampler.dtype", "float16"), ("evaluate.methods", ["euler", "iia-edm"])])
     assert cfg.sampler.method == "edm" and cfg.evaluate.methods == ["ddim", "iia-edm"]
     assert cfg.model.params["dtype"] == "float16"  # sampler.dtype reaches the network at load time
     before = cfg.model_dump()
@@ -173,7 +173,8 @@ def test_calibration_targets_match_the_calibration_code():
 
 
 def test_parsing_a_config_imports_no_diffusers():
-    code = ("import sys; from iia_cli.config.experiment import load_config; load_config('configs/paper/sd21-coco.yaml'); "
+    code = ("import sys; from iia_cli.config.experiment import load_config; "
+            "load_config('configs/paper/sd21-coco.yaml'); "
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -1,4 +1,5 @@
-"""GITS grid search (iia_cli.experiments.gits), grid files (iia_cli.core.gridfile) and the integration-error reference of given grids."""
+"""GITS grid search (iia_cli.experiments.gits), grid files (iia_cli.core.gridfile) and the integration-error reference
+of given grids."""
 
 import csv
 import hashlib

@@ -1,5 +1,5 @@
-"""LD3-style learned grids (iia_cli.experiments.ld3): gradients through the solver step, the search on the Gaussian model, its
-grid file and the CLI."""
+"""LD3-style learned grids (iia_cli.experiments.ld3): gradients through the solver step, the search on the Gaussian
+model, its grid file and the CLI."""
 
 import json
 from pathlib import Path

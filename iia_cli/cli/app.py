@@ -208,7 +208,8 @@ def raise_usage(msg: str) -> None:
     raise ConfigError(msg)
 
 
-from . import evaluate as cli_evaluate, fid as cli_fid, grid as cli_grid  # noqa: E402 -- their commands register on ``app``, defined above
+# their commands register on ``app``, defined above
+from . import evaluate as cli_evaluate, fid as cli_fid, grid as cli_grid  # noqa: E402
 
 cli_fid.register(app)
 cli_evaluate.register(app)

@@ -25,7 +25,8 @@ CONFIG_HELP = ("YAML experiment config (sections model, grid, sampler, calibrati
                "own embedded source unless model.trust_code: true.")
 
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
-DEFAULT_CONFIG = Path(__file__).parent.parent / "config" / "default.yaml"  # the built-in config of runs without --config
+# the built-in config of runs without --config
+DEFAULT_CONFIG = Path(__file__).parent.parent / "config" / "default.yaml"
 SET_HELP = ("Override any config key, e.g. --set grid.rho=5 --set evaluate.methods=ddim,iia-ddim (a list as a,b "
             "or [a, b]); repeatable.")
 

@@ -1,5 +1,5 @@
-"""CLI command ``grid``: search a sampler's time grid and write it as a grid file (``iia_cli.experiments.gits``: GITS's dynamic
-programming; ``iia_cli.experiments.ld3``: an LD3-style grid learned by gradient through the solver)."""
+"""CLI command ``grid``: search a sampler's time grid and write it as a grid file (``iia_cli.experiments.gits``: GITS's
+dynamic programming; ``iia_cli.experiments.ld3``: an LD3-style grid learned by gradient through the solver)."""
 
 from __future__ import annotations
 

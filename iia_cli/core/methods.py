@@ -253,8 +253,8 @@ def make_method(name: str, guided: bool = False, convention: str = DEFAULT_CONVE
     or absent: the method's default); a method ignores the parameters it does not take. ``guided``: the model applies classifier-free guidance, and iia-ddim takes its guided form
     (eq. 8). ``convention``: the NFE/grid convention of the base solver (``iia`` or ``diff-sampler``).
     ``thresholding`` (``none`` | ``dynamic``) and ``afs``: diff-sampler's dynamic thresholding of D and analytical
-    first step (:class:`~iia_cli.core.solvers.base.Solver`). Like the convention, each enters ``params`` (so row identities
-    and coefficient files) only when not the default.
+    first step (:class:`~iia_cli.core.solvers.base.Solver`). Like the convention, each enters ``params`` (so row
+    identities and coefficient files) only when not the default.
     Raises ConfigError for an invalid parameter, or a basis whose record its solver does not provide."""
     name = canonical_method(name)
     spec = METHODS[name]

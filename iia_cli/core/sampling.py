@@ -146,8 +146,8 @@ class BoundDenoiser:
         if labels is not None and labels.shape[0] != x.shape[0]:
             raise IIARuntimeError("internal: class labels do not match the batch")
         if tracks_grad(x, sigma):
-            # A learned grid (iia_cli.experiments.ld3): the call stays in the autograd graph, in x and in sigma. Whether the
-            # model itself is differentiable is the model's affair (the analytic models are).
+            # A learned grid (iia_cli.experiments.ld3): the call stays in the autograd graph, in x and in sigma. Whether
+            # the model itself is differentiable is the model's affair (the analytic models are).
             sig = torch.as_tensor(sigma).to(device=x.device, dtype=sig_dtype).reshape(()).expand(x.shape[0])
             out = self.model(x_in, sig, labels) if labels is not None else self.model(x_in, sig)
             return out.to(x.dtype)
@@ -237,8 +237,8 @@ def advance(method: Method, denoise: Any, x: torch.Tensor, sigmas: torch.Tensor,
     its fine reference and its teacher all go through this sequence (calibration splits it into
     :func:`propose` and :func:`commit` to fit the coefficients in between).
     Autograd-friendly: with ``sigmas`` that require grad (the solvers then compute in 0-dim tensors, not floats) or
-    a state that does, the step is differentiable in both (a learned grid, :mod:`iia_cli.experiments.ld3`); plain sigmas and
-    states take exactly the float and ``no_grad`` path of sampling.
+    a state that does, the step is differentiable in both (a learned grid, :mod:`iia_cli.experiments.ld3`); plain sigmas
+    and states take exactly the float and ``no_grad`` path of sampling.
     Returns (x_{i+1}, history after the step, the proposed step)."""
     step = propose(method, denoise, x, sigmas, i, history, with_quantities=coeffs is not None)
     x_next, history = commit(step, history, coeffs[i] if coeffs is not None and method.is_iia else None)

