@@ -3,9 +3,9 @@
 On one model (default: the trained testbed network, configs/mnist-testbed.yaml), for each base solver and NFE:
 
 * the base solver on every fixed grid (``--fixed``: Karras rho 7, logSNR-uniform, time-uniform; the kinds of
-  ``iia_cli.grids``) and on a GITS grid (``iia_cli.gits``; one teacher solve over the candidates and DDIM's step
-  costs shared by every solver and NFE, as benchmarks/gits_grids.py does: GITS costs multistep solvers with DDIM's
-  step, so the three default bases get the same GITS grid at one NFE);
+  ``iia_cli.core.grids``) and on a GITS grid (``iia_cli.experiments.gits``; one teacher solve over the candidates and
+  DDIM's step costs shared by every solver and NFE, as benchmarks/gits_grids.py does: GITS costs multistep solvers with
+  DDIM's step, so the three default bases get the same GITS grid at one NFE);
 * the IIA method of the base, calibrated with the config's calibration settings (testbed: B = 64, M = 4, local
   target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
 * learned grids: LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid files written by
@@ -16,7 +16,7 @@ On one model (default: the trained testbed network, configs/mnist-testbed.yaml),
 Integration error: RMSE of the final samples on ``--seeds`` held-out seeds (0..N-1) against one converged reference
 solve per noise (EDM's Heun at ``--reference-nfe`` on a Karras grid), the same reference for every cell: the final
 samples are compared, so the error does not depend on a cell's grid. Every row keeps its per-seed squared errors
-(``sq``), so the CSV alone gives every paired comparison (benchmarks/paired_rows.py, iia_cli.uncertainty).
+(``sq``), so the CSV alone gives every paired comparison (benchmarks/paired_rows.py, iia_cli.metrics.uncertainty).
 
 Cost: GITS search (teacher + step costs + dynamic programming, the shared parts counted in every search, as a
 standalone search would spend them) and IIA calibration (``calibration_calls``: fit, teacher and guard passes;
@@ -44,13 +44,13 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
-from iia_cli.gridfile import GridFile, load_grid_file
-from iia_cli.ld3 import LearnSettings, search_learned
-from iia_cli.methods import IIA_METHODS
-from iia_cli.sampling import sample_batches
-from iia_cli.solvers import make_solver
+from iia_cli.config.experiment import load_config
+from iia_cli.core.gridfile import GridFile, load_grid_file
+from iia_cli.core.methods import IIA_METHODS
+from iia_cli.core.sampling import sample_batches
+from iia_cli.core.solvers.registry import make_solver
+from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
+from iia_cli.experiments.ld3 import LearnSettings, search_learned
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.frontier
     import paired_rows as pr
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap.add_argument("--config", default="configs/mnist-testbed.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--bases", default=",".join(BASES))
-    ap.add_argument("--fixed", default=",".join(FIXED), help="fixed grid kinds (iia_cli.grids)")
+    ap.add_argument("--fixed", default=",".join(FIXED), help="fixed grid kinds (iia_cli.core.grids)")
     ap.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFEs, run in this order")
     ap.add_argument("--seeds", type=int, default=128, help="held-out evaluation seeds 0..N-1")
     ap.add_argument("--reference-nfe", type=int, default=99, help="EDM Heun NFE of the reference (Karras grid)")

@@ -1,20 +1,21 @@
 """GITS grids vs Karras grids on gmm-mnist: integration error of DDIM, iPNDM, DPM-Solver++(2M) and EDM (Heun), and
 IIA-DDIM calibrated on either grid.
 
-The search is GITS (Chen et al., ICML 2024) as ``iia grid --search gits`` runs it (:mod:`iia_cli.gits`), with its
-parts shared where they coincide: one teacher solve over the candidates serves every solver, DDIM's step costs serve
-DDIM, iPNDM and DPM-Solver++(2M) (multistep solvers are costed with DDIM's step), Heun's serve EDM. ``search_s``
+The search is GITS (Chen et al., ICML 2024) as ``iia grid --search gits`` runs it (:mod:`iia_cli.experiments.gits`),
+with its parts shared where they coincide: one teacher solve over the candidates serves every solver, DDIM's step costs
+serve DDIM, iPNDM and DPM-Solver++(2M) (multistep solvers are costed with DDIM's step), Heun's serve EDM. ``search_s``
 is the wall time of one standalone search (teacher + that cost matrix + the dynamic programming), ``search_calls``
 its denoiser evaluations (one image at one sigma). The integration error is the RMSE of the final samples against
 EDM's Heun at NFE 999 on a Karras grid, on held-out seeds; ``ratio`` = RMSE on the GITS grid / RMSE of the same
-solver on the Karras grid with a paired 95 % bootstrap interval over the seeds (``iia_cli.uncertainty.paired_rmse``).
+solver on the Karras grid with a paired 95 % bootstrap interval over the seeds
+(``iia_cli.metrics.uncertainty.paired_rmse``).
 
     nice python benchmarks/gits_grids.py                # 128 seeds, 32 teacher noises, 100 candidates
     nice python benchmarks/gits_grids.py --quick        # a smoke run
 
 ``--search learned`` adds LD3-style learned grids (Tong et al., ICLR 2025; ``iia grid --search learned``,
-:mod:`iia_cli.ld3`) for DDIM and iPNDM beside their Karras and GITS grids (no IIA, EDM or 2M rows): one search per
-solver and NFE, the teacher's final samples shared between them (its time counted in every search's
+:mod:`iia_cli.experiments.ld3`) for DDIM and iPNDM beside their Karras and GITS grids (no IIA, EDM or 2M rows): one
+search per solver and NFE, the teacher's final samples shared between them (its time counted in every search's
 ``search_s``, as a standalone search would spend it).
 """
 
@@ -31,13 +32,13 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
-from iia_cli.gridfile import GridFile
-from iia_cli.ld3 import LearnSettings, search_learned
-from iia_cli.sampling import sample_batches
-from iia_cli.solvers import make_solver
-from iia_cli.uncertainty import paired_rmse
+from iia_cli.config.experiment import load_config
+from iia_cli.core.gridfile import GridFile
+from iia_cli.core.sampling import sample_batches
+from iia_cli.core.solvers.registry import make_solver
+from iia_cli.experiments.gits import SearchSettings, candidate_sigmas, cheapest_path, step_costs, teacher_states
+from iia_cli.experiments.ld3 import LearnSettings, search_learned
+from iia_cli.metrics.uncertainty import paired_rmse
 
 BASES = ["ddim", "ipndm", "dpm-solver++-2m", "edm"]
 IIA = {"ddim": "iia-ddim"}  # calibrated on both grids

@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.iia import Teacher, solve_least_squares, teacher_trajectory
-from iia_cli.sampling import make_noise, sample_batches
-from iia_cli.solvers.ipndm import AB_WEIGHTS
+from iia_cli.calibration.iia import Teacher, solve_least_squares, teacher_trajectory
+from iia_cli.config.experiment import load_config
+from iia_cli.core.sampling import make_noise, sample_batches
+from iia_cli.core.solvers.ipndm import AB_WEIGHTS
 
 BASES = ("diff", "xd", "xdh")
 FLIP = 0.02  # per-sample MSE (pixels in [-1, 1]) above which a sample ended near another mode than the reference
@@ -56,7 +56,7 @@ def quantities(basis: str, x: torch.Tensor, D: torch.Tensor, comb: torch.Tensor,
 
 def ipndm_iia(model, sigmas: torch.Tensor, x: torch.Tensor, basis: str, coeffs: list[torch.Tensor] | None = None,
               targets: list[torch.Tensor] | None = None, ridge: float = 1e-8):
-    """iPNDM (fixed Adams-Bashforth weights, as iia_cli.solvers.ipndm) with IIA corrections on ``basis``.
+    """iPNDM (fixed Adams-Bashforth weights, as iia_cli.core.solvers.ipndm) with IIA corrections on ``basis``.
     ``coeffs`` None and ``targets`` given: the greedy trajectory fit (returns the fitted coefficients);
     ``coeffs`` given: sampling (differentiable in the coefficients). Returns (final states, coefficients)."""
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

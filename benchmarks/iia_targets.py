@@ -5,7 +5,7 @@ state; ``trajectory``: the teacher's state on its trajectory from the same noise
 guard on gives both the unguarded fit (``fitted_coefficients``) and the guarded coefficients. Each is scored by
 the RMSE (pixels in [-1, 1]) of its final samples against a 500-step Heun solve (EDM NFE 999) of the same
 noise, on held-out seeds 0..N-1 (the calibration noises start at 10^9). Every row keeps its per-seed squared
-errors (column ``sq``), so the CSV alone gives every paired comparison on the same seeds (iia_cli.uncertainty):
+errors (column ``sq``), so the CSV alone gives every paired comparison on the same seeds (iia_cli.metrics.uncertainty):
 each IIA row against its base solver (``ratio*``), each ``trajectory`` row against the ``local`` row of the same
 method, NFE and guard setting (``vs_local*``), and per NFE the best row against the runner-up (``best``: ``*``
 resolved, ``~`` tied). A comparison is resolved when its 95 % interval excludes 1. Writes results/iia_targets.csv
@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.sampling import sample_batches
+from iia_cli.config.experiment import load_config
+from iia_cli.core.sampling import sample_batches
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.iia_targets
     import paired_rows as pr

@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.sampling import sample_batches
+from iia_cli.config.experiment import load_config
+from iia_cli.core.sampling import sample_batches
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.integration_error
     import paired_rows as pr

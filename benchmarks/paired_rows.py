@@ -1,9 +1,9 @@
 """Per-seed squared errors and paired comparisons for the error benchmarks (integration_error.py, iia_targets.py).
 
 Every row keeps its per-seed squared-error sums (CSV column ``sq``, exact base64 float64 from
-iia_cli.uncertainty.encode_array) and the element count of one sample (``elements``), so any comparison the tables
-draw can be recomputed from the CSV alone. The estimators are iia_cli.uncertainty's (``rmse_interval``: BCa
-bootstrap over seeds; ``paired_rmse``: ratio of two RMSEs on the same seeds, resampled jointly; ``tail_share``);
+iia_cli.metrics.uncertainty.encode_array) and the element count of one sample (``elements``), so any comparison the
+tables draw can be recomputed from the CSV alone. The estimators are iia_cli.metrics.uncertainty's (``rmse_interval``:
+BCa bootstrap over seeds; ``paired_rmse``: ratio of two RMSEs on the same seeds, resampled jointly; ``tail_share``);
 this module only applies them to benchmark rows and formats the results. A comparison is *resolved* when its 95 %
 interval excludes 1.
 """
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from iia_cli import uncertainty
-from iia_cli.compare import identical
-from iia_cli.uncertainty import Paired
+from iia_cli.metrics import uncertainty
+from iia_cli.metrics.compare import identical
+from iia_cli.metrics.uncertainty import Paired
 
 # Columns each row gains (besides ``rmse``, kept): the RMSE's interval, its heavy-tail check and the per-seed data.
 ROW_COLUMNS = ("ci_low", "ci_high", "ci_method", "ci_warning", "tail_share", "elements", "sq")
@@ -48,7 +48,7 @@ def arrays(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> Paired:
-    """RMSE_a / RMSE_b on the same seeds with its 95 % interval (iia_cli.uncertainty.paired_rmse)."""
+    """RMSE_a / RMSE_b on the same seeds with its 95 % interval (iia_cli.metrics.uncertainty.paired_rmse)."""
     if str(a["seeds"]) != str(b["seeds"]):
         raise ValueError(f"paired comparison needs the same seeds: {a['seeds']} vs {b['seeds']}")
     return uncertainty.paired_rmse(*arrays(a), *arrays(b))

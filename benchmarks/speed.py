@@ -26,12 +26,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from iia_cli.config import GridConfig
-from iia_cli.grids import make_grid
-from iia_cli.iia import CalibrationSetup, greedy_pass
-from iia_cli.methods import METHODS, make_method
-from iia_cli.sampling import BoundDenoiser, make_noise, sample_batches
-from iia_cli.solvers import BASE_SOLVER_NAMES
+from iia_cli.calibration.iia import CalibrationSetup, greedy_pass
+from iia_cli.config.experiment import GridConfig
+from iia_cli.core.grids import make_grid
+from iia_cli.core.methods import METHODS, make_method
+from iia_cli.core.sampling import BoundDenoiser, make_noise, sample_batches
+from iia_cli.core.solvers.registry import BASE_SOLVER_NAMES
 
 
 

@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from iia_cli import api
-from iia_cli.cli_common import DEFAULT_CONFIG
-from iia_cli.compare import compare_rows, describe
-from iia_cli.config import load_config
-from iia_cli.evaluate import evaluate
-from iia_cli.fid import FeatureExtractor, FeatureStats, compute_stats, frechet_distance, resolve_inception_weights
-from iia_cli.testbed import heldout_images
+from iia_cli.cli.common import DEFAULT_CONFIG
+from iia_cli.config.experiment import load_config
+from iia_cli.experiments.evaluate import evaluate
+from iia_cli.metrics.compare import compare_rows, describe
+from iia_cli.metrics.fid.compute import compute_stats
+from iia_cli.metrics.fid.features import FeatureExtractor
+from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance
+from iia_cli.metrics.fid.weights import resolve_inception_weights
+from iia_cli.models.testbed import heldout_images
 
 
 def _fid(a: FeatureStats, b: FeatureStats) -> float:

@@ -1,7 +1,7 @@
-"""Library entry points behind the CLI: ``sample``, ``calibrate`` (and ``evaluate`` in evaluate.py).
+"""Library entry points behind the CLI: ``sample``, ``calibrate`` (and ``evaluate`` in experiments/evaluate.py).
 
 Usable from a notebook: ``from iia_cli.api import load_config, sample, calibrate``. These functions raise
-typed errors (``iia_cli.errors``) and never exit.
+typed errors (``iia_cli.runtime.errors``) and never exit.
 """
 
 from __future__ import annotations
@@ -18,30 +18,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist, envvars, layout
-from .atomic import atomic_write, savez_atomic
-from .config import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401 (load_config: the notebook API)
-from .errors import ConfigError, IIARuntimeError, MissingFileError
-from .gridfile import check_grid_file, load_grid_file
-from .grids import list_grid, make_grid
-from .iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients, calibration_tag,
-                  coefficient_filename, paper_coefficients)
-from .images import quantize, save_grid_png, save_png
-from .layout import where
-from .methods import IIA_METHODS, PARAM_KEYS, Method, make_method
-from .models import label_dim, load_model, model_fingerprint
-from .models.base import Denoiser, capabilities
+from .calibration.iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients,
+                              calibration_tag, coefficient_filename, paper_coefficients)
+# load_config: not used here, imported for the notebook API (``from iia_cli.api import load_config``)
+from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401
+from .core.gridfile import check_grid_file, load_grid_file
+from .core.grids import list_grid, make_grid
+from .core.methods import IIA_METHODS, PARAM_KEYS, Method, make_method
+from .core.sampling import (Coefficients, corrected_steps, format_seeds, parse_seeds, resolve_device,
+                            resolve_state_dtype, sample_batches, to_images, uncorrected_text)
+from .io import layout
+from .io.atomic import atomic_write, savez_atomic
+from .io.images import quantize, save_grid_png, save_png
+from .io.layout import where
+from .models.base import Denoiser, capabilities, label_dim
+from .models.registry import load_model, model_fingerprint
 from .models.speed import auto_batch, optimize
-from .progress import ImageProgress, log as default_log
-from .sampling import (Coefficients, corrected_steps, format_seeds, parse_seeds, resolve_device, resolve_state_dtype,
-                       sample_batches, to_images, uncorrected_text)
+from .runtime import dist, envvars
+from .runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from .runtime.progress import ImageProgress, log as default_log
 
 LogFn = Callable[[str], None]
 
 
 class ModelMemo:
     """What a process keeps between runs on one model: the automatic batch size (per device) and the IIA teacher's
-    trajectories (:class:`~iia_cli.iia.TeacherCache`). Keyed by the model's fingerprint, never by the Python
+    trajectories (:class:`~iia_cli.calibration.iia.TeacherCache`). Keyed by the model's fingerprint, never by the Python
     object (``id()`` is reused after garbage collection) and never stored on the user's model object.
 
     :func:`prepare` uses :data:`MEMO`, the process's one, so that ``iia evaluate``'s methods on one grid share

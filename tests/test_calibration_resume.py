@@ -11,15 +11,18 @@ so the calls a resumed run must make are known exactly: all of them minus those 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from iia_cli import api
-from iia_cli.calibration_checkpoint import CalibrationCheckpoint
-from iia_cli.config import load_config
+from iia_cli.calibration.checkpoint import CalibrationCheckpoint
+from iia_cli.config.experiment import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,3 +205,25 @@ def test_a_damaged_checkpoint_is_a_warning_and_a_fresh_start(here, monkeypatch, 
     warnings = [line for line in runner.logs if line.startswith("warning: the calibration checkpoint")]
     assert len(warnings) == 1 and "afresh" in warnings[0], runner.logs
     assert again.calls <= full.calls and not _checkpoints(here)
+
+
+def test_record_types_keep_their_stored_names() -> None:
+    """Checkpoints name record classes as format 1 did, so one written before the package moved still resumes."""
+    from iia_cli.calibration.checkpoint import _record_types, decode_history, encode_history, record_name
+    from iia_cli.core.solvers.base import StepRecord
+    from iia_cli.core.solvers.heun import HeunRecord
+
+    names = {record_name(StepRecord), record_name(HeunRecord)}
+    assert names == {"iia_cli.solvers.base.StepRecord", "iia_cli.solvers.heun.HeunRecord"}  # stored name, not an import path
+    assert {"iia_cli.solvers.dpm.LambdaRecord", "iia_cli.solvers.ipndm.IPNDMRecord",  # stored name, not an import path
+            "iia_cli.solvers.unipc.UniPCRecord"} <= set(_record_types())  # stored name, not an import path
+    spec = [{"type": "iia_cli.solvers.base.StepRecord",  # stored name, not an import path
+             "fields": {"sigma": 1.5, "denoised": {"tensor": "p_0_denoised"}, "eps": {"tensor": "p_0_eps"}}}]
+    arrays = {"p_0_denoised": np.zeros((1, 2)), "p_0_eps": np.ones((1, 2))}
+    (rec,) = decode_history(spec, arrays, torch.device("cpu"))
+    assert type(rec) is StepRecord and rec.sigma == 1.5
+    assert encode_history((rec,), "p")[0] == spec
+    # On its own, the checkpoint module knows every record class (it loads the solvers' modules itself).
+    code = "import iia_cli.calibration.checkpoint as c; print(len(c._record_types()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == len(_record_types()) == 5

@@ -141,7 +141,7 @@ def test_module_entry_point_and_help():
 def test_builtin_default_config_is_the_shipped_one(cli, tmp_path, monkeypatch):
     """`iia ...` without --config uses the packaged default (the trained testbed network), which is
     configs/mnist-testbed.yaml byte for byte."""
-    from iia_cli.cli_common import DEFAULT_CONFIG
+    from iia_cli.cli.common import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG.read_bytes() == (ROOT / "configs" / "mnist-testbed.yaml").read_bytes()
     monkeypatch.chdir(tmp_path)
@@ -151,7 +151,7 @@ def test_builtin_default_config_is_the_shipped_one(cli, tmp_path, monkeypatch):
 
 
 def test_all_shipped_configs_load():
-    from iia_cli.config import load_config
+    from iia_cli.config.experiment import load_config
 
     paths = sorted((ROOT / "configs").rglob("*.yaml"))
     assert len(paths) >= 7

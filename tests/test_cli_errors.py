@@ -136,8 +136,8 @@ def test_uncreatable_csv_lock_fails_fast_and_keeps_the_rows(tmp_path):
     (tmp_path / "r.csv.lock").mkdir()  # a directory where the lock file goes: cannot be opened as a file
     code = textwrap.dedent(f"""
         import sys
-        from iia_cli.results import append_rows, make_row
-        from iia_cli.errors import IIAError
+        from iia_cli.tables.results import append_rows, make_row
+        from iia_cli.runtime.errors import IIAError
         try:
             append_rows({str(tmp_path / 'r.csv')!r}, [make_row(experiment='x', method='edm', nfe=5, metric='fid', value=1.5)])
         except IIAError as exc:
@@ -157,7 +157,7 @@ def test_uncreatable_csv_lock_fails_fast_and_keeps_the_rows(tmp_path):
 def test_failed_final_npz_write_keeps_the_samples(cli, gauss_cfg, work, monkeypatch):
     """The final .npz cannot be written (e.g. the disk filled up while sampling): the samples are saved to a
     rescue file and the error says where."""
-    from iia_cli import atomic
+    from iia_cli.io import atomic
 
     real = atomic._write_via_temp
     target = Path("o.npz").absolute()
@@ -178,8 +178,8 @@ def test_failed_final_npz_write_keeps_the_samples(cli, gauss_cfg, work, monkeypa
 
 
 def test_failed_csv_append_keeps_the_rows(tmp_path, monkeypatch):
-    from iia_cli import results
-    from iia_cli.atomic import OutputRescued
+    from iia_cli.tables import results
+    from iia_cli.io.atomic import OutputRescued
 
     def full(path, rows, skip_done=False):
         raise OSError(28, "No space left on device")
@@ -241,7 +241,7 @@ def test_help_shows_flags_as_flags(cli, command):
     """Every option that takes no value appears in --help without a value placeholder (no `<bool>`)."""
     import typer
 
-    from iia_cli.cli import app
+    from iia_cli.cli.app import app
 
     r = cli([command, "--help"])
     assert r.exit_code == 0 and not BOX & set(r.output), r.output
@@ -262,9 +262,9 @@ def test_missing_coefficients_suggest_the_typed_command(cli, gauss_cfg, work, mo
              "--set", "sampler.seeds=0-3", "--out", "o.npz"])
     assert_one_line_error(r, 1, "`iia calibrate --config gauss.yaml --method iia-edm --nfe 9 --set grid.rho=5`")
     # Without --config: the built-in default is used; its path inside the package is not suggested.
-    from iia_cli import cli_common
+    from iia_cli.cli import common as cli_common
 
-    internal = tmp_path / "site-packages" / "iia_cli" / "default.yaml"
+    internal = tmp_path / "site-packages" / "iia_cli" / "config" / "default.yaml"
     internal.parent.mkdir(parents=True)
     internal.write_bytes(gauss_cfg.read_bytes())
     monkeypatch.setattr(cli_common, "DEFAULT_CONFIG", internal)
@@ -289,7 +289,7 @@ def test_stale_checkpoint_temp_after_sigkill_is_cleaned(cli, gauss_cfg, work, tm
     code = textwrap.dedent("""
         import os, signal
         from pathlib import Path
-        from iia_cli.atomic import atomic_write
+        from iia_cli.io.atomic import atomic_write
 
         def die(tmp):
             tmp.write_bytes(b"half a checkpoint")
@@ -308,7 +308,7 @@ def test_stale_checkpoint_temp_after_sigkill_is_cleaned(cli, gauss_cfg, work, tm
 
 def test_live_writers_temp_is_kept(tmp_path):
     """A temporary file whose writer still runs is not stale."""
-    from iia_cli.atomic import remove_stale_temps, temp_prefix
+    from iia_cli.io.atomic import remove_stale_temps, temp_prefix
 
     mine = tmp_path / (temp_prefix(tmp_path / "o.npz") + "abc123.tmp")
     mine.write_bytes(b"in progress")
@@ -372,7 +372,7 @@ def test_bad_environment_knob_is_one_line_before_any_work(cli, gauss_cfg, work, 
 
 def test_environment_knobs_are_read_once_per_run(cli, gauss_cfg, work, monkeypatch):
     """The checkpoint interval is read before the sampling loop, not at every batch."""
-    from iia_cli import envvars
+    from iia_cli.runtime import envvars
 
     reads = []
     real = envvars.seconds
@@ -386,10 +386,10 @@ def test_environment_knobs_are_read_once_per_run(cli, gauss_cfg, work, monkeypat
 def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch, shard):
     """The up-front output checks of `iia evaluate` follow layout.py (the results CSV, the shard directory and the
     FID checkpoints), not a second copy of the paths."""
-    from iia_cli import layout
-    from iia_cli.config import load_config
-    from iia_cli.cli_evaluate import plan_evaluate_outputs
-    from iia_cli.paths import OutputPlan
+    from iia_cli.io import layout
+    from iia_cli.config.experiment import load_config
+    from iia_cli.cli.evaluate import plan_evaluate_outputs
+    from iia_cli.io.paths import OutputPlan
 
     monkeypatch.chdir(tmp_path)
     moved = tmp_path / "elsewhere" / "results"
@@ -403,7 +403,7 @@ def test_evaluate_plans_its_outputs_where_layout_puts_them(tmp_path, monkeypatch
     assert all(not str(p).startswith(str(tmp_path / "results")) for p in planned), planned
     (tmp_path / "blocked").write_text("a file where the results directory would go\n")
     monkeypatch.setattr(layout, "RESULTS_DIR", tmp_path / "blocked" / "results")
-    from iia_cli.errors import ConfigError
+    from iia_cli.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="blocked is a file, not a directory"):
         plan_evaluate_outputs(OutputPlan(), cfg, None, shard=shard, fid=False)

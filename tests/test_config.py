@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iia_cli.config import CALIBRATION_TARGETS, ExperimentConfig, load_config, validate
-from iia_cli.errors import ConfigError
-from iia_cli.models import MODEL_KINDS, load_model, model_fingerprint
+from iia_cli.config.experiment import CALIBRATION_TARGETS, ExperimentConfig, load_config, validate
+from iia_cli.models.registry import MODEL_KINDS, load_model, model_fingerprint
+from iia_cli.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = [ROOT / "iia_cli" / "default.yaml", *sorted((ROOT / "configs").rglob("*.yaml"))]
+SHIPPED = [ROOT / "iia_cli" / "config" / "default.yaml", *sorted((ROOT / "configs").rglob("*.yaml"))]
 
 # (config, overrides, params dict, fingerprint of a model whose own part is "weights"): computed with the
 # hand-written parser this schema replaced (main at 74faa4f). A change here changes every coefficient file name
 # and every result row's identity.
 PINNED = [
-    ("iia_cli/default.yaml", [], {"dtype": "float32", "timestep_lookup": "interp", "path": "builtin:mnist-ddpm"},
+    ("iia_cli/config/default.yaml", [], {"dtype": "float32", "timestep_lookup": "interp", "path": "builtin:mnist-ddpm"},
      "5da24d1c8cdcba4b15114b2c67af255ad37222417d80dacfbfd8c812b2246292"),
-    ("iia_cli/default.yaml", [("sampler.dtype", "bfloat16")],
+    ("iia_cli/config/default.yaml", [("sampler.dtype", "bfloat16")],
      {"dtype": "bfloat16", "timestep_lookup": "interp", "path": "builtin:mnist-ddpm"},
      "34a7ceeeb9d71066bc0321ed4c6d27bde38495a9863a8014d010ad60a34ab696"),
     ("configs/mnist-gmm.yaml", [], {"components": 10, "mle_noise": False, "conditional": False, "rank": 16,
@@ -129,8 +129,8 @@ def test_a_section_that_is_not_a_mapping(tmp_path):
 
 
 def test_loading_is_canonical_and_validate_changes_nothing():
-    cfg = load_config(ROOT / "iia_cli" / "default.yaml", [("sampler.method", "heun"), ("sampler.dtype", "float16"),
-                                                          ("evaluate.methods", ["euler", "iia-edm"])])
+    cfg = load_config(ROOT / "iia_cli" / "config" / "default.yaml", [("sampler.method", "heun"),
+                      ("sampler.dtype", "float16"), ("evaluate.methods", ["euler", "iia-edm"])])
     assert cfg.sampler.method == "edm" and cfg.evaluate.methods == ["ddim", "iia-edm"]
     assert cfg.model.params["dtype"] == "float16"  # sampler.dtype reaches the network at load time
     before = cfg.model_dump()
@@ -167,13 +167,14 @@ def test_registry_is_the_one_source_of_model_kinds():
 
 
 def test_calibration_targets_match_the_calibration_code():
-    from iia_cli.iia import TARGETS
+    from iia_cli.calibration.iia import TARGETS
 
     assert CALIBRATION_TARGETS == TARGETS
 
 
 def test_parsing_a_config_imports_no_diffusers():
-    code = ("import sys; from iia_cli.config import load_config; load_config('configs/paper/sd21-coco.yaml'); "
+    code = ("import sys; from iia_cli.config.experiment import load_config; "
+            "load_config('configs/paper/sd21-coco.yaml'); "
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

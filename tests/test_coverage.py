@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iia_cli import uncertainty as U
-from iia_cli.config import load_config
+from iia_cli.config.experiment import load_config
+from iia_cli.metrics import uncertainty as U
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from coverage_data import per_seed_sq  # noqa: E402

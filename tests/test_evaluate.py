@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iia_cli.results import COLUMNS
+from iia_cli.tables.results import COLUMNS
 
 
 def _revision() -> str:
-    """The checkout the tested code comes from, asked of git independently of iia_cli.results."""
+    """The checkout the tested code comes from, asked of git independently of iia_cli.tables.results."""
     rev = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short=12", "HEAD"],
                          capture_output=True, text=True)
     return rev.stdout.strip() if rev.returncode == 0 else "unknown"
@@ -215,7 +215,7 @@ def test_merge_and_report_reject_bad_files_in_one_line(cli, err_cfg, tmp_path):
 
 def _append_at_once(path, row, barrier, written):
     """A writer process: waits for the others, appends ``row`` with skip_done, reports how many rows it wrote."""
-    from iia_cli.results import append_rows
+    from iia_cli.tables.results import append_rows
 
     barrier.wait(120)
     written.put(len(append_rows(path, [row], skip_done=True)))
@@ -223,7 +223,7 @@ def _append_at_once(path, row, barrier, written):
 
 @pytest.mark.slow
 def test_append_checks_identity_under_the_lock(tmp_path):
-    from iia_cli.results import append_rows, make_row, row_identity
+    from iia_cli.tables.results import append_rows, make_row, row_identity
 
     ident, text = row_identity({"method": "edm", "nfe": 6})
     row = make_row(method="edm", nfe=6, metric="fid", value=1.0, identity=ident, identity_fields=text)
@@ -266,7 +266,7 @@ def build(log):
 def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path, inception_weights, monkeypatch,
                                                                     write_config):
     from iia_cli.api import prepare
-    from iia_cli.config import load_config
+    from iia_cli.config.experiment import load_config
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))
@@ -306,7 +306,7 @@ def test_one_pass_per_seed_range_counts_the_minimum_denoiser_calls(cli, tmp_path
 
 def _refuse_writes(monkeypatch, match):
     """Make every atomic write whose target path contains ``match`` fail as on a full disk."""
-    from iia_cli import atomic
+    from iia_cli.io import atomic
 
     real = atomic._write_via_temp
 

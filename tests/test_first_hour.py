@@ -24,10 +24,10 @@ def test_version_prints_version_and_git_revision(tmp_path):
 
 
 def test_version_without_checkout_is_the_version_alone(cli, monkeypatch):
-    import iia_cli.results
+    import iia_cli.tables.results
     from iia_cli import __version__
 
-    monkeypatch.setattr(iia_cli.results, "git_revision", lambda: "unknown")
+    monkeypatch.setattr(iia_cli.tables.results, "git_revision", lambda: "unknown")
     r = cli(["--version"])
     assert r.exit_code == 0 and r.stdout.strip() == f"iia {__version__}"
 
@@ -45,8 +45,8 @@ SEMICOLON_LISTS = {"evaluate.seed_ranges": ("0-9;10,12", ["0-9", "10,12"], [])} 
 
 
 def _list_keys():
-    from iia_cli.config import SECTIONS, ExperimentConfig
-    from iia_cli.models import MODEL_KINDS
+    from iia_cli.config.experiment import SECTIONS, ExperimentConfig
+    from iia_cli.models.registry import MODEL_KINDS
 
     def arrays(cls, prefix):
         props = cls.model_json_schema()["properties"]
@@ -64,7 +64,7 @@ def _list_keys():
 
 
 def test_every_list_key_takes_both_forms():
-    from iia_cli.config import load_config, parse_set
+    from iia_cli.config.experiment import load_config, parse_set
 
     examples = {**LIST_EXAMPLES, **SEMICOLON_LISTS}
     assert _list_keys() == set(examples), "a list-typed key without an example here"
@@ -94,7 +94,7 @@ def _options():
     """(command, option, help) of every option of every command."""
     import typer.main
 
-    from iia_cli.cli import app
+    from iia_cli.cli.app import app
 
     group = typer.main.get_command(app)
     for name, cmd in group.commands.items():
@@ -119,7 +119,7 @@ def test_help_defaults_are_what_runs(cli, tmp_path):
 
     import yaml
 
-    from iia_cli.cli_common import show_value
+    from iia_cli.cli.common import show_value
 
     builtin = yaml.safe_load(cli(["config"]).stdout)
     (tmp_path / "empty.yaml").write_text("experiment: x\n")
@@ -142,7 +142,7 @@ def test_help_defaults_are_what_runs(cli, tmp_path):
 def test_set_is_shown_the_same_way_everywhere():
     import typer.main
 
-    from iia_cli.cli import app
+    from iia_cli.cli.app import app
 
     shown = set()
     for cmd in typer.main.get_command(app).commands.values():
@@ -204,7 +204,7 @@ def test_sample_says_when_the_guard_turned_iia_off(cli, gauss_cfg, tmp_path):
 @pytest.mark.parametrize("n, shape", [(8, (2, 4)), (6, (2, 3)), (12, (3, 4)), (16, (4, 4)), (64, (8, 8)), (3, (1, 3)),
                                       (10, (2, 5)), (13, (4, 4))])
 def test_grid_shape_has_no_blank_tiles_where_possible(n, shape):
-    from iia_cli.images import grid_shape
+    from iia_cli.io.images import grid_shape
 
     assert grid_shape(n) == shape
 
@@ -215,7 +215,7 @@ def test_sample_grid_png_is_titled_and_full(cli, gauss_cfg, tmp_path):
     import numpy as np
     from PIL import Image
 
-    import iia_cli.images
+    import iia_cli.io.images
 
     r = cli(["sample", "--config", gauss_cfg, "--seeds", "0-7", "--grid-png", tmp_path / "g.png"])
     assert r.exit_code == 0, r.output
@@ -224,7 +224,7 @@ def test_sample_grid_png_is_titled_and_full(cli, gauss_cfg, tmp_path):
     assert im.shape[1] == 4 * tile + 2  # 2 x 4, not 3 x 3 with a blank tile
     band = im.shape[0] - (2 * tile + 2)
     assert 8 <= band <= 40 and (im[:band] < 128).any() and (im[:band] > 128).any()  # black text on white
-    assert "matplotlib" not in inspect.getsource(iia_cli.images)  # no pyplot global state
+    assert "matplotlib" not in inspect.getsource(iia_cli.io.images)  # no pyplot global state
 
 
 def test_coefficients_are_found_from_any_directory_under_iia_home(cli, tmp_path, write_config, monkeypatch):

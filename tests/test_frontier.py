@@ -44,9 +44,9 @@ def test_frontier_ratio_is_the_rmse_ratio_of_its_rows_and_lies_in_its_interval(t
 def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_without_iia(tmp_path, capsys):
     """--add-learned computes only the learned grid and IIA on it, next to the earlier run's rows (kept as they
     were), and the report then judges IIA on the learned grid like IIA on the GITS grid."""
-    from iia_cli.config import load_config
-    from iia_cli.gridfile import load_grid_file
-    from iia_cli.ld3 import LearnSettings, search_learned
+    from iia_cli.config.experiment import load_config
+    from iia_cli.core.gridfile import load_grid_file
+    from iia_cli.experiments.ld3 import LearnSettings, search_learned
 
     common = ["--config", "", "--set", "model.kind=gmm-mnist", "--set", "model.components=2",
               "--set", "calibration.samples=8", "--set", "grid.sigma_min=0.01", "--bases", "ddim", "--nfes", "4",

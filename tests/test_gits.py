@@ -1,4 +1,5 @@
-"""GITS grid search (iia_cli.gits), grid files (iia_cli.gridfile) and the integration-error reference of given grids."""
+"""GITS grid search (iia_cli.experiments.gits), grid files (iia_cli.core.gridfile) and the integration-error reference
+of given grids."""
 
 import csv
 import hashlib
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.evaluate import reference_grid
-from iia_cli.gits import SearchSettings, cheapest_path, search_grid
-from iia_cli.gridfile import GridFile, load_grid_file
+from iia_cli.config.experiment import load_config
+from iia_cli.core.gridfile import GridFile, load_grid_file
+from iia_cli.experiments.evaluate import reference_grid
+from iia_cli.experiments.gits import SearchSettings, cheapest_path, search_grid
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSS = {"experiment": "gits-test", "model": {"kind": "gaussian", "shape": [1, 4, 4]},
@@ -116,7 +117,7 @@ def test_reference_of_given_grids_is_fine(gauss):
     ref = api.prepare(listed, "edm", 99, grid=g)
     assert ref.nfe == 99 and len(ref.sigmas) == 51 and float(ref.sigmas[0]) == 80.0
     # end to end: the row's reference is that Karras solve, not the coarse list
-    from iia_cli.evaluate import evaluate
+    from iia_cli.experiments.evaluate import evaluate
 
     res = evaluate(listed, methods=["ddim"], fid=False, csv=gauss.parent / "list.csv")
     fields = json.loads(res.rows[0]["identity_fields"])
@@ -167,7 +168,7 @@ def test_gits_lowers_ddim_error_on_gmm_mnist(nfe):
     seeds = list(range(48))
 
     def final(p, sigmas):
-        from iia_cli.sampling import sample_batches
+        from iia_cli.core.sampling import sample_batches
 
         return torch.cat([x for _, x in sample_batches(p.model, p.method, sigmas, seeds, 64, None, p.device,
                                                        p.state_dtype)])

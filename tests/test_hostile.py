@@ -165,7 +165,7 @@ def test_edm_embedded_source_runs_only_when_trusted(cli, tmp_path: Path) -> None
 
 
 def test_trusted_source_only_instantiates_its_own_classes(tmp_path: Path) -> None:
-    from iia_cli.errors import IIARuntimeError
+    from iia_cli.runtime.errors import IIARuntimeError
     from iia_cli.models.edm_pkl import load_edm_pickle
 
     pkl = tmp_path / "n.pkl"
@@ -195,7 +195,7 @@ def test_known_edm_sources_are_recorded_as_hashes_only(tmp_path: Path, monkeypat
     import re
 
     from ckpt_builders import SOURCES
-    from iia_cli.errors import IIARuntimeError
+    from iia_cli.runtime.errors import IIARuntimeError
     from iia_cli.models import edm_pkl
 
     assert len(edm_pkl.KNOWN_EDM_SOURCES) == 4
@@ -248,8 +248,8 @@ def test_crafted_inception_weights_do_not_run(cli, tmp_path: Path, monkeypatch: 
 
 
 def test_inception_state_loader_reads_tensors_only(tmp_path: Path) -> None:
-    from iia_cli.errors import IIARuntimeError
-    from iia_cli.fid import load_inception_state
+    from iia_cli.runtime.errors import IIARuntimeError
+    from iia_cli.metrics.fid.weights import load_inception_state
 
     good = tmp_path / "good.pth"
     torch.save({"a": torch.ones(2)}, good)
@@ -360,7 +360,7 @@ def test_python_factory_errors_one_line(cli, tmp_path: Path, case: str) -> None:
 @pytest.fixture(scope="module")
 def coeff_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     from iia_cli import api
-    from iia_cli.config import load_config
+    from iia_cli.config.experiment import load_config
 
     root = tmp_path_factory.mktemp("coeffs")
     cfg = load_config(_gaussian_cfg(root))
@@ -462,8 +462,8 @@ def test_bad_inputs_table(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_seed_limits_in_library() -> None:
-    from iia_cli.errors import ConfigError
-    from iia_cli.sampling import parse_seeds
+    from iia_cli.runtime.errors import ConfigError
+    from iia_cli.core.sampling import parse_seeds
 
     assert parse_seeds(f"{2**63 - 1}") == [2**63 - 1]
     for bad in (2**63, -1, [0, 2**63]):
@@ -472,8 +472,8 @@ def test_seed_limits_in_library() -> None:
 
 
 def test_experiment_name_check() -> None:
-    from iia_cli.config import check_experiment_name
-    from iia_cli.errors import ConfigError
+    from iia_cli.config.experiment import check_experiment_name
+    from iia_cli.runtime.errors import ConfigError
 
     assert check_experiment_name("cifar10 edm@nfe9") == "cifar10 edm@nfe9"
     for bad in ("../x", "/abs", "a/b", "a\\b", ".", "..", "", " x", "a\0b", "tab\there"):

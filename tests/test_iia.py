@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.iia import CalibrationSetup, accumulate_normal_equations, greedy_pass, solve_least_squares
-from iia_cli.methods import IIA_METHODS, make_method
+from iia_cli.calibration.iia import CalibrationSetup, accumulate_normal_equations, greedy_pass, solve_least_squares
+from iia_cli.config.experiment import load_config
+from iia_cli.core.methods import IIA_METHODS, make_method
+from iia_cli.core.sampling import BoundDenoiser, make_noise, run_steps
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
 from toy_models import DiagonalGaussian
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
@@ -32,7 +32,7 @@ def test_sampling_applies_each_steps_coefficients_to_that_steps_quantities(name)
     the base update plus sum_k c_k q_k (quantities from the uncorrected step's state and record), then the base
     solver again from the corrected state. Catches a coefficient applied at the wrong step, quantities taken
     from the wrong state, or a correction that never reaches the sample."""
-    from iia_cli.solvers import push
+    from iia_cli.core.solvers.base import push
 
     iia = make_method(name)
     sig = api.build_grid(load_config(None), iia, MODEL, NFE[name])[0]
@@ -70,7 +70,7 @@ def test_iia_edm_paper_coefficients_give_heun():
     sig = api.build_grid(load_config(None), iia, MODEL, 9)[0]
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64) * 80
     den = BoundDenoiser(MODEL)
-    from iia_cli.solvers import push
+    from iia_cli.core.solvers.base import push
 
     hist = ()
     for i in range(len(sig) - 1):
@@ -86,7 +86,7 @@ def test_iia_edm_paper_coefficients_give_heun():
 
 def test_paper_coefficients_of_zero_corrections_are_heun():
     """Zero corrections in the paper's parameterisation are Lemma 1's b = (h/sigma_i, h/(2 sigma_{i+1}), 0, 0)."""
-    from iia_cli.iia import paper_coefficients
+    from iia_cli.calibration.iia import paper_coefficients
 
     sig = torch.tensor([80.0, 10.0, 1.0, 0.0], dtype=torch.float64)
     b = paper_coefficients("iia-edm", sig, [[], [0.0, 0.0, 0.0, 0.0], []])

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from iia_cli.grids import make_karras_grid
-from iia_cli.methods import IIA_METHODS, make_method
+from iia_cli.core.grids import make_karras_grid
+from iia_cli.core.methods import IIA_METHODS, make_method
+from iia_cli.core.sampling import BoundDenoiser, run_steps
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser, run_steps
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
 SIGMAS = torch.cat([make_karras_grid(8, 0.002, 80.0), torch.zeros(1, dtype=torch.float64)])  # 8 steps, last to 0

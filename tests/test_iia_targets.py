@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.errors import ConfigError
-from iia_cli.iia import (CalibrationSetup, CoefficientSet, IllConditionedWarning, Teacher, TeacherCache, choose_alpha,
-                         greedy_pass, teacher_trajectory)
-from iia_cli.methods import make_method
+from iia_cli.calibration.iia import (CalibrationSetup, CoefficientSet, IllConditionedWarning, Teacher, TeacherCache,
+                                     choose_alpha, greedy_pass, teacher_trajectory)
+from iia_cli.config.experiment import load_config
+from iia_cli.core.methods import make_method
+from iia_cli.core.sampling import BoundDenoiser, make_noise, run_steps
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser, make_noise, run_steps
+from iia_cli.runtime.errors import ConfigError
 from toy_models import DiagonalGaussian
 
 CPU = torch.device("cpu")

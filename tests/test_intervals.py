@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from iia_cli.compare import LEGACY, compare_rows
-from iia_cli.metrics import IntegrationErrorAccumulator, KidAccumulator, MetricContext, result_fields
-from iia_cli.results import append_rows, make_row, read_results, row_identity, summary_table
+from iia_cli.metrics.compare import LEGACY, compare_rows
+from iia_cli.metrics.registry import IntegrationErrorAccumulator, KidAccumulator, MetricContext, result_fields
+from iia_cli.tables.results import append_rows, make_row, read_results, row_identity, summary_table
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_rows_of_an_older_iia_cli_are_read_but_never_paired(cli, synthetic_csv, 
     # appending new rows to an old file is refused with the reason, not mixed into it
     r = cli(["report", old, "--metric", "integration_rmse"])
     assert r.exit_code == 0
-    from iia_cli.errors import IIARuntimeError
+    from iia_cli.runtime.errors import IIARuntimeError
 
     with pytest.raises(IIARuntimeError, match="no interval columns"):
         append_rows(old, rows[1:2])
@@ -147,7 +147,7 @@ def test_nan_shard_sums_are_refused_naming_the_file(cli, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_kid_of_real_halves_contains_zero_and_edm_nfe6_is_resolved_above(cli, tmp_path, monkeypatch,
                                                                          inception_weights):
-    from iia_cli.testbed import heldout_images, mnist_split
+    from iia_cli.models.testbed import heldout_images, mnist_split
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))
@@ -165,7 +165,7 @@ def test_kid_of_real_halves_contains_zero_and_edm_nfe6_is_resolved_above(cli, tm
     (row,) = _rows(tmp_path / "results" / "mnist-testbed.csv")
     # the reference features evaluate cached: two disjoint halves (the first and last 10 of each class) of one
     # real set
-    from iia_cli.fid import load_reference_features
+    from iia_cli.metrics.fid.compute import load_reference_features
 
     feats, _ = load_reference_features(row["reference"])
     assert feats.shape == (200, 2048)

@@ -1,5 +1,5 @@
-"""LD3-style learned grids (iia_cli.ld3): gradients through the solver step, the search on the Gaussian model, its
-grid file and the CLI."""
+"""LD3-style learned grids (iia_cli.experiments.ld3): gradients through the solver step, the search on the Gaussian
+model, its grid file and the CLI."""
 
 import json
 from pathlib import Path
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.config import load_config
-from iia_cli.errors import ConfigError
-from iia_cli.gridfile import load_grid_file
-from iia_cli.ld3 import LearnSettings, grid_of, logits_of, search_learned
-from iia_cli.methods import make_method
+from iia_cli.config.experiment import load_config
+from iia_cli.core.gridfile import load_grid_file
+from iia_cli.core.methods import make_method
+from iia_cli.core.sampling import BoundDenoiser, commit, noise_and_conditioning, propose, run_steps
+from iia_cli.experiments.ld3 import LearnSettings, grid_of, logits_of, search_learned
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser, commit, noise_and_conditioning, propose, run_steps
+from iia_cli.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUSS = {"experiment": "ld3-test", "model": {"kind": "gaussian", "shape": [1, 4, 4]},

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from iia_cli.data import load_mnist_5k
 from iia_cli.models import gmm as gmm_module
 from iia_cli.models.base import Denoiser
+from iia_cli.models.data import load_mnist_5k
 from iia_cli.models.gaussian import GaussianModel
 from iia_cli.models.gmm import GMMDenoiser
 

@@ -23,8 +23,8 @@ import torch
 from ckpt_builders import HAS_DIFFUSERS, SOURCES
 from ckpt_builders import tiny_unet as _tiny_unet
 from ckpt_builders import writer_modules as _writer_modules
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
 from iia_cli.models.edm_pkl import _EDMUnpickler, _Unavailable, load_edm_pickle
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,12 +147,7 @@ needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not
 if HAS_DIFFUSERS:
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from iia_cli.models.diffusers_unet import (  # noqa: E402
-    PredictionType,
-    load_diffusers_unet,
-    make_betas,
-    make_discrete_sigmas,
-)
+from iia_cli.models.diffusers_unet import PredictionType, load_diffusers_unet, make_betas, make_discrete_sigmas
 
 @needs_diffusers
 def test_default_schedule_sigma_range(unet_dirs: dict[str, Path]) -> None:

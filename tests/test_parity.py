@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from iia_cli.config import GridConfig
-from iia_cli.grids import make_grid, make_karras_grid
-from iia_cli.methods import make_method
-from iia_cli.sampling import BoundDenoiser, run_steps
+from iia_cli.config.experiment import GridConfig
+from iia_cli.core.grids import make_grid, make_karras_grid
+from iia_cli.core.methods import make_method
+from iia_cli.core.sampling import BoundDenoiser, run_steps
 
 NFES = (5, 6, 10)
 TOL = dict(rtol=0, atol=1e-10)
@@ -378,7 +378,7 @@ def test_diff_sampler_convention_grid(name, nfe, n_sigmas):
 
 
 def test_diff_sampler_convention_refuses_odd_heun_nfe():
-    from iia_cli.errors import ConfigError
+    from iia_cli.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="even NFE.*nearest valid: 8 or 10"):
         make_method("edm", convention="diff-sampler").solver.plan(9)
@@ -451,7 +451,7 @@ def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path, write_con
 
 def test_old_3m_coefficient_files_are_refused():
     """Format-1 files of iia-dpm-solver++-3m were fitted on the exact-integral base, now -exact."""
-    from iia_cli.iia import CoefficientSet
+    from iia_cli.calibration.iia import CoefficientSet
 
     sig = _karras(5)
     cs = CoefficientSet(method="iia-dpm-solver++-3m", method_params={}, model_kind="x", model_sha256="a" * 64,
@@ -602,7 +602,7 @@ def test_diff_sampler_thresholding_and_afs_parity(name, max_order, nfe, afs):
 def test_dynamic_threshold_equals_straightforward_implementation():
     """iia_cli's thresholding (torch.quantile, batched) equals the per-sample sorted-value definition, in both
     regimes: samples whose 99.5 % quantile of |D| is below 1 (only clipped at 1) and above 1 (rescaled)."""
-    from iia_cli.solvers import dynamic_threshold
+    from iia_cli.core.solvers.base import dynamic_threshold
 
     g = torch.Generator().manual_seed(3)
     d = torch.randn(8, 3, 5, 7, generator=g, dtype=torch.float64)
@@ -657,7 +657,7 @@ class _Spy:
 
 def test_afs_nfe_accounting_for_two_call_steps():
     """diff-sampler: 2-call steps with AFS make 2 S - 1 calls, so edm under its convention takes odd NFEs."""
-    from iia_cli.errors import ConfigError
+    from iia_cli.runtime.errors import ConfigError
 
     method = make_method("edm", convention="diff-sampler", afs=True)
     sig = make_grid(GridConfig(), method.solver.plan(7), MODEL)
@@ -670,7 +670,7 @@ def test_afs_nfe_accounting_for_two_call_steps():
 
 
 def test_thresholding_refused_where_not_defined():
-    from iia_cli.errors import ConfigError
+    from iia_cli.runtime.errors import ConfigError
 
     for name in ("ddim", "edm", "dpm-solver-2", "ipndm", "iia-ddim", "iia-edm"):
         with pytest.raises(ConfigError, match="defined for the data-prediction solvers dpm-solver\\+\\+-2m"):

@@ -8,12 +8,14 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from iia_cli import methods
-from iia_cli.errors import ConfigError
-from iia_cli.methods import IIA_METHODS, METHOD_NAMES, METHODS, Method, MethodSpec, make_method
+from iia_cli.core import methods
+from iia_cli.core.methods import IIA_METHODS, METHOD_NAMES, METHODS, Method, MethodSpec, make_method
+from iia_cli.core.sampling import BoundDenoiser
+from iia_cli.core.solvers.base import CONVENTIONS, push
+from iia_cli.core.solvers.heun import HeunRecord
+from iia_cli.core.solvers.registry import BASE_SOLVER_NAMES, SOLVER_ALIASES, SOLVERS, make_solver
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser
-from iia_cli.solvers import BASE_SOLVER_NAMES, CONVENTIONS, SOLVER_ALIASES, SOLVERS, HeunRecord, make_solver, push
+from iia_cli.runtime.errors import ConfigError
 
 
 def _variants(spec: MethodSpec):
@@ -42,8 +44,8 @@ def test_every_registered_method_builds_on_its_base_solver(name, convention):
 def test_iia_methods_are_the_ones_with_a_correction(name):
     """IIA_METHODS is what behaves as IIA: its methods propose correction quantities along a trajectory and move
     the sample when given coefficients; a base method proposes none and ignores coefficients."""
-    from iia_cli.grids import make_karras_grid
-    from iia_cli.sampling import commit, propose
+    from iia_cli.core.grids import make_karras_grid
+    from iia_cli.core.sampling import commit, propose
 
     method, den = make_method(name), BoundDenoiser(GaussianModel(shape=(1, 4, 4), std=0.5))
     sig = make_karras_grid(8, 0.5, 80.0)
@@ -58,7 +60,7 @@ def test_iia_methods_are_the_ones_with_a_correction(name):
 
 
 def test_names_choices_and_help_come_from_the_registries():
-    from iia_cli.cli import METHOD_HELP, METHODS_EPILOG
+    from iia_cli.cli.app import METHOD_HELP, METHODS_EPILOG
 
     assert BASE_SOLVER_NAMES == tuple(SOLVERS) and METHOD_NAMES == tuple(METHODS)
     assert METHOD_NAMES[: len(BASE_SOLVER_NAMES)] == BASE_SOLVER_NAMES  # every solver is a method
@@ -138,8 +140,8 @@ def test_each_solver_returns_the_record_type_it_declares(name):
 def test_method_parameters_are_generic() -> None:
     """Every registered method parameter is a sampler key of the schema and reaches its method through the API by
     its name alone; an unknown one is refused; labels follow the registry's ``always_shown`` and defaults."""
-    from iia_cli.config import SamplerConfig
-    from iia_cli.methods import PARAM_KEYS, shown_params
+    from iia_cli.config.experiment import SamplerConfig
+    from iia_cli.core.methods import PARAM_KEYS, shown_params
 
     assert PARAM_KEYS == ("quantities", "r")
     assert set(PARAM_KEYS) <= set(SamplerConfig.model_fields)
@@ -153,7 +155,7 @@ def test_method_parameters_are_generic() -> None:
 
 def test_sampler_method_parameters_reach_the_method(write_config) -> None:
     from iia_cli.api import prepare
-    from iia_cli.config import load_config
+    from iia_cli.config.experiment import load_config
 
     cfg = load_config(write_config({"model": {"kind": "gaussian", "shape": [1, 4, 4]},
                                     "sampler": {"method": "iia-ddim", "nfe": 5, "quantities": 1}}))

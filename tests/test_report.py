@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from iia_cli.results import append_rows, make_row, read_results, results_figure, row_identity
+from iia_cli.tables.results import append_rows, make_row, read_results, results_figure, row_identity
 
 
 @pytest.fixture
@@ -36,9 +36,9 @@ def test_progress_lines_for_reference_solve_calibration_and_sampling(cli, err_cf
 
 @pytest.mark.slow
 def test_progress_lines_for_reference_statistics(capsys, tmp_path, monkeypatch, inception_weights, write_config):
-    from iia_cli.config import load_config
-    from iia_cli.evaluate import resolve_reference
-    from iia_cli.progress import log
+    from iia_cli.config.experiment import load_config
+    from iia_cli.experiments.evaluate import resolve_reference
+    from iia_cli.runtime.progress import log
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_PROGRESS_EVERY_S", "0")
@@ -77,9 +77,9 @@ def test_a_long_batch_is_not_silent(tmp_path, monkeypatch, capsys):
 
     import torch
 
-    from iia_cli.methods import make_method
-    from iia_cli.progress import ImageProgress
-    from iia_cli.sampling import sample_batches
+    from iia_cli.core.methods import make_method
+    from iia_cli.runtime.progress import ImageProgress
+    from iia_cli.core.sampling import sample_batches
 
     class Slow:
         shape, sigma_min, sigma_max, dtype = (1, 2, 2), 0.002, 80.0, torch.float64
@@ -97,7 +97,7 @@ def test_a_long_batch_is_not_silent(tmp_path, monkeypatch, capsys):
 
 
 def test_progress_on_a_terminal_uses_one_live_display_for_nested_steps(monkeypatch):
-    from iia_cli import progress
+    from iia_cli.runtime import progress
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     with progress.ImageProgress(4, "outer") as outer:
@@ -206,7 +206,7 @@ def test_evaluate_after_a_full_skip_says_so_and_shows_only_the_requested_nfe(cli
 
 
 def test_sample_grid_is_about_512_px_and_padded():
-    from iia_cli.images import grid_image
+    from iia_cli.io.images import grid_image
 
     images = np.full((16, 28, 28, 1), 7, dtype=np.uint8)
     grid = grid_image(images)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from iia_cli.results import COLUMNS, append_rows, make_row
+from iia_cli.tables.results import COLUMNS, append_rows, make_row
 
 SLOW_MODEL = '''
 import time, torch
@@ -221,7 +221,7 @@ def test_nan_samples_fail_loudly_and_write_no_row(cli, tmp_path, slow_cfg, monke
 def test_least_squares_warns_only_where_the_ridge_changes_the_fit(cli, tmp_path, write_config):
     import torch
 
-    from iia_cli.iia import solve_least_squares
+    from iia_cli.calibration.iia import solve_least_squares
 
     # nearly collinear quantities (q2 = 2 q1 + tiny): G is singular to working precision, the ridge picks the
     # small coefficients and every fit is as good: nothing to warn about, the same coefficients as before
@@ -277,7 +277,7 @@ def test_compile_and_channels_last_give_the_same_samples(cli, tmp_path, write_co
 
 def test_speed_option_errors_and_auto_batch(cli, tmp_path, monkeypatch, write_config):
     from iia_cli import api
-    from iia_cli.config import load_config
+    from iia_cli.config.experiment import load_config
 
     cfg = write_config({"model": {"kind": "gaussian"}}, "g.yaml")
     r = cli(["sample", "--config", cfg, "--dtype", "float16", "--out", tmp_path / "x.npz"])

@@ -201,8 +201,8 @@ def ref(sd: dict[str, Path]) -> Reference:
 
 
 def test_load_prompts_formats_and_errors(tmp_path: Path) -> None:
-    from iia_cli.errors import ConfigError, MissingFileError
-    from iia_cli.prompts import load_prompts
+    from iia_cli.runtime.errors import ConfigError, MissingFileError
+    from iia_cli.models.prompts import load_prompts
 
     text = tmp_path / "p.txt"
     text.write_text("# captions\na cat\n\n  a  dog \n")
@@ -334,7 +334,7 @@ def test_bfloat16_network(sd: dict[str, Path], monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_loader_errors(sd: dict[str, Path], tmp_path: Path) -> None:
-    from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
+    from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
     from iia_cli.models.diffusers_sd import load_sd_pipeline
 
     with pytest.raises(ConfigError, match="model.prompts is required"):
@@ -510,8 +510,8 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_clip_score(clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import CLIPModel
 
-    from iia_cli.clip_score import CLIP_WEIGHTS_ENV, ClipScorer, ClipScoreSums, clip_score, resolve_clip_weights
-    from iia_cli.errors import MissingFileError
+    from iia_cli.metrics.clip_score import CLIP_WEIGHTS_ENV, ClipScorer, ClipScoreSums, clip_score, resolve_clip_weights
+    from iia_cli.runtime.errors import MissingFileError
 
     monkeypatch.delenv(CLIP_WEIGHTS_ENV, raising=False)
     assert resolve_clip_weights(None) is None  # no weights: the score is skipped
@@ -559,7 +559,7 @@ def test_evaluate_fid_and_clip_score_cli(cli, sd: dict[str, Path], clip_dir: Pat
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate writes fid, kid (the default beside FID for a data-set reference) and clip_score rows; the CLIP score
     equals the scorer applied to the sampled images."""
-    from iia_cli.clip_score import ClipScorer
+    from iia_cli.metrics.clip_score import ClipScorer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IIA_INCEPTION_WEIGHTS", str(inception_weights))

@@ -7,13 +7,14 @@ import re
 import pytest
 import torch
 
-from iia_cli.config import GridConfig
-from iia_cli.errors import ConfigError
-from iia_cli.grids import make_grid, make_karras_grid, make_logsnr_grid
-from iia_cli.methods import make_method
+from iia_cli.config.experiment import GridConfig
+from iia_cli.core.grids import make_grid, make_karras_grid, make_logsnr_grid
+from iia_cli.core.methods import make_method
+from iia_cli.core.sampling import BoundDenoiser, run_steps, sample_batches
+from iia_cli.core.solvers.base import push
+from iia_cli.core.solvers.registry import SOLVERS, make_solver
 from iia_cli.models.gaussian import GaussianModel
-from iia_cli.sampling import BoundDenoiser, run_steps, sample_batches
-from iia_cli.solvers import SOLVERS, make_solver, push
+from iia_cli.runtime.errors import ConfigError
 
 MODEL = GaussianModel(shape=(1, 4, 4), std=0.5)
 torch.manual_seed(0)

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_heldout_split_is_disjoint_and_balanced() -> None:
-    from iia_cli.data import load_mnist_5k
-    from iia_cli.testbed import mnist_split
+    from iia_cli.models.data import load_mnist_5k
+    from iia_cli.models.testbed import mnist_split
 
     train, held = mnist_split()
     assert len(train) == 4000 and len(held) == 1000
@@ -34,10 +34,10 @@ def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -
     """Loaded through the public diffusers adapter; its fingerprint is the README's; it denoises a held-out
     digit at sigma = 0.5 closer to the clean digit than the noisy input is (a random network does not).
     Loading leaves the host's environment alone (offline through local_files_only, not HF_HUB_OFFLINE)."""
-    from iia_cli.cli_common import DEFAULT_CONFIG
-    from iia_cli.config import load_config
-    from iia_cli.models import load_model, model_fingerprint
-    from iia_cli.testbed import heldout_images, to_model_range
+    from iia_cli.cli.common import DEFAULT_CONFIG
+    from iia_cli.config.experiment import load_config
+    from iia_cli.models.registry import load_model, model_fingerprint
+    from iia_cli.models.testbed import heldout_images, to_model_range
 
     cfg = load_config(DEFAULT_CONFIG)  # the built-in default evaluates this network
     assert cfg.model.kind == "diffusers" and cfg.model.params["path"] == "builtin:mnist-ddpm"
@@ -63,8 +63,8 @@ def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_builtin_checkpoint_name_is_checked() -> None:
-    from iia_cli.errors import ConfigError
-    from iia_cli.testbed import resolve_checkpoint
+    from iia_cli.runtime.errors import ConfigError
+    from iia_cli.models.testbed import resolve_checkpoint
 
     with pytest.raises(ConfigError, match="builtin:mnist-ddpm"):
         resolve_checkpoint("builtin:cifar10")
@@ -101,7 +101,7 @@ def test_training_script_resumes_to_the_same_weights(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gmm_exact_reference_matches_the_mixture() -> None:
     """builtin:gmm-mnist-exact holds exact samples of the mixture: their mean is the mixture's mean."""
-    from iia_cli.datasets import GMM_EXACT_SAMPLES, load_builtin_images
+    from iia_cli.models.datasets import GMM_EXACT_SAMPLES, load_builtin_images
     from iia_cli.models.gmm import GMMDenoiser
 
     model = GMMDenoiser.from_mnist()
@@ -109,8 +109,8 @@ def test_gmm_exact_reference_matches_the_mixture() -> None:
     stderr = x.std(0) / 20000**0.5
     assert ((x.mean(0) - model.mixture_mean()).abs() <= 5 * stderr + 1e-12).all()
     # The built-in reference images are exactly those samples, quantised like generated images.
-    from iia_cli.datasets import GMM_EXACT_SEED
-    from iia_cli.images import quantize
+    from iia_cli.models.datasets import GMM_EXACT_SEED
+    from iia_cli.io.images import quantize
 
     images = load_builtin_images("gmm-mnist-exact")
     assert images.shape == (GMM_EXACT_SAMPLES, 28, 28, 1) and images.dtype == np.uint8

@@ -1,4 +1,4 @@
-"""iia_cli.uncertainty: exact encodings, FID/KID parity with the project's and torch-fidelity's estimators,
+"""iia_cli.metrics.uncertainty: exact encodings, FID/KID parity with the project's and torch-fidelity's estimators,
 jackknife and bootstrap intervals against known answers, paired comparisons, determinism."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from iia_cli import uncertainty as U
-from iia_cli.fid.stats import FeatureStats, frechet_distance
+from iia_cli.metrics import uncertainty as U
+from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance
 
 
 def _fid_of(X, mu_ref, sigma_ref):
@@ -328,7 +328,7 @@ def test_intervals_are_deterministic_bit_for_bit():
     p1, p2 = U.paired_rmse(sq, cnt, sq_b, cnt), U.paired_rmse(back, cnt, sq_b.copy(), cnt)
     assert _bits(p1.ratio, p1.low, p1.high) == _bits(p2.ratio, p2.low, p2.high)
     # another process, from the exact text form of the arrays
-    code = ("import sys, numpy as np; from iia_cli import uncertainty as U; "
+    code = ("import sys, numpy as np; from iia_cli.metrics import uncertainty as U; "
             "sq = U.decode_array(sys.argv[1]); iv = U.rmse_interval(sq, np.full(sq.size, 64.0)); "
             "print(U.encode_array(np.array([iv.low, iv.high])))")
     out = subprocess.run([sys.executable, "-c", code, U.encode_array(sq)], capture_output=True, text=True, check=True)

@@ -14,7 +14,7 @@ The latent UNet is a discrete-time VP model, so it maps into EDM's space exactly
   costs ``evals_per_call`` = 2 network evaluations (1 when w = 1: no unconditional pass);
 * ``guided = True``: IIA-DDIM takes its guided form (eq. 8, one coefficient per step on the guided eps);
 * per-prompt seeds: ``condition(seeds)`` gives seed k the embedding of prompt ``k mod P`` of the prompts
-  file (:mod:`iia_cli.prompts`), so calibration seeds are (prompt, noise) pairs and evaluation seeds
+  file (:mod:`iia_cli.models.prompts`), so calibration seeds are (prompt, noise) pairs and evaluation seeds
   0..N-1 use the first N captions. Embeddings are cached per prompt (the most recent
   :data:`PROMPT_CACHE` prompts);
 * ``decode(x)``: final latents (sigma = 0, so z = x) -> ``vae.decode(z / scaling_factor)`` -> images in
@@ -39,23 +39,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.models.diffusers_unet import (
-    DiffusersParams,
-    DiscreteUNetDenoiser,
-    PredictionType,
-    to_denoised,
-    TimestepLookup,
-    _parse_enum,
-    _read_json,
-    make_betas,
-    make_discrete_sigmas,
-)
-from iia_cli.errors import describe_error
-from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.io.hashing import sha256_of_file as sha256_file
+from iia_cli.models.diffusers_unet import (DiffusersParams, DiscreteUNetDenoiser, PredictionType, to_denoised,
+                                           TimestepLookup, _parse_enum, _read_json, make_betas, make_discrete_sigmas)
+from iia_cli.models.prompts import load_prompts
 from iia_cli.models.shared import DIFFUSERS_HINT, TRANSFORMERS_HINT, dtype_name, parse_dtype
-from iia_cli.prompts import load_prompts
-from iia_cli.schema import Float, OptInt, RequiredAny, RequiredStr, Str
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
+from iia_cli.runtime.schema import Float, OptInt, RequiredAny, RequiredStr, Str
 
 PROMPT_CACHE = 1024  # text embeddings kept per model (SD 2.1: 77 x 1024 floats each)
 DECODE_CHUNK = 8  # latents per VAE decode call (bounds VAE memory at 512 x 512 and above)
@@ -278,7 +268,7 @@ def load_sd_pipeline(
     """Load a local Stable Diffusion pipeline directory component by component (``unet/``
     UNet2DConditionModel, ``text_encoder/`` CLIPTextModel, ``tokenizer/`` CLIPTokenizer, ``vae/``
     AutoencoderKL, ``scheduler/scheduler_config.json`` for the betas). ``prompts``: a prompts file
-    (:func:`iia_cli.prompts.load_prompts`), required. ``prediction_type=None`` takes the scheduler's
+    (:func:`iia_cli.models.prompts.load_prompts`), required. ``prediction_type=None`` takes the scheduler's
     (SD 2.1 base-512: epsilon; SD 2.1 768: v_prediction). Never touches the network."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)

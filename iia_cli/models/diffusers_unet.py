@@ -29,11 +29,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError
-from iia_cli.errors import describe_error
-from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.io.hashing import sha256_of_file as sha256_file
 from iia_cli.models.shared import DIFFUSERS_HINT, dtype_name, parse_dtype
-from iia_cli.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
+from iia_cli.runtime.schema import NETWORK_DTYPES, Choice, ModelParams, OptChoice, RequiredStr
 
 _WEIGHTS_PREFIX = "diffusion_pytorch_model"
 _SNAP_T = 1e-4  # |t - round(t)| below this is snapped to the integer timestep
@@ -284,14 +283,14 @@ def load_diffusers_unet(
     timestep_lookup: str | TimestepLookup = "interp",
 ) -> DiscreteUNetDenoiser:
     """Load a local ``UNet2DModel`` directory (bare, or a pipeline with ``unet/`` and ``scheduler/``), or the
-    built-in testbed network ``builtin:mnist-ddpm`` (:mod:`iia_cli.testbed`).
+    built-in testbed network ``builtin:mnist-ddpm`` (:mod:`iia_cli.models.testbed`).
 
     The schedule comes from ``scheduler_config.json`` (pipeline: ``scheduler/``; bare: next to
     ``config.json``), else DDPM's defaults (linear betas 1e-4..0.02, T = 1000, epsilon).
     ``prediction_type=None`` takes the scheduler's. Never touches the network (``HF_HUB_OFFLINE=1``,
     ``local_files_only``).
     """
-    from iia_cli.testbed import resolve_checkpoint
+    from iia_cli.models.testbed import resolve_checkpoint
 
     path = resolve_checkpoint(path)  # builtin:mnist-ddpm is the shipped testbed network
     torch_dtype = parse_dtype(dtype)

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from iia_cli.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
-from iia_cli.hashing import sha256_of_file as sha256_file
+from iia_cli.io.hashing import sha256_of_file as sha256_file
 from iia_cli.models.shared import dtype_name, parse_dtype
-from iia_cli.schema import NETWORK_DTYPES, Bool, Choice, ModelParams, RequiredStr, Str
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError, describe_error
+from iia_cli.runtime.schema import NETWORK_DTYPES, Bool, Choice, ModelParams, RequiredStr, Str
 
 _PERSISTENCE_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 _STANDIN_ROOTS = ("torch_utils", "dnnlib")

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError, IIAError, IIARuntimeError, MissingFileError, describe_error
-from ..schema import ModelParams, RequiredStr
+from iia_cli.runtime.errors import ConfigError, IIAError, IIARuntimeError, MissingFileError, describe_error
+from iia_cli.runtime.schema import ModelParams, RequiredStr
 
 REQUIRED_ATTRS = ("shape", "sigma_min", "sigma_max")
 

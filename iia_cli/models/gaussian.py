@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError
-from ..schema import Float, IntList, ModelParams
+from iia_cli.runtime.errors import ConfigError
+from iia_cli.runtime.schema import Float, IntList, ModelParams
 
 
 def make_default_mean(shape: tuple[int, int, int]) -> torch.Tensor:

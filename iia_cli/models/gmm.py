@@ -44,12 +44,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..atomic import savez_atomic
-from ..data import load_mnist_5k, mnist_5k_path
-from ..errors import ConfigError, IIARuntimeError
-from ..hashing import sha256_of_file
-from ..layout import model_cache_dir
-from ..schema import Bool, Int, ModelParams, OptFloat, OptInt
+from iia_cli.io.atomic import savez_atomic
+from iia_cli.io.hashing import sha256_of_file
+from iia_cli.io.layout import model_cache_dir
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
+from iia_cli.runtime.schema import Bool, Int, ModelParams, OptFloat, OptInt
+
+from .data import load_mnist_5k, mnist_5k_path
 
 CACHE_FORMAT_VERSION = 2
 DEFAULT_COMPONENTS = 10

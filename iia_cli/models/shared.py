@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from iia_cli.errors import ConfigError
+from iia_cli.runtime.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

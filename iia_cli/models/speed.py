@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from iia_cli.runtime.errors import ConfigError
 
 
 class OptimizedDenoiser:

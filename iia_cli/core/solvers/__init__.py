@@ -1,0 +1,1 @@
+"""Base ODE solvers, one file per family, and their registry (registry.py)."""

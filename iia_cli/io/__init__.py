@@ -1,0 +1,1 @@
+"""Files: atomic writes, output paths and their layout, sha256 of files, image quantisation and writers."""

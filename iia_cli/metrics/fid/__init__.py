@@ -1,0 +1,1 @@
+"""Frechet Inception Distance, in parts: weights, features, stats, sources, and compute, which chains them."""

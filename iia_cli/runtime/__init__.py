@@ -1,0 +1,1 @@
+"""The bottom layer: errors, limits, config value types, environment variables, processes, devices, progress."""
