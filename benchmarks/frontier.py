@@ -10,8 +10,9 @@ On one model (default: the trained testbed network, configs/mnist-testbed.yaml),
   target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
 * learned grids: LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid files written by
   ``iia grid --search learned``; not searched here), the base on them and its IIA method calibrated on them; with
-  ``--add-learned CSV`` only these rows are computed and added to an earlier run's rows (same NFEs, bases, seeds and
-  reference, its ``--reference-cache``), so learned grids can join a finished table without running it again.
+  ``--add-learned CSV`` only these rows are computed, for the (base, NFE) cells that lack them, and added to an
+  earlier run's rows (same NFEs, bases, seeds and reference, its ``--reference-cache``), so learned grids can join
+  a finished table without running it again.
 
 Integration error: RMSE of the final samples on ``--seeds`` held-out seeds (0..N-1) against one converged reference
 solve per noise (EDM's Heun at ``--reference-nfe`` on a Karras grid), the same reference for every cell: the final
@@ -322,8 +323,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         if not (learned_dir and a.reference_cache and Path(a.reference_cache).is_file()):
             raise SystemExit("--add-learned needs --learned DIR or --search-learned, and the earlier run's "
                              "--reference-cache file")
-        old = pd.read_csv(a.add_learned, keep_default_na=False)
-        old = old[~old.kind.isin(["learned", "iia-learned"])]
+        old = pd.read_csv(a.add_learned, keep_default_na=False)  # learned rows already there are kept
         earlier = old.drop(columns=[k for k in old.columns if k.startswith("ratio") or k == "best"]).to_dict("records")
         nfes = list(dict.fromkeys(int(n) for n in old.nfe))
         bases = list(dict.fromkeys(str(b) for b in old.base))
@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         for base in bases:
             p = api.prepare(cfg, base, n, model=model, fingerprint=fp)
             iia = None if a.no_iia else iia_of(base)
-            if earlier:  # only the learned grid and IIA on it
+            if earlier:  # only the learned grid and IIA on it, where the earlier rows lack them
+                if any(r["kind"] == "learned" and r["base"] == base and int(r["nfe"]) == n for r in earlier):
+                    continue
                 lpath = learned_grid(base, n, best_fixed([r for r in earlier if int(r["nfe"]) == n], base)["grid"])
                 if lpath is None:
                     print(f"NFE {n:2d} {base}: no learned grid in {learned_dir}", flush=True)

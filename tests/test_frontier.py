@@ -70,6 +70,9 @@ def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_with
     grid_file = load_grid_file(tmp_path / "c" / "learned" / "ddim-nfe4.json")
     assert grid_file.search["init"]["kind"] == frontier.best_fixed(before.to_dict("records"), "ddim")["grid"]
     assert list(searched.kind) == [*before.kind, "learned", "iia-learned"]
+    again = frontier.main([*common, "--learned", str(tmp_path / "learned"), "--add-learned",
+                           str(tmp_path / "b" / "rows.csv"), "--out", str(tmp_path / "d")])
+    assert list(again.rmse) == list(df.rmse)  # the cells that have learned rows are not computed again
     assert list(df.kind) == [*before.kind, "learned", "iia-learned"]
     for col in ("rmse", "sq", "sigmas", "ratio"):  # the earlier rows as they were
         assert list(df[col][: len(before)]) == list(before[col])
