@@ -83,8 +83,9 @@ def test_add_learned_keeps_the_earlier_rows_and_adds_learned_grids_with_and_with
 
 
 @pytest.mark.slow
-def test_readme_frontier_block_is_the_markdown_of_the_shipped_csv(capsys):
+@pytest.mark.parametrize("marker, csv", [("frontier", "frontier"), ("frontier-gmm", "frontier-gmm")])
+def test_readme_frontier_block_is_the_markdown_of_the_shipped_csv(capsys, marker, csv):
     text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- frontier -->\n", 1)[1].split("\n<!-- /frontier -->", 1)[0]
-    frontier.main(["--markdown", str(ROOT / "results" / "frontier" / "rows.csv")])
+    block = text.split(f"<!-- {marker} -->\n", 1)[1].split(f"\n<!-- /{marker} -->", 1)[0]
+    frontier.main(["--markdown", str(ROOT / "results" / csv / "rows.csv")])
     assert capsys.readouterr().out.strip() == block.strip()
