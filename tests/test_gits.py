@@ -4,6 +4,7 @@ of given grids."""
 import csv
 import hashlib
 import itertools
+import math
 import json
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def test_dp_is_the_cheapest_path(seed, two_calls):
         assert sum(calls[a, b] for a, b in zip(path, path[1:])) == budget
         assert total == pytest.approx(sum(cost[a, b] for a, b in zip(path, path[1:])))
         assert total == pytest.approx(want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("calls", [1, 2])
+def test_dp_with_gits_coefficient_is_the_cheapest_weighted_path(seed, calls):
+    """coeff (GITS's 1.15): the s-th step of a path costs coeff^s times its entry; equal to brute force over every
+    path, and not the unweighted choice where the late steps decide (the weighting matters)."""
+    rng = np.random.default_rng(100 + seed)
+    n, coeff = 8, 1.6
+    cost = rng.exponential(size=(n, n))
+    for steps in range(1, n):
+        want, arg = math.inf, None
+        for inner in itertools.combinations(range(1, n - 1), steps - 1):
+            path = (0, *inner, n - 1)
+            total = sum(coeff ** s * cost[i, j] for s, (i, j) in enumerate(zip(path, path[1:])))
+            if total < want:
+                want, arg = total, list(path)
+        path, total = cheapest_path(cost, steps * calls, calls, coeff=coeff)
+        assert total == pytest.approx(want) and path == arg
+    late = np.full((4, 4), 100.0)
+    late[0, 1], late[1, 3], late[0, 2], late[2, 3] = 1.0, 3.0, 3.0, 1.5  # 0-1-3: 4 (5.8 weighted); 0-2-3: 4.5 (5.4)
+    assert cheapest_path(late, 2 * calls, calls)[0] == [0, 1, 3]
+    assert cheapest_path(late, 2 * calls, calls, coeff=coeff)[0] == [0, 2, 3]
+    with pytest.raises(ValueError, match="same number of calls"):
+        cheapest_path(cost, 3, np.ones((n, n), dtype=int), coeff=1.15)
+    with pytest.raises(ConfigError, match="positive"):
+        SearchSettings(coeff=0.0)
 
 
 def _grid_file(fp: str = "ab" * 32, **kw) -> GridFile:

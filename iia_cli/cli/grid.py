@@ -35,6 +35,8 @@ def register(app: typer.Typer) -> None:
                                  "--set grid.kind=file --set grid.path=FILE.", show_default=False),
         candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=3, help="gits: candidate sigmas "
                                        "(Karras rho 7 over grid.sigma_min..grid.sigma_max)."),
+        coeff: float = typer.Option(1.0, "--coeff", help="gits: the path's s-th step costs coeff^s times its local "
+                                    "error (GITS's own runs use 1.15; 1 weighs every step alike)."),
         noises: int = typer.Option(DEFAULT_NOISES, "--noises", min=1, help="Teacher trajectories (gits) or training "
                                    "noises (learned); seeds from 3e9."),
         teacher_substeps: Optional[int] = typer.Option(None, "--teacher-substeps", min=1, help="Teacher Heun steps "
@@ -80,7 +82,8 @@ def register(app: typer.Typer) -> None:
             else:
                 chunk = batch or (cfg.sampler.batch if isinstance(cfg.sampler.batch, int) else 64)
                 settings = SearchSettings(candidates=candidates, noises=noises,
-                                          teacher_substeps=teacher_substeps or DEFAULT_TEACHER_SUBSTEPS, batch=chunk)
+                                          teacher_substeps=teacher_substeps or DEFAULT_TEACHER_SUBSTEPS, batch=chunk,
+                                          coeff=coeff)
                 found = search_grid(cfg, cfg.sampler.method, cfg.sampler.nfe, search, settings, log)
             path = found.save(out)
             typer.echo(f"wrote {path} ({found.method}, NFE {found.nfe}, {found.search['seconds']:.1f} s)")

@@ -53,29 +53,41 @@ LogFn = Callable[[str], None]
 @dataclass(frozen=True)
 class SearchSettings:
     """How a GITS search runs: ``candidates`` sigmas, ``noises`` teacher trajectories (seeds from ``seed_start``),
-    ``teacher_substeps`` Heun steps per candidate interval, ``batch`` noises per model call."""
+    ``teacher_substeps`` Heun steps per candidate interval, ``batch`` noises per model call, ``coeff`` the weight
+    growth of the path's later steps (:func:`cheapest_path`; GITS runs 1.15, 1 weighs every step alike)."""
 
     candidates: int = DEFAULT_CANDIDATES
     noises: int = DEFAULT_NOISES
     teacher_substeps: int = DEFAULT_TEACHER_SUBSTEPS
     seed_start: int = SEARCH_SEED_START
     batch: int = 64
+    coeff: float = 1.0
 
     def __post_init__(self) -> None:
         for name, low in (("candidates", 3), ("noises", 1), ("teacher_substeps", 1), ("batch", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be at least {low}")
+        if not (math.isfinite(self.coeff) and self.coeff > 0):
+            raise ConfigError(f"--coeff={self.coeff} must be a positive number (GITS: 1.15; 1: no weighting)")
 
 
-def cheapest_path(cost: np.ndarray, budget: int, calls: np.ndarray | int = 1) -> tuple[list[int], float]:
+def cheapest_path(cost: np.ndarray, budget: int, calls: np.ndarray | int = 1,
+                  coeff: float = 1.0) -> tuple[list[int], float]:
     """The cheapest path 0 = i_0 < i_1 < ... < i_S = C - 1 through a [C, C] cost matrix (``cost[i, j]``: the step
     from candidate i to j, i < j; the rest is ignored) whose steps use exactly ``budget`` calls, ``calls[i, j]``
     each (an int: the same for every step). Dynamic programming over (last candidate, calls used), O(C^2 budget).
-    Returns (the candidate indices, the path's total cost); ties go to the smaller predecessor index."""
+    ``coeff``: GITS's weighting, the s-th step (s = 0, 1, ...) costs ``coeff ** s`` times its entry (GITS runs
+    1.15: later, low-sigma steps weigh more, a patch for local errors that do not add up to the global one); it
+    needs the same calls for every step. Returns (the candidate indices, the path's weighted total cost); ties go
+    to the smaller predecessor index."""
     cost = np.asarray(cost, dtype=np.float64)
     n = cost.shape[0]
     if cost.shape != (n, n) or n < 2:
         raise ValueError(f"cost must be a square matrix of at least 2 candidates, got shape {cost.shape}")
+    if not (math.isfinite(coeff) and coeff > 0):
+        raise ConfigError(f"--coeff={coeff} must be a positive number (GITS: 1.15; 1: no weighting)")
+    if coeff != 1.0 and np.ndim(calls) != 0:
+        raise ValueError("a coeff other than 1 needs the same number of calls for every step")
     calls_m = np.broadcast_to(np.asarray(calls, dtype=np.int64), (n, n))
     if (calls_m < 1).any():
         raise ValueError("every step needs at least one call")
@@ -89,7 +101,8 @@ def cheapest_path(cost: np.ndarray, budget: int, calls: np.ndarray | int = 1) ->
             if not ok.any():
                 continue
             cand = np.full(j, math.inf)
-            cand[ok] = best[b - k[ok], np.arange(j)[ok]] + cost[:j, j][ok]
+            weight = coeff ** ((b - k[ok]) // k[ok])  # the step's index: the steps taken before it
+            cand[ok] = best[b - k[ok], np.arange(j)[ok]] + weight * cost[:j, j][ok]
             i = int(np.argmin(cand))
             if cand[i] < best[b, j]:
                 best[b, j], prev[b, j] = cand[i], i
@@ -217,14 +230,14 @@ def search_gits(cfg: ExperimentConfig, method: str, nfe: int, settings: SearchSe
     cost, cost_calls = step_costs(costed, p.model, cand, states, labels)
     if not np.isfinite(cost[np.triu_indices(len(cand), 1)]).all():
         raise IIARuntimeError("GITS: a step cost is not finite (NaN/Inf in a solver step); check the model")
-    path, path_cost = cheapest_path(cost, steps * solver.calls_per_step, solver.calls_per_step)
+    path, path_cost = cheapest_path(cost, steps * solver.calls_per_step, solver.calls_per_step, settings.coeff)
     sigmas = cand[path]
     if plan.append_zero:
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     if solver.nfe_of_grid(sigmas) != nfe:
         raise IIARuntimeError(f"internal: the GITS grid makes {solver.nfe_of_grid(sigmas)} calls, not {nfe}")
     uniform = [round(k * (len(cand) - 1) / steps) for k in range(steps + 1)]
-    uniform_cost = float(sum(cost[a, b] for a, b in zip(uniform, uniform[1:])))
+    uniform_cost = float(sum(settings.coeff ** k * cost[a, b] for k, (a, b) in enumerate(zip(uniform, uniform[1:]))))
     seconds = time.perf_counter() - t0
     log(f"GITS path cost {path_cost:.4g} (evenly spaced candidates, ~Karras: {uniform_cost:.4g}); sigmas "
         + ", ".join(f"{float(s):.4g}" for s in sigmas) + f"; {teacher_calls + cost_calls} denoiser calls, "
@@ -238,6 +251,7 @@ def search_gits(cfg: ExperimentConfig, method: str, nfe: int, settings: SearchSe
         "seeds": format_seeds(seeds),
         "step_cost": costed.name,
         "cost": "mean over the noises of ||one step from the teacher state - the teacher state||_2",
+        "coeff": settings.coeff,
         "path": path,
         "path_cost": path_cost,
         "evenly_spaced_cost": uniform_cost,
