@@ -121,8 +121,10 @@ def table(df: pd.DataFrame) -> str:
     nfes = sorted(int(n) for n in df.nfe.unique())
     lines = ["| method | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     order = []
-    for r in df.to_dict("records"):
-        key = (r["method"], r["grid"] if r["kind"] != "iia-fixed" else "best fixed")
+    bases = list(dict.fromkeys(df.base))
+    kinds = ["fixed", *SEARCHED, "iia-fixed", *(f"iia-{k}" for k in SEARCHED)]
+    for r in sorted(df.to_dict("records"), key=lambda r: (bases.index(r["base"]), kinds.index(r["kind"]))):
+        key = (r["method"], r["grid"] if r["kind"] != "iia-fixed" else "best fixed")  # per base: its grids, then IIA
         if key not in order:
             order.append(key)
     for meth, grid in order:
