@@ -9,7 +9,8 @@ On one model (default: the trained testbed network, configs/mnist-testbed.yaml),
 * the IIA method of the base, calibrated with the config's calibration settings (testbed: B = 64, M = 4, local
   target, guard on), on the base's best fixed grid at that NFE (lowest RMSE) and on the GITS grid;
 * learned grids: LD3-style grid files (``--learned DIR`` reads ``DIR/<base>-nfe<N>.json`` grid files written by
-  ``iia grid --search learned``; not searched here), the base on them and its IIA method calibrated on them; with
+  ``iia grid --search learned``; ``--search-learned`` searches the missing ones, each from the base's best fixed
+  grid), the base on them and its IIA method calibrated on them; with
   ``--add-learned CSV`` only these rows are computed, for the (base, NFE) cells that lack them, and added to an
   earlier run's rows (same NFEs, bases, seeds and reference, its ``--reference-cache``), so learned grids can join
   a finished table without running it again.
@@ -151,6 +152,15 @@ def searched_kinds(df: pd.DataFrame) -> list[str]:
     return [k for k in SEARCHED if (df.kind == k).any()]
 
 
+def composed(rows: list[dict], base: str, k: str) -> tuple[dict | None, dict | None, dict | None]:
+    """At one NFE, for one base and searched grid kind ``k``: (IIA on that grid, IIA on the best fixed grid, the base
+    on that grid); None where a row is missing."""
+    def one(pred):
+        return next((r for r in rows if r["base"] == base and pred(r)), None)
+    return (one(lambda r: r["kind"] == f"iia-{k}"), one(lambda r: r["kind"] == "iia-fixed"),
+            one(lambda r: r["method"] == base and r["kind"] == k))
+
+
 def summary(df: pd.DataFrame) -> list[str]:
     """Per NFE: the best base on its best fixed grid, the best calibrated sampler, their ratio; IIA on each optimized
     grid (GITS, learned) against IIA alone (on the best fixed grid) and against that grid alone."""
@@ -167,13 +177,11 @@ def summary(df: pd.DataFrame) -> list[str]:
         for k in kinds:
             vs_iia, vs_grid = [], []
             for base in dict.fromkeys(r["base"] for r in rows):
-                both = [r for r in rows if r["base"] == base and r["kind"] == f"iia-{k}"]
-                alone = [r for r in rows if r["base"] == base and r["kind"] == "iia-fixed"]
-                grid = [r for r in rows if r["method"] == base and r["kind"] == k]
+                both, alone, grid = composed(rows, base, k)
                 if both and alone:
-                    vs_iia.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], alone[0]))}")
+                    vs_iia.append(f"{both['method']} {pr.ratio_text(pr.compare(both, alone))}")
                 if both and grid:
-                    vs_grid.append(f"{both[0]['method']} {pr.ratio_text(pr.compare(both[0], grid[0]))}")
+                    vs_grid.append(f"{both['method']} {pr.ratio_text(pr.compare(both, grid))}")
             cells += ["; ".join(vs_iia), "; ".join(vs_grid)]
         b, c = f["base"], f["best"]
         out.append(f"| {n} | {label(b)} {b['rmse']:.4f} | " + (f"{label(c)} {c['rmse']:.4f} | "
@@ -210,15 +218,14 @@ def goals(df: pd.DataFrame) -> list[str]:
         for n in nfes:
             rows = _rows(df, n)
             for base in dict.fromkeys(r["base"] for r in rows):
-                both = [r for r in rows if r["base"] == base and r["kind"] == f"iia-{k}"]
-                alone = [r for r in rows if r["base"] == base and r["kind"] in ("iia-fixed", k)]
-                if not both or len(alone) < 2:
+                both, alone, grid = composed(rows, base, k)
+                if not (both and alone and grid):
                     continue
-                better = min(alone, key=lambda r: float(r["rmse"]))
-                p = pr.compare(both[0], better)
+                better = min((alone, grid), key=lambda r: float(r["rmse"]))
+                p = pr.compare(both, better)
                 ok = not (p.resolved and p.ratio > 1)
                 bad += not ok
-                cells.append(f"{both[0]['method']} NFE {n} vs {label(better)} {pr.ratio_text(p)}"
+                cells.append(f"{both['method']} NFE {n} vs {label(better)} {pr.ratio_text(p)}"
                              + ("" if ok else " MISSED"))
         out.append(f"- IIA on the {GRID_LABEL[k]} grid at least as good as the better of IIA alone and the "
                    f"{GRID_LABEL[k]} grid alone (ratio <= 1.00 or not resolved): "
@@ -280,7 +287,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap.add_argument("--learned", default="", metavar="DIR",
                     help="add learned grids: DIR/<base>-nfe<N>.json grid files (iia grid --search learned)")
     ap.add_argument("--add-learned", default="", metavar="CSV",
-                    help="with --learned DIR: add the learned grids (and IIA on them) to the rows of an earlier run "
+                    help="with --learned DIR or --search-learned: add the learned grids (and IIA on them) to the rows "
+                         "of an earlier run "
                          "(its NFEs, bases and seeds; --reference-cache of that run required), written to --out")
     ap.add_argument("--search-learned", action="store_true",
                     help="search the learned grids missing from --learned DIR (default OUT/learned), each starting "
@@ -325,12 +333,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         if not (learned_dir and a.reference_cache and Path(a.reference_cache).is_file()):
             raise SystemExit("--add-learned needs --learned DIR or --search-learned, and the earlier run's "
                              "--reference-cache file")
-        old = pd.read_csv(a.add_learned, keep_default_na=False)  # learned rows already there are kept
+        try:
+            old = pd.read_csv(a.add_learned, keep_default_na=False)  # learned rows already there are kept
+        except Exception as err:  # noqa: BLE001 -- pandas' parser errors, an unreadable file
+            raise SystemExit(f"--add-learned {a.add_learned}: not a readable CSV ({type(err).__name__})") from None
+        missing = {"method", "base", "kind", "grid", "nfe", "seeds", "rmse", "sq"} - set(old.columns)
+        if missing or old.empty:
+            raise SystemExit(f"--add-learned {a.add_learned}: not rows of this script (missing columns: "
+                             f"{', '.join(sorted(missing)) or 'none, but no rows'})")
         earlier = old.drop(columns=[k for k in old.columns if k.startswith("ratio") or k == "best"]).to_dict("records")
         nfes = list(dict.fromkeys(int(n) for n in old.nfe))
         bases = list(dict.fromkeys(str(b) for b in old.base))
-        first_seeds = str(old.seeds.iloc[0])
-        seeds = list(range(int(first_seeds.split("-")[1]) + 1))
+        first, _, last = str(old.seeds.iloc[0]).partition("-")
+        if not (first == "0" and last.isdigit()):
+            raise SystemExit(f"--add-learned {a.add_learned}: seeds {old.seeds.iloc[0]!r} are not 0-N")
+        seeds = list(range(int(last) + 1))
     first = api.prepare(cfg, bases[0], nfes[0])
     model, fp = first.model, first.fingerprint
 
@@ -338,7 +355,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     t0 = time.perf_counter()
     cache = Path(a.reference_cache) if a.reference_cache else None
     if cache is not None and cache.is_file():
-        saved = torch.load(cache)
+        try:  # tensors and plain data only: nothing in the file runs
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            saved["seeds"], saved["fingerprint"], saved["nfe"], saved["reference"]
+        except Exception as err:  # noqa: BLE001 -- unpickling, a missing key, a non-dict
+            raise SystemExit(f"{cache} is not a reference cache of this script ({type(err).__name__}); remove it "
+                             "to solve the reference again") from None
         if saved["seeds"] != seeds or saved["fingerprint"] != fp or saved["nfe"] != a.reference_nfe:
             raise SystemExit(f"{cache} holds the reference of other seeds, NFE or model")
         x_ref = saved["reference"]
@@ -409,9 +431,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     def learned_grid(base, n, start_kind):
         """The learned grid file of (base, NFE) in the learned directory, searched from ``start_kind`` (the base's
         best fixed grid) when it is missing and --search-learned asks for it; None when there is none."""
-        lpath = learned_dir / f"{base}-nfe{n}.json" if learned_dir else None
-        if lpath is None or lpath.is_file() or not a.search_learned:
-            return lpath if lpath is not None and lpath.is_file() else None
+        if learned_dir is None:
+            return None
+        lpath = learned_dir / f"{base}-nfe{n}.json"
+        if lpath.is_file() or not a.search_learned:
+            return lpath if lpath.is_file() else None
         t0 = time.perf_counter()
         gf = search_learned(config([("grid.kind", start_kind)]), base, n, learn, log=lambda s: None,
                             teacher_memo=learn_memo)
@@ -472,12 +496,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
                           model_kind=cfg.model.kind, model_sha256=fp, search={"kind": "gits", "benchmark": True})
             gpath = gf.save(tmp / f"gits-{base}-nfe{n}.json")
             grids = [("gits", "gits", gpath, search_s, teacher_calls + cost_calls)]
-            lpath = learned_grid(base, n, best_fixed([r for r in rows if r["nfe"] == n], base)["grid"])
+            bf = best_fixed([r for r in rows if r["nfe"] == n], base)
+            lpath = learned_grid(base, n, bf["grid"])
             if lpath is not None:
                 grids.append(("learned", "learned", lpath, *learned(base, n, p, lpath)))
             if iia is None:
                 continue
-            bf = best_fixed([r for r in rows if r["nfe"] == n], base)
             r = calibrate(iia, n, [("grid.kind", bf["grid"])], bf["grid"], "iia-fixed", base)
             add(r.pop("method"), r.pop("base"), r.pop("kind"), r.pop("grid"), r.pop("n"), r.pop("x"),
                 r.pop("sigmas"), **{})
