@@ -67,8 +67,13 @@ class SearchSettings:
         for name, low in (("candidates", 3), ("noises", 1), ("teacher_substeps", 1), ("batch", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be at least {low}")
-        if not (math.isfinite(self.coeff) and self.coeff > 0):
-            raise ConfigError(f"--coeff={self.coeff} must be a positive number (GITS: 1.15; 1: no weighting)")
+        check_coeff(self.coeff)
+
+
+def check_coeff(coeff: float) -> None:
+    """GITS's weight growth must be a positive number (ConfigError naming --coeff otherwise)."""
+    if not (math.isfinite(coeff) and coeff > 0):
+        raise ConfigError(f"--coeff={coeff} must be a positive number (GITS: 1.15; 1: no weighting)")
 
 
 def cheapest_path(cost: np.ndarray, budget: int, calls: np.ndarray | int = 1,
@@ -84,8 +89,7 @@ def cheapest_path(cost: np.ndarray, budget: int, calls: np.ndarray | int = 1,
     n = cost.shape[0]
     if cost.shape != (n, n) or n < 2:
         raise ValueError(f"cost must be a square matrix of at least 2 candidates, got shape {cost.shape}")
-    if not (math.isfinite(coeff) and coeff > 0):
-        raise ConfigError(f"--coeff={coeff} must be a positive number (GITS: 1.15; 1: no weighting)")
+    check_coeff(coeff)
     if coeff != 1.0 and np.ndim(calls) != 0:
         raise ValueError("a coeff other than 1 needs the same number of calls for every step")
     calls_m = np.broadcast_to(np.asarray(calls, dtype=np.int64), (n, n))

@@ -296,7 +296,8 @@ def search_learned(cfg: ExperimentConfig, method: str, nfe: int, settings: Learn
                 if time.perf_counter() - last_log >= 30 or it == settings.iterations:
                     last_log = time.perf_counter()
                     log(f"LD3 iteration {it}/{settings.iterations}: train loss {train_loss:.4g}, validation MSE "
-                        f"{val_loss:.4g} ({start_name} {init_val:.4g}, best {best['val_mse']:.4g} at {best['iteration']})")
+                        f"{val_loss:.4g} ({start_name} {init_val:.4g}, best {best['val_mse']:.4g} at "
+                        f"{best['iteration']})")
 
     sigmas = best["sigmas"].detach().to(torch.float64)
     if capabilities(model).round_sigma is not None:

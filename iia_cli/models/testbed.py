@@ -264,7 +264,7 @@ def _start_training(cfg: TrainConfig, ckpt: Path, log: Any) -> _Training:
         tr.ema.load_state_dict(state["ema"])
         tr.opt.load_state_dict(state["opt"])
         tr.start, tr.losses, tr.elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
-        tr.threads = state.get("threads")
+        tr.threads = None if state.get("threads") is None else int(state["threads"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise IIARuntimeError(f"{ckpt} is not a usable training checkpoint ({one_line(err)}); "
                               "remove it to start over") from None
