@@ -393,3 +393,23 @@ def test_fid_matches_torch_fidelity(
 def test_fid_of_reference_against_itself_is_zero(ref_a: Path) -> None:
     mu, sigma, _ = load_reference(ref_a)  # 80 images: a singular 2048 x 2048 covariance
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+
+
+def test_reference_cache_key_names_the_inception_layout(tmp_path, monkeypatch):
+    """Cached reference statistics are keyed by the data spec, the count, the weights' hash and the Inception's
+    memory layout (channels_last), so statistics of another layout are never reused; the key's text is stable."""
+    import hashlib
+
+    from iia_cli.config.experiment import load_config
+    from iia_cli.experiments.evaluate import _reference_cache
+    from iia_cli.io.hashing import sha256_of_file
+
+    monkeypatch.setenv("IIA_HOME", str(tmp_path))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not really weights")
+    cfg = load_config(None)
+    stats, feats = _reference_cache(cfg, weights)
+    spec, n = cfg.fid.reference, cfg.fid.reference_samples
+    key = hashlib.sha256(f"{spec}|{n}|{sha256_of_file(weights)}|channels_last".encode()).hexdigest()[:10]
+    assert stats.name == f"reference-{str(spec).replace(':', '-').replace('/', '_')}-{n or 'all'}-{key}.npz"
+    assert feats.name == stats.name.replace(".npz", "-features.npz") and stats.parent == feats.parent

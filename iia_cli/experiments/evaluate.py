@@ -58,8 +58,8 @@ def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
     from iia_cli.metrics.fid.features import MEMORY_FORMAT
 
     spec = cfg.fid.reference
-    layout = str(MEMORY_FORMAT).removeprefix("torch.")  # channels_last
-    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{layout}".encode()
+    memory_format = str(MEMORY_FORMAT).removeprefix("torch.")  # channels_last
+    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{memory_format}".encode()
                          ).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
     stem = f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}"
