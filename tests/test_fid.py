@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from iia_cli.cli.fid import register
 from iia_cli.io.images import save_png
-from iia_cli.metrics.fid.features import FEATURE_EXTRACTOR_NAME, FeatureExtractor
+from iia_cli.metrics.fid.features import CPU_CHUNK, FEATURE_EXTRACTOR_NAME, FeatureExtractor
 from iia_cli.metrics.fid.sources import iter_image_batches
 from iia_cli.metrics.fid.stats import FeatureStats, frechet_distance, load_reference
 from iia_cli.metrics.fid.weights import TORCH_FIDELITY_WEIGHTS_FILENAME, resolve_inception_weights
@@ -353,6 +353,39 @@ def test_grayscale_and_batch_size_invariance(inception_weights: Path) -> None:
     f_rgb = FeatureExtractor(inception_weights, batch_size=3)(np.repeat(gray, 3, axis=-1))
     assert f_gray.shape == (3, 2048) and f_gray.dtype == torch.float64
     torch.testing.assert_close(f_gray, f_rgb, rtol=1e-5, atol=1e-5)
+    # the CPU feeds the network CPU_CHUNK images per call whatever the batch: the same features as one whole call
+    six = load_mnist_5k()[0][: CPU_CHUNK + 2, :, :, None]
+    chunked = FeatureExtractor(inception_weights, batch_size=len(six))
+    assert chunked.chunk == CPU_CHUNK
+    whole = FeatureExtractor(inception_weights, batch_size=len(six))
+    whole.chunk = len(six)
+    torch.testing.assert_close(chunked(six), whole(six), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_folded_batch_norms_change_features_by_rounding_only(inception_weights: Path) -> None:
+    """The extractor folds each batch norm into its convolution; torch-fidelity's own network with the batch norms
+    (same weights, same layout) gives the same features up to float32 rounding, and every one of the 94 pairs
+    is folded."""
+    import io
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from iia_cli.metrics.fid.features import fold_batch_norms
+    from iia_cli.metrics.fid.weights import load_inception_state
+    from iia_cli.models.data import load_mnist_5k
+
+    buffer = io.BytesIO()
+    torch.save(load_inception_state(inception_weights), buffer)
+    buffer.seek(0)
+    plain = FeatureExtractorInceptionV3(FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=buffer)
+    digits = torch.as_tensor(load_mnist_5k()[0][:4, None]).expand(-1, 3, -1, -1).contiguous()  # uint8 [4, 3, 28, 28]
+    with torch.inference_mode():
+        (want,) = plain(digits)
+    got = FeatureExtractor(inception_weights, batch_size=4)(digits.permute(0, 2, 3, 1))
+    assert fold_batch_norms(plain) == 94 and fold_batch_norms(plain) == 0  # every pair, and only once
+    torch.testing.assert_close(got, want.double(), rtol=1e-4, atol=1e-5)
+    assert ((got - want.double()).abs().max() / want.abs().max()).item() < 1e-5
 
 
 @pytest.mark.slow
@@ -396,8 +429,9 @@ def test_fid_of_reference_against_itself_is_zero(ref_a: Path) -> None:
 
 
 def test_reference_cache_key_names_the_inception_layout(tmp_path, monkeypatch):
-    """Cached reference statistics are keyed by the data spec, the count, the weights' hash and the Inception's
-    memory layout (channels_last), so statistics of another layout are never reused; the key's text is stable."""
+    """Cached reference statistics are keyed by the data spec, the count, the weights' hash and how the Inception
+    computes (channels_last, batch norms folded), so statistics of another layout are never reused; the key's text
+    is stable."""
     import hashlib
 
     from iia_cli.config.experiment import load_config
@@ -410,6 +444,6 @@ def test_reference_cache_key_names_the_inception_layout(tmp_path, monkeypatch):
     cfg = load_config(None)
     stats, feats = _reference_cache(cfg, weights)
     spec, n = cfg.fid.reference, cfg.fid.reference_samples
-    key = hashlib.sha256(f"{spec}|{n}|{sha256_of_file(weights)}|channels_last".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{spec}|{n}|{sha256_of_file(weights)}|channels_last+bn-folded".encode()).hexdigest()[:10]
     assert stats.name == f"reference-{str(spec).replace(':', '-').replace('/', '_')}-{n or 'all'}-{key}.npz"
     assert feats.name == stats.name.replace(".npz", "-features.npz") and stats.parent == feats.parent

@@ -55,11 +55,10 @@ def parse_seed_ranges(spec: Any) -> list[list[int]]:
 def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
     """Cache paths (statistics, features) of the reference images of a data spec."""
     from iia_cli.io.hashing import sha256_of_file
-    from iia_cli.metrics.fid.features import MEMORY_FORMAT
+    from iia_cli.metrics.fid.features import NETWORK_FORMAT
 
     spec = cfg.fid.reference
-    memory_format = str(MEMORY_FORMAT).removeprefix("torch.")  # channels_last
-    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{memory_format}".encode()
+    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{NETWORK_FORMAT}".encode()
                          ).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
     stem = f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}"
