@@ -62,6 +62,30 @@ def test_shipped_network_loads_and_is_trained(monkeypatch: pytest.MonkeyPatch) -
     assert err_out < 0.5 * err_in, (float(err_out), float(err_in))
 
 
+def test_cpu_chunking_leaves_the_denoiser_unchanged() -> None:
+    """On the CPU the adapter feeds its UNet CPU_CHUNK samples per call (faster: benchmarks/cpu_chunks.py). A
+    batch of 2.5 chunks, float64 states at several sigmas, denoises to what the whole batch in one network call
+    gives (bit for bit on the 2-core machine; the test allows float32 rounding), and the chunk is not below 32,
+    the smallest size measured to keep the outputs equal."""
+    from iia_cli.models import diffusers_unet
+
+    assert diffusers_unet.CPU_CHUNK >= 32
+    model = diffusers_unet.load_diffusers_unet("builtin:mnist-ddpm")
+    n = diffusers_unet.CPU_CHUNK * 5 // 2
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((n, *model.shape), generator=gen, dtype=torch.float64) * 3
+    sigma = torch.logspace(-2, 1.9, n, dtype=torch.float64)
+    with torch.no_grad():
+        chunked = model(x, sigma)
+        saved = diffusers_unet.CPU_CHUNK
+        diffusers_unet.CPU_CHUNK = n
+        try:
+            whole = model(x, sigma)
+        finally:
+            diffusers_unet.CPU_CHUNK = saved
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_builtin_checkpoint_name_is_checked() -> None:
     from iia_cli.runtime.errors import ConfigError
     from iia_cli.models.testbed import resolve_checkpoint
