@@ -197,6 +197,9 @@ def calibrate(cfg: ExperimentConfig, method: str | None = None, nfe: int | None 
     res = calibrate_coefficients(setup, seeds, val_seeds, guard=c.guard, verbose=verbose,
                                  checkpoint_dir=layout.partial_dir(), checkpoint_every=checkpoint_interval())
     fit, val = res.fit, res.val
+    if not val_seeds:
+        log("no held-out check (calibration.val_samples = 0; iia evaluate's integration_rmse compares IIA with its "
+            "base on held-out seeds)")
     if val is not None:
         tb, ti = _nansum(val.residual_base), _nansum(val.residual_iia)
         log(f"held-out per-step residual (sum over steps of mean ||x - x_target||^2, {len(val_seeds)} noises): "
