@@ -167,7 +167,7 @@ def to_denoised(prediction_type: PredictionType, x: torch.Tensor, s: torch.Tenso
 
 
 # Samples per network call on the CPU, whatever batch the solver hands over: on the 2-core CPU the testbed UNet
-# runs about 1.4x the calls per second in calls of 32 as in calls of 128 (benchmarks/cpu_chunks.py: the
+# runs 1.4x to 1.7x the calls per second in calls of 32 as in calls of 128 (benchmarks/cpu_chunks.py: the
 # activations stay in cache), with outputs equal bit for bit there; calls of 16 are faster still but differ from
 # larger calls in the last bits for some inputs. A GPU gets the solver's batch.
 CPU_CHUNK = 32

@@ -18,7 +18,7 @@ MEMORY_FORMAT = torch.channels_last  # of the network and its input
 # How the network computes, beyond torch-fidelity's weights: part of cached reference statistics' identity.
 NETWORK_FORMAT = f"{str(MEMORY_FORMAT).removeprefix('torch.')}+bn-folded"
 # Images per Inception call on the CPU, whatever batch the caller hands over: on the 2-core CPU calls of 4 to 8
-# images run about 1.9x to 2x the images per second of calls of 125 (benchmarks/cpu_chunks.py: a few images'
+# images run 1.6x to 2x the images per second of calls of 125 (benchmarks/cpu_chunks.py: a few images'
 # 299 x 299 activations stay in cache), with features equal bit for bit there. A GPU gets the caller's batch.
 CPU_CHUNK = 8
 
@@ -77,9 +77,9 @@ class FeatureExtractor:
             ) from None
         # channels_last: on the 2-core CPU 1.6x the images per second of the default layout with one torch thread
         # (one run, both layouts interleaved), about 1.2x with two. Batch norms folded into their convolutions:
-        # 1.28x more (benchmarks/cpu_chunks.py). Each changes the features by ~1e-6 relative (summation
-        # order and rounding), FID by far less than the 1e-3 of the torch-fidelity parity test; cached reference
-        # statistics carry both in their key (NETWORK_FORMAT).
+        # 1.14x more (benchmarks/cpu_chunks.py, median of 7; 1.04x to 1.28x across runs). Each changes the
+        # features by ~1e-6 relative (summation order and rounding), FID by far less than the 1e-3 of the
+        # torch-fidelity parity test; cached reference statistics carry both in their key (NETWORK_FORMAT).
         fold_batch_norms(net)
         self.net = net.to(self.device).to(memory_format=MEMORY_FORMAT)
 
