@@ -113,3 +113,20 @@ def test_readme_block_is_the_markdown_of_the_shipped_csv(script, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", [script, "--markdown", str(ROOT / "results" / f"{script}.csv")])
     runpy.run_path(str(ROOT / "benchmarks" / f"{script}.py"), run_name="__main__")
     assert _readme_block(script.replace("_", "-")) == capsys.readouterr().out.rstrip("\n").splitlines()
+
+
+@pytest.mark.slow
+def test_cpu_chunks_benchmark_runs_and_reports_equal_outputs(inception_weights, monkeypatch, capsys):
+    """benchmarks/cpu_chunks.py (the README's Speed table) at tiny sizes: a table per choice, every row with its
+    rate and its difference from the reference call; chunking changes no Inception feature, folding and the UNet's
+    layout only float32 rounding."""
+    monkeypatch.setattr(sys, "argv", ["cpu_chunks", "--inception", "4,2", "--images", "4", "--unet", "8,4",
+                                      "--samples", "8", "--repeats", "1"])
+    runpy.run_path(str(ROOT / "benchmarks" / "cpu_chunks.py"), run_name="__main__")
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows if not row[0].strip().startswith(("per call", "network",
+                                                                                               "layout"))]
+    by_name = {row[0]: row for row in rows}
+    assert set(by_name) >= {"4", "2", "batch norms kept", "8", "contiguous"}, by_name
+    assert float(by_name["2"][3]) == 0.0  # Inception: 2 images per call = 4 images per call, bit for bit
+    assert all(float(row[1]) > 0 and float(row[3]) < 1e-4 for row in rows), rows
