@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 
 from iia_cli import api
-from iia_cli.calibration.iia import Teacher, solve_least_squares, teacher_trajectory
+from iia_cli.calibration.lstsq import solve_least_squares
+from iia_cli.calibration.teacher import Teacher, teacher_trajectory
 from iia_cli.config.experiment import load_config
 from iia_cli.core.sampling import make_noise, sample_batches
 from iia_cli.core.solvers.ipndm import AB_WEIGHTS

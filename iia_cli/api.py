@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration.iia import (CalibrationSetup, CoefficientSet, Teacher, TeacherCache, calibrate_coefficients,
-                              calibration_tag, coefficient_filename, paper_coefficients)
+from .calibration.coefficients import CoefficientSet, calibration_tag, coefficient_filename, paper_coefficients
+from .calibration.iia import CalibrationSetup, calibrate_coefficients
+from .calibration.teacher import Teacher, TeacherCache
 # load_config: not used here, imported for the notebook API (``from iia_cli.api import load_config``)
 from .config.experiment import ExperimentConfig, GridConfig, check_nfe, load_config  # noqa: F401
 from .core.gridfile import check_grid_file, load_grid_file
@@ -43,7 +44,7 @@ LogFn = Callable[[str], None]
 
 class ModelMemo:
     """What a process keeps between runs on one model: the automatic batch size (per device) and the IIA teacher's
-    trajectories (:class:`~iia_cli.calibration.iia.TeacherCache`). Keyed by the model's fingerprint, never by the Python
+    trajectories (:class:`~iia_cli.calibration.teacher.TeacherCache`). Keyed by the model's fingerprint, never by the Python
     object (``id()`` is reused after garbage collection) and never stored on the user's model object.
 
     :func:`prepare` uses :data:`MEMO`, the process's one, so that ``iia evaluate``'s methods on one grid share

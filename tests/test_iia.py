@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.calibration.iia import CalibrationSetup, accumulate_normal_equations, greedy_pass, solve_least_squares
+from iia_cli.calibration.iia import CalibrationSetup, greedy_pass
+from iia_cli.calibration.lstsq import accumulate_normal_equations, solve_least_squares
 from iia_cli.config.experiment import load_config
 from iia_cli.core.methods import IIA_METHODS, make_method
 from iia_cli.core.sampling import BoundDenoiser, make_noise, run_steps
@@ -86,7 +87,7 @@ def test_iia_edm_paper_coefficients_give_heun():
 
 def test_paper_coefficients_of_zero_corrections_are_heun():
     """Zero corrections in the paper's parameterisation are Lemma 1's b = (h/sigma_i, h/(2 sigma_{i+1}), 0, 0)."""
-    from iia_cli.calibration.iia import paper_coefficients
+    from iia_cli.calibration.coefficients import paper_coefficients
 
     sig = torch.tensor([80.0, 10.0, 1.0, 0.0], dtype=torch.float64)
     b = paper_coefficients("iia-edm", sig, [[], [0.0, 0.0, 0.0, 0.0], []])

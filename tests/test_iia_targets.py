@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from iia_cli import api
-from iia_cli.calibration.iia import (CalibrationSetup, CoefficientSet, IllConditionedWarning, Teacher, TeacherCache,
-                                     choose_alpha, greedy_pass, teacher_trajectory)
+from iia_cli.calibration.coefficients import CoefficientSet
+from iia_cli.calibration.guard import choose_alpha
+from iia_cli.calibration.iia import CalibrationSetup, greedy_pass
+from iia_cli.calibration.lstsq import IllConditionedWarning
+from iia_cli.calibration.teacher import Teacher, TeacherCache, teacher_trajectory
 from iia_cli.config.experiment import load_config
 from iia_cli.core.methods import make_method
 from iia_cli.core.sampling import BoundDenoiser, make_noise, run_steps

@@ -451,7 +451,7 @@ def test_convention_end_to_end_and_in_coefficient_files(cli, tmp_path, write_con
 
 def test_old_3m_coefficient_files_are_refused():
     """Format-1 files of iia-dpm-solver++-3m were fitted on the exact-integral base, now -exact."""
-    from iia_cli.calibration.iia import CoefficientSet
+    from iia_cli.calibration.coefficients import CoefficientSet
 
     sig = _karras(5)
     cs = CoefficientSet(method="iia-dpm-solver++-3m", method_params={}, model_kind="x", model_sha256="a" * 64,

@@ -221,7 +221,7 @@ def test_nan_samples_fail_loudly_and_write_no_row(cli, tmp_path, slow_cfg, monke
 def test_least_squares_warns_only_where_the_ridge_changes_the_fit(cli, tmp_path, write_config):
     import torch
 
-    from iia_cli.calibration.iia import solve_least_squares
+    from iia_cli.calibration.lstsq import solve_least_squares
 
     # nearly collinear quantities (q2 = 2 q1 + tiny): G is singular to working precision, the ridge picks the
     # small coefficients and every fit is as good: nothing to warn about, the same coefficients as before

@@ -1,5 +1,7 @@
 """IIA calibration (Zhang, Niwa, Kleijn, ICLR 2024, eqs. 14 and 19): one greedy least-squares pass, a guard on
-the final error, end-to-end validation, and the coefficient files.
+the final error and end-to-end validation, resumable from checkpoints. Its parts live next to it: ``teacher``
+(the high-accuracy solve and its cache), ``lstsq`` (the per-step normal equations), ``guard`` (the shrink factor)
+and ``coefficients`` (the coefficient files).
 
 At step i the quantities q_k are computed from the current states z_i and the coefficients solve
 ``min_c sum_b || sum_k c_k q_k^b - (x_target^b - x_base^b) ||^2`` through the normal equations ``G c = g``
@@ -19,12 +21,9 @@ result is never worse than the base there), and the held-out noises report base 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,184 +31,21 @@ import torch
 
 from iia_cli import __version__
 from iia_cli.core.grids import subdivide
-from iia_cli.core.methods import METHODS, Method
+from iia_cli.core.methods import Method
 from iia_cli.core.sampling import (BoundDenoiser, Coefficients, advance, commit, corrected_steps, format_seeds,
                                    noise_and_conditioning, propose, sample_batches)
 from iia_cli.core.solvers.base import History
-from iia_cli.core.solvers.registry import make_solver, teacher_name
-from iia_cli.io.atomic import write_text_atomic
 from iia_cli.models.base import Denoiser, capabilities
 from iia_cli.runtime import dist
-from iia_cli.runtime.errors import ConfigError, IIARuntimeError, MissingFileError
+from iia_cli.runtime.errors import ConfigError, IIARuntimeError
 
 from .checkpoint import CalibrationCheckpoint, decode_history, encode_history, identity_key, tensor
+from .coefficients import FORMAT_VERSION
+from .guard import GUARD_FOLDS, choose_alpha, final_rmse, fold_rmse, scale_coefficients
+from .lstsq import accumulate_normal_equations, solve_least_squares
+from .teacher import Teacher, TeacherCache, teacher_trajectory
 
-FORMAT_VERSION = 3  # 2: dpm-solver++-3m is the published 3M (version 1 had the exact-integral form);
-                    # 3: target, teacher, guard and end-to-end validation
 TARGETS = ("local", "trajectory")
-GUARD_GRID = (0.25, 0.5, 0.75)  # alphas tried between 0 (base) and 1 (the fit), then +-0.125 around the best
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """A high-accuracy solve through the coarse sigmas: ``substeps`` steps of a base solver per coarse interval,
-    uniform in lambda = -log sigma (uniform in sigma on the last interval when it ends at 0), or ``exact``: the
-    model's closed-form probability-flow solution (``model.exact_solution``, e.g. the Gaussian test model)."""
-
-    name: str = "edm"
-    substeps: int = 10
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "name", teacher_name(self.name, self.substeps))
-
-    @property
-    def tag(self) -> str:
-        return "exact" if self.name == "exact" else f"{self.name}{self.substeps}"
-
-    def check(self, model: Denoiser) -> None:
-        if self.name == "exact" and capabilities(model).exact_solution is None:
-            raise ConfigError("calibration.teacher=exact needs a model with a closed-form solution "
-                              "(exact_solution, e.g. model.kind=gaussian); use calibration.teacher=edm")
-
-    def run(self, model: Denoiser, denoise: Any, x: torch.Tensor, history: History, s0: float,
-            s1: float) -> tuple[torch.Tensor, History]:
-        """The teacher from state x at sigma s0 to s1 (its own history carried along)."""
-        if self.name == "exact":
-            return model.exact_solution(x, s0, s1).to(x.dtype), history
-        method = Method(self.name, make_solver(self.name))
-        sub = subdivide(s0, s1, self.substeps, "lambda")
-        for j in range(self.substeps):
-            x, history, _ = advance(method, denoise, x, sub, j, history)
-        return x, history
-
-
-def teacher_trajectory(teacher: Teacher, model: Denoiser, sig: torch.Tensor, chunks: list[list[int]],
-                       starts: list[torch.Tensor], labels: list[torch.Tensor | None],
-                       class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
-                       done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
-                       ) -> tuple[list[list[torch.Tensor]], int]:
-    """The teacher's states at every coarse sigma (``[step][chunk]``, step 0 = the noise) and its denoiser calls
-    per noise, solved now (:class:`TeacherCache` keeps them for reuse). ``done``: the states (steps 1..n) of
-    chunks an interrupted run solved (``done_calls`` calls per noise), taken as they are; ``on_chunk(k, states,
-    calls)`` hears of each chunk solved now (the calibration checkpoint)."""
-    states: list[list[torch.Tensor]] = [list(starts)] + [[] for _ in range(len(sig) - 1)]
-    done = done or {}
-    calls = done_calls if done else 0
-    from iia_cli.runtime.progress import ImageProgress
-
-    per = f"; {len(sig) - 1} coarse steps x {len(starts)} chunks" if len(starts) > 1 else ""  # what the count counts
-    bar = ImageProgress(len(starts) * (len(sig) - 1), f"teacher {teacher.tag} ({sum(map(len, chunks))} noises{per})",
-                        unit="steps").__enter__()  # ends itself after the last step
-    if done:
-        bar.resume(len(done) * (len(sig) - 1))
-    for k, x in enumerate(starts):
-        if k in done:
-            for i in range(len(sig) - 1):
-                states[i + 1].append(done[k][i])
-            continue
-        den, hist = BoundDenoiser(model, labels[k]), ()
-        for i in range(len(sig) - 1):
-            x, hist = teacher.run(model, den, x, hist, float(sig[i]), float(sig[i + 1]))
-            states[i + 1].append(x)
-            bar.advance(1)
-        calls = calls or den.calls
-        if on_chunk is not None:
-            on_chunk(k, [states[i + 1][k] for i in range(len(sig) - 1)], den.calls)
-    return states, calls
-
-
-class TeacherCache:
-    """The teacher's trajectories of the last ``size`` (model, grid, noises, teacher), so that calibrating several
-    methods or targets on one grid (``iia evaluate``, the benchmarks) solves the teacher once.
-
-    Keyed by the model's fingerprint (``Prepared.fingerprint``: checkpoint bytes and adapter settings), never by
-    the Python object: ``id()`` is reused after garbage collection, and a model loaded later at the same address
-    would get the first model's states. The rest of the key is what the states depend on: the teacher (solver,
-    sub-steps), the exact sigmas, the noises (seeds in chunk order, dtype, device) and the class label."""
-
-    def __init__(self, size: int = 4) -> None:
-        if size < 1:
-            raise ValueError(f"TeacherCache size={size} must be at least 1")
-        self.size = size
-        self._entries: dict[tuple, tuple[list[list[torch.Tensor]], int]] = {}
-        self.solves = 0  # trajectories computed (not found), for tests and logs
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    @staticmethod
-    def key(fingerprint: str, teacher: Teacher, sig: torch.Tensor, chunks: list[list[int]],
-            starts: list[torch.Tensor], class_label: int | None) -> tuple:
-        if not fingerprint:
-            raise ValueError("TeacherCache needs the model's fingerprint")
-        return (fingerprint, teacher.name, teacher.substeps, sig.to(torch.float64).cpu().numpy().tobytes(),
-                tuple(map(tuple, chunks)), str(starts[0].dtype), str(starts[0].device), class_label)
-
-    def trajectory(self, fingerprint: str, teacher: Teacher, model: Denoiser, sig: torch.Tensor, chunks: list[list[int]],
-                   starts: list[torch.Tensor], labels: list[torch.Tensor | None],
-                   class_label: int | None = None, done: dict[int, list[torch.Tensor]] | None = None,
-                   done_calls: int = 0, on_chunk: Callable[[int, list[torch.Tensor], int], None] | None = None
-                   ) -> tuple[list[list[torch.Tensor]], int]:
-        """:func:`teacher_trajectory` of ``model`` (whose fingerprint is ``fingerprint``), solved once per key
-        (``done``, ``done_calls``, ``on_chunk``: a calibration checkpoint's, passed on when it is solved)."""
-        key = self.key(fingerprint, teacher, sig, chunks, starts, class_label)
-        if key in self._entries:
-            self._entries[key] = self._entries.pop(key)  # most recently used last
-            return self._entries[key]
-        value = teacher_trajectory(teacher, model, sig, chunks, starts, labels, class_label, done, done_calls,
-                                   on_chunk)
-        self.solves += 1
-        while len(self._entries) >= self.size:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = value
-        return value
-
-
-class IllConditionedWarning(UserWarning):
-    pass
-
-
-def accumulate_normal_equations(quantities: list[torch.Tensor], target: torch.Tensor,
-                                G: torch.Tensor, g: torch.Tensor) -> None:
-    """G += Q Q^T, g += Q r for one chunk, in float64. quantities: K tensors [b, ...]; target [b, ...]."""
-    Q = torch.stack([q.reshape(-1) for q in quantities]).to(torch.float64)  # [K, b*d]
-    G += (Q @ Q.T).cpu()
-    g += (Q @ target.reshape(-1).to(torch.float64)).cpu()
-
-
-def solve_least_squares(G: torch.Tensor, g: torch.Tensor, ridge: float = 1e-8, step: int | None = None,
-                        warn: Any = None) -> torch.Tensor:
-    """Solve (G + lambda I) c = g with lambda = ridge * trace(G) / K; warn when G is ill-conditioned."""
-    K = G.shape[0]
-    scale = float(torch.trace(G)) / K
-    if not math.isfinite(scale):
-        raise IIARuntimeError(f"IIA calibration: non-finite normal equations at step {step}")
-    if scale == 0:
-        return torch.zeros(K, dtype=torch.float64)
-    A = G + ridge * scale * torch.eye(K, dtype=torch.float64)
-    c = torch.linalg.solve(A, g)
-    # Nearly collinear quantities (e.g. D_i - D_{i-1} and eps_i - eps_{i-1} at high sigma) make G singular to
-    # working precision; the ridge then picks the smallest coefficients among equally good fits. Warn only
-    # where that choice costs fit: the residual the ridge solution removes (2 c.g - c^T G c) falls short of the
-    # best fit over G's numerically resolved eigen-directions.
-    w, V = torch.linalg.eigh(G)
-    keep = w > w.max() * K * torch.finfo(torch.float64).eps
-    proj = V.T @ g
-    best = float((proj[keep] ** 2 / w[keep]).sum())
-    removed = float(2 * c @ g - c @ G @ c)
-    if best > 0 and removed < (1 - 1e-3) * best:
-        msg = (f"IIA step {step}: the correction directions are nearly collinear (condition number "
-               f"{float(w.max() / w.min().clamp(min=1e-300)):.1e}) and the ridge {ridge:g} x trace(G)/K removes "
-               f"{100 * (1 - removed / best):.1f}% less of the residual than the best fit; lower calibration.ridge "
-               f"for a closer fit or raise it for smaller coefficients")
-        if warn is None:
-            warnings.warn(msg, IllConditionedWarning, stacklevel=2)
-        else:
-            warn(f"warning: {msg}")
-    return c
 
 
 def fine_reference(method: Method, denoise: BoundDenoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -495,75 +331,10 @@ def _restore_pass(ck: CalibrationCheckpoint, part: str, states: list[torch.Tenso
     return step
 
 
-def final_rmse(finals: list[torch.Tensor], references: list[torch.Tensor]) -> float:
-    """RMSE over every pixel of every sample (all processes) between final states and the teacher's."""
-    sq = sum(float((a.to(torch.float64) - b.to(torch.float64)).pow(2).sum()) for a, b in zip(finals, references))
-    count = sum(a.numel() for a in finals)
-    sq, count = dist.all_reduce_floats(sq, float(count))
-    return math.sqrt(sq / count)
-
-
-GUARD_FOLDS = 4
-
-
-def fold_rmse(finals: list[torch.Tensor], references: list[torch.Tensor], seeds: list[int]) -> list[float]:
-    """The RMSE on each of GUARD_FOLDS folds of the noises (seed mod GUARD_FOLDS), over all processes, and
-    last the RMSE over all of them."""
-    sq = [0.0] * GUARD_FOLDS
-    count = [0.0] * GUARD_FOLDS
-    per = torch.cat([(a.to(torch.float64) - b.to(torch.float64)).flatten(1).pow(2).sum(1)
-                     for a, b in zip(finals, references)]).tolist()
-    d = finals[0][0].numel()
-    for seed, v in zip(seeds, per):
-        sq[seed % GUARD_FOLDS] += v
-        count[seed % GUARD_FOLDS] += d
-    sums = dist.all_reduce_floats(*sq, *count)
-    sq, count = sums[:GUARD_FOLDS], sums[GUARD_FOLDS:]
-    return [math.sqrt(a / b) if b else 0.0 for a, b in zip(sq, count)] + [math.sqrt(sum(sq) / sum(count))]
-
-
 def sample_finals(setup: CalibrationSetup, seeds: list[int], coeffs: Coefficients | None) -> list[torch.Tensor]:
     """Final states of a plain sampling pass over this process's ``seeds``, in the greedy pass's chunks."""
     return [x for _, x in sample_batches(setup.model, setup.method, setup.sigmas, seeds, setup.chunk, coeffs,
                                          setup.device, setup.state_dtype, setup.class_label)]
-
-
-def scale_coefficients(coeffs: Coefficients, alpha: float) -> Coefficients:
-    return [[alpha * c for c in step] for step in coeffs]
-
-
-@dataclass
-class GuardResult:
-    alpha: float
-    errors: dict[float, float]  # alpha -> final RMSE against the teacher on the calibration noises
-    passes: int  # extra sampling passes over the calibration noises
-    worst_fold: dict[float, float] = field(default_factory=dict)  # alpha -> max over folds of RMSE / base RMSE
-
-
-def choose_alpha(final_error: Callable[[float], list[float]], base_folds: list[float],
-                 fit_folds: list[float]) -> GuardResult:
-    """The guard: the shrink factor alpha in [0, 1] of all corrections whose final error, relative to the base
-    solver's, is smallest on the worst of the folds of the calibration noises (so an alpha that helps only a
-    part of them is not taken). alpha = 0 (the base solver) scores 1 on every fold, so the chosen alpha is
-    never worse than the base on any fold. ``final_error(alpha)`` returns :func:`fold_rmse`'s list."""
-    folds = {0.0: base_folds, 1.0: fit_folds}
-    passes = 0
-
-    def score(a: float) -> tuple[float, float]:
-        ratios = [e / b if b else (1.0 if e == 0 else math.inf) for e, b in zip(folds[a][:-1], base_folds[:-1])]
-        return (max(ratios), -a)
-
-    for a in GUARD_GRID:
-        folds[a] = final_error(a)
-        passes += 1
-    best = min(folds, key=score)
-    for a in (best - 0.125, best + 0.125):
-        if 0 < a < 1 and a not in folds:
-            folds[a] = final_error(a)
-            passes += 1
-    best = min(folds, key=score)
-    overall = {a: f[-1] for a, f in sorted(folds.items())}
-    return GuardResult(best, overall, passes, {a: score(a)[0] for a in sorted(folds)})
 
 
 @dataclass
@@ -805,189 +576,3 @@ def _val_end_part(ck: CalibrationCheckpoint) -> dict[str, float | None]:
             ck.discard(exc)
             return {"rmse_base": None, "rmse_unguarded": None}
     return out
-
-
-def worse_warning(method: str, nfe: int, validation: dict[str, Any]) -> str | None:
-    """The plain warning when IIA's final samples are worse than the base solver's on the held-out noises."""
-    if not validation or not validation.get("iia_worse"):
-        return None
-    vb, vi = validation["rmse_base"], validation["rmse_iia"]
-    ratio = f" (x{vi / vb:.2f})" if vb else ""
-    return (f"warning: {method} at NFE {nfe} is WORSE than its base solver on {validation.get('noises', '?')} held-out "
-            f"noises: final-sample RMSE vs the teacher {vi:.4g} against {vb:.4g}{ratio}; use the base "
-            f"solver, or recalibrate with calibration.guard=true / calibration.target=trajectory")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Coefficient files
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CoefficientSet:
-    """One human-readable JSON per (model, method, grid, NFE)."""
-
-    method: str
-    method_params: dict[str, Any]
-    model_kind: str
-    model_sha256: str
-    grid_kind: str
-    grid_params: dict[str, Any]
-    sigmas: list[float]
-    nfe: int
-    substeps: int
-    samples: int
-    seeds: str
-    ridge: float
-    coefficients: Coefficients
-    residual_base: list[float | None]
-    residual_iia: list[float | None]
-    val_seeds: str = ""
-    convention: str = "iia"  # the NFE/grid convention (sampler.convention); also in method_params when not iia
-    val_residual_base: list[float | None] = field(default_factory=list)
-    val_residual_iia: list[float | None] = field(default_factory=list)
-    paper_coefficients: Coefficients = field(default_factory=list)  # (b)iia-edm: the paper's b / g per step
-    target: str = "local"  # local (the paper's fine reference) | trajectory (the teacher's trajectory)
-    teacher: str = ""  # the teacher's tag (e.g. edm10: Heun, 10 sub-steps per interval; exact); "" = none ran
-    guard: bool = False
-    guard_alpha: float = 1.0  # coefficients = guard_alpha x fitted_coefficients
-    guard_errors: dict[str, float] = field(default_factory=dict)  # alpha -> final RMSE on the calibration noises
-    fitted_coefficients: Coefficients = field(default_factory=list)  # the least-squares fit before the guard
-    validation: dict[str, Any] = field(default_factory=dict)  # end-to-end: final-sample RMSE vs the teacher
-    calibration_calls: int = 0
-    calibration_seconds: float = 0.0
-    tool_version: str = __version__
-    format_version: int = FORMAT_VERSION
-    created: str = ""
-
-    def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = asdict(self)
-        for key in ("residual_base", "residual_iia", "val_residual_base", "val_residual_iia"):
-            data[key] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in data[key]]
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> CoefficientSet:
-        path = Path(path)
-        if not path.is_file():
-            raise MissingFileError("coefficient file", path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise TypeError(f"a JSON {type(data).__name__}, not an object")
-            _check_coefficient_fields(data)
-            return cls(**data)
-        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            msg = " ".join(str(exc).split())[:200]
-            raise IIARuntimeError(f"coefficient file {path} is not a valid iia_cli coefficient file ({msg})") from None
-
-    @property
-    def warning(self) -> str | None:
-        """The plain warning when the held-out validation found IIA worse than its base solver."""
-        return worse_warning(self.method, self.nfe, self.validation)
-
-    def mismatches(self, method: str, method_params: dict[str, Any], model_sha256: str, grid_kind: str,
-                   sigmas: torch.Tensor, nfe: int, calibration: Any = None) -> list[str]:
-        """What differs between this file and the run that wants to use it (empty = it fits). With the run's
-        ``calibration`` config, also the calibration target, the guard and the teacher they used."""
-        out = []
-        if calibration is not None:
-            want = coefficient_identity(calibration.target, calibration.guard,
-                                        Teacher(calibration.teacher, calibration.teacher_substeps).tag)
-            have = coefficient_identity(self.target, self.guard, self.teacher)
-            for key in want:
-                if want[key] != have[key]:
-                    out.append(f"calibration.{key} {have[key] or 'none'} != {want[key] or 'none'}")
-        if self.method != method:
-            out.append(f"method {self.method} != {method}")
-        elif method == "iia-dpm-solver++-3m" and self.format_version < 2:
-            out.append("made for the former dpm-solver++-3m, now dpm-solver++-3m-exact (recalibrate)")
-        if self.convention != method_params.get("convention", "iia"):
-            out.append(f"convention {self.convention} != {method_params.get('convention', 'iia')}")
-        elif self.method_params != method_params:
-            out.append(f"method parameters {self.method_params} != {method_params}")
-        if self.model_sha256 != model_sha256:
-            out.append(f"model fingerprint {self.model_sha256[:12]} != {model_sha256[:12]} (another model)")
-        if self.nfe != nfe:
-            out.append(f"NFE {self.nfe} != {nfe}")
-        if self.grid_kind != grid_kind:
-            out.append(f"grid {self.grid_kind} != {grid_kind}")
-        theirs = torch.tensor(self.sigmas, dtype=torch.float64)
-        if theirs.shape != sigmas.shape or not torch.allclose(theirs, sigmas.to(torch.float64), rtol=1e-9, atol=0):
-            out.append("grid sigmas differ")
-        return out
-
-
-def _check_coefficient_fields(data: dict[str, Any]) -> None:
-    """Types of the fields a run reads from a coefficient file; raises TypeError/ValueError naming the first bad one."""
-    def real(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    for key in ("method", "model_sha256", "grid_kind"):
-        if key in data and not isinstance(data[key], str):
-            raise TypeError(f"{key} must be a string")
-    for key in ("method_params", "grid_params"):
-        if key in data and not isinstance(data[key], dict):
-            raise TypeError(f"{key} must be an object")
-    for key in ("nfe", "substeps", "samples"):
-        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int)):
-            raise TypeError(f"{key} must be an integer")
-    if "ridge" in data and not real(data["ridge"]):
-        raise TypeError("ridge must be a finite number")
-    sigmas, coeffs = data.get("sigmas"), data.get("coefficients")
-    if not isinstance(sigmas, list) or len(sigmas) < 2 or not all(real(v) for v in sigmas):
-        raise TypeError("sigmas must be a list of at least two finite numbers")
-    if not isinstance(coeffs, list) or not all(isinstance(c, list) and all(real(v) for v in c) for c in coeffs):
-        raise TypeError("coefficients must be a list (one per step) of lists of finite numbers")
-    if len(coeffs) != len(sigmas) - 1:
-        raise ValueError(f"{len(coeffs)} coefficient steps for {len(sigmas) - 1} grid steps")
-
-
-def paper_coefficients(method: str, sigmas: torch.Tensor, coeffs: Coefficients) -> Coefficients:
-    """The paper's parameterisation where it differs from ours (the method's ``paper_offset`` in the registry):
-    IIA-EDM's b = Lemma 1's Heun coefficients + c on u_i, v_i (eq. 18) and BIIA-EDM's g = 1 + c on S_i (Alg. 2);
-    empty for the other methods, whose coefficients are the paper's."""
-    offset = METHODS[method].paper_offset
-    if offset is None:
-        return []
-    out: Coefficients = []
-    for i, c in enumerate(coeffs):
-        b = list(c)
-        if b:
-            for k, base in enumerate(offset(float(sigmas[i]), float(sigmas[i + 1]))):
-                b[k] += base
-        out.append(b)
-    return out
-
-
-def coefficient_identity(target: str, guard: bool, teacher_tag: str) -> dict[str, Any]:
-    """What of the calibration settings (besides M) changes the coefficients: the target, the guard, and the
-    teacher when the target or the guard uses it."""
-    return {"target": target, "guard": "on" if guard else "off",
-            "teacher": teacher_tag if (target == "trajectory" or guard) else ""}
-
-
-def calibration_tag(target: str, substeps: int, guard: bool, teacher_tag: str) -> str:
-    """The file-name part for the calibration settings: ``M10``, ``traj-edm20``, ``M10_guard-edm20``,
-    ``traj-edm20_guard``."""
-    tag = f"M{substeps}" if target == "local" else f"traj-{teacher_tag}"
-    if guard:
-        tag += "_guard" if target == "trajectory" else f"_guard-{teacher_tag}"
-    return tag
-
-
-def coefficient_filename(model_kind: str, model_sha256: str, method: str, method_params: dict[str, Any],
-                         grid_kind: str, nfe: int, substeps: int, sigmas: torch.Tensor | None = None,
-                         tag: str | None = None) -> str:
-    """``{model}-{sha8}_{method}[-r1]_{grid}-{gridsha6}_nfe{K}_{tag}.json``, tag from :func:`calibration_tag`
-    (default ``M{M}``)."""
-    extra = "".join(f"-{k[0]}{v}" for k, v in sorted(method_params.items()))
-    grid_tag = grid_kind
-    if sigmas is not None:
-        import hashlib
-
-        grid_tag += "-" + hashlib.sha256(sigmas.to(torch.float64).numpy().tobytes()).hexdigest()[:6]
-    return f"{model_kind}-{model_sha256[:8]}_{method}{extra}_{grid_tag}_nfe{nfe}_{tag or f'M{substeps}'}.json"

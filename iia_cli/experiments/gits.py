@@ -3,7 +3,7 @@ Diffusion Sampling", Sec. 4: dynamic programming over a fine candidate grid agai
 
 1. Teacher: a few noises are solved finely through C candidate sigmas (a Karras rho-7 grid over the run's
    [sigma_min, sigma_max], clipped to the model's range): ``teacher_substeps`` Heun steps per candidate interval,
-   uniform in log sigma (:class:`iia_cli.calibration.iia.Teacher`). The teacher states x*_i at every candidate are kept.
+   uniform in log sigma (:class:`iia_cli.calibration.teacher.Teacher`). The teacher states x*_i at every candidate are kept.
 2. Step costs: for every pair i < j, one step of the cost solver from x*_i at sigma_i to sigma_j, compared with
    x*_j: ``cost[i, j]`` = mean over the noises of ||x_step - x*_j||_2 (GITS's cost).
 3. Dynamic programming: the cheapest path from the first candidate (sigma_max) to the last (sigma_min) with
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iia_cli.calibration.iia import Teacher
+from iia_cli.calibration.teacher import Teacher
 from iia_cli.config.experiment import ExperimentConfig, GridConfig
 from iia_cli.core.gridfile import GridFile
 from iia_cli.core.grids import make_karras_grid

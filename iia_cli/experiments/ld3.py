@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from iia_cli.calibration.iia import Teacher
+from iia_cli.calibration.teacher import Teacher
 from iia_cli.config.experiment import ExperimentConfig, GridConfig
 from iia_cli.core.gridfile import GridFile
 from iia_cli.core.grids import make_karras_grid
