@@ -98,22 +98,20 @@ def main() -> None:
         model = diffusers_unet.load_diffusers_unet("builtin:mnist-ddpm")
         x = torch.randn(args.samples, *model.shape, dtype=torch.float64) * 5
         sigma = torch.full((args.samples,), 5.0, dtype=torch.float64)
-        saved = diffusers_unet.CPU_CHUNK
+        used = model.chunk
 
         def unet(size: int) -> torch.Tensor:
-            diffusers_unet.CPU_CHUNK = size
+            model.chunk = size
             with torch.no_grad():
                 return model(x, sigma)
 
-        try:
-            rows = measure(unet, unet_sizes, args.samples, args.repeats)
-        finally:
-            diffusers_unet.CPU_CHUNK = saved
+        rows = measure(unet, unet_sizes, args.samples, args.repeats)
+        model.chunk = used
         table(f"testbed UNet (builtin:mnist-ddpm), {args.samples} float64 states at sigma 5", "denoiser calls/s",
-              rows, saved, args.repeats)
+              rows, used, args.repeats)
         if not args.no_choices:
             layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-            used = model._layout
+            used_layout = model._layout
 
             def layout(name: str) -> torch.Tensor:
                 model._layout = layouts[name]
@@ -124,10 +122,10 @@ def main() -> None:
             try:
                 rows = measure(layout, list(layouts), args.samples, args.repeats)
             finally:
-                model._layout = used
-                model.unet.to(memory_format=used)
-            table(f"testbed UNet, {saved} samples per call", "denoiser calls/s", rows, str(used).removeprefix("torch."),
-                  args.repeats, "layout")
+                model._layout = used_layout
+                model.unet.to(memory_format=used_layout)
+            table(f"testbed UNet, {used} samples per call", "denoiser calls/s", rows,
+                  str(used_layout).removeprefix("torch."), args.repeats, "layout")
 
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {platform.node()} {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")

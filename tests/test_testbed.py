@@ -71,18 +71,15 @@ def test_cpu_chunking_leaves_the_denoiser_unchanged() -> None:
 
     assert diffusers_unet.CPU_CHUNK >= 32
     model = diffusers_unet.load_diffusers_unet("builtin:mnist-ddpm")
+    assert model.chunk == diffusers_unet.CPU_CHUNK
     n = diffusers_unet.CPU_CHUNK * 5 // 2
     gen = torch.Generator().manual_seed(1)
     x = torch.randn((n, *model.shape), generator=gen, dtype=torch.float64) * 3
     sigma = torch.logspace(-2, 1.9, n, dtype=torch.float64)
     with torch.no_grad():
         chunked = model(x, sigma)
-        saved = diffusers_unet.CPU_CHUNK
-        diffusers_unet.CPU_CHUNK = n
-        try:
-            whole = model(x, sigma)
-        finally:
-            diffusers_unet.CPU_CHUNK = saved
+        model.chunk = None  # the whole batch in one call
+        whole = model(x, sigma)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 

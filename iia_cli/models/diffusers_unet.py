@@ -200,8 +200,10 @@ class DiscreteUNetDenoiser:
         # channels_last on the CPU: 1.2x the calls per second in calls of CPU_CHUNK (benchmarks/cpu_chunks.py):
         # outputs differ from the default layout's in float32 rounding (~1e-6 relative). A GPU keeps
         # the layout the network came in (sampler.channels_last asks for it there).
-        self._layout = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+        on_cpu = torch.device(device).type == "cpu"
+        self._layout = torch.channels_last if on_cpu else torch.contiguous_format
         self.unet = unet.to(memory_format=self._layout)
+        self.chunk: int | None = CPU_CHUNK if on_cpu else None  # samples per network call (None: the whole batch)
         self.device = device
         self.prediction_type = prediction_type
         self.dtype = dtype
@@ -280,8 +282,8 @@ class DiscreteUNetDenoiser:
         return to_denoised(self.prediction_type, x, s, c_in, out).to(in_dtype)
 
     def _network(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The UNet's output, at most ``CPU_CHUNK`` samples per call on the CPU."""
-        step = CPU_CHUNK if z.device.type == "cpu" else z.shape[0]
+        """The UNet's output, ``chunk`` samples per call (``CPU_CHUNK`` on the CPU, the whole batch on a GPU)."""
+        step = self.chunk or z.shape[0]
         z = z.contiguous(memory_format=self._layout)
         outs = [self.unet(z[i : i + step], t[i : i + step],
                           class_labels=None if labels is None else labels[i : i + step]).sample
