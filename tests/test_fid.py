@@ -442,7 +442,7 @@ def test_reference_cache_key_names_the_inception_layout(tmp_path, monkeypatch):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"not really weights")
     cfg = load_config(None)
-    stats, feats = _reference_cache(cfg, weights)
+    stats, feats = _reference_cache(cfg, sha256_of_file(weights))
     spec, n = cfg.fid.reference, cfg.fid.reference_samples
     key = hashlib.sha256(f"{spec}|{n}|{sha256_of_file(weights)}|channels_last+bn-folded".encode()).hexdigest()[:10]
     assert stats.name == f"reference-{str(spec).replace(':', '-').replace('/', '_')}-{n or 'all'}-{key}.npz"

@@ -52,13 +52,13 @@ def parse_seed_ranges(spec: Any) -> list[list[int]]:
     return ranges
 
 
-def _reference_cache(cfg: ExperimentConfig, weights: Path) -> tuple[Path, Path]:
-    """Cache paths (statistics, features) of the reference images of a data spec."""
-    from iia_cli.io.hashing import sha256_of_file
+def _reference_cache(cfg: ExperimentConfig, weights_sha256: str) -> tuple[Path, Path]:
+    """Cache paths (statistics, features) of the reference images of a data spec, for the Inception weights with
+    this sha256."""
     from iia_cli.metrics.fid.features import NETWORK_FORMAT
 
     spec = cfg.fid.reference
-    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{sha256_of_file(weights)}|{NETWORK_FORMAT}".encode()
+    key = hashlib.sha256(f"{spec}|{cfg.fid.reference_samples}|{weights_sha256}|{NETWORK_FORMAT}".encode()
                          ).hexdigest()[:10]
     safe = str(spec).replace(":", "-").replace("/", "_")
     stem = f"reference-{safe}-{cfg.fid.reference_samples or 'all'}-{key}"
@@ -70,11 +70,11 @@ def _is_stats_file(cfg: ExperimentConfig) -> bool:
     return Path(spec).suffix == ".npz" and not spec.startswith("builtin:")
 
 
-def _compute_reference(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn,
-                       with_stats: bool) -> None:
+def _compute_reference(cfg: ExperimentConfig, weights: Path, cache: tuple[Path, Path], device: torch.device,
+                       log: LogFn, with_stats: bool) -> None:
     from iia_cli.metrics.fid.compute import compute_reference_features
 
-    stats_path, feats_path = _reference_cache(cfg, weights)
+    stats_path, feats_path = cache
     spec, n = cfg.fid.reference, cfg.fid.reference_samples
     log(f"computing reference features{' and statistics' if with_stats else ''} of {spec} ({n or 'all'} images) "
         f"-> {feats_path}")
@@ -83,10 +83,17 @@ def _compute_reference(cfg: ExperimentConfig, weights: Path, device: torch.devic
                                    batch_size=cfg.fid.batch, limit=n, progress=bar.update_to)
 
 
-def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device,
-                      log: LogFn) -> tuple[Path, np.ndarray, np.ndarray, str]:
+def _weights_sha256(weights: Path, known: str | None) -> str:
+    from iia_cli.io.hashing import sha256_of_file
+
+    return known or sha256_of_file(weights)
+
+
+def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn,
+                      weights_sha256: str | None = None) -> tuple[Path, np.ndarray, np.ndarray, str]:
     """Reference statistics (path, mu, sigma, sha256): an existing .npz, or statistics computed once from a
-    data spec and cached (with the features, from the same Inception pass)."""
+    data spec and cached (with the features, from the same Inception pass). ``weights_sha256``: the weights'
+    hash when the caller has it (else it is computed)."""
     from iia_cli.metrics.fid.stats import load_reference
 
     if not cfg.fid.reference:
@@ -95,14 +102,14 @@ def resolve_reference(cfg: ExperimentConfig, weights: Path, device: torch.device
     if _is_stats_file(cfg):
         path = Path(cfg.fid.reference)
         return (path, *load_reference(path))
-    cached, feats = _reference_cache(cfg, weights)
-    if not cached.is_file():
-        _compute_reference(cfg, weights, device, log, with_stats=True)
-    return (cached, *load_reference(cached))
+    cache = _reference_cache(cfg, _weights_sha256(weights, weights_sha256))
+    if not cache[0].is_file():
+        _compute_reference(cfg, weights, cache, device, log, with_stats=True)
+    return (cache[0], *load_reference(cache[0]))
 
 
-def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: torch.device,
-                               log: LogFn) -> tuple[Path, np.ndarray, str]:
+def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: torch.device, log: LogFn,
+                               weights_sha256: str | None = None) -> tuple[Path, np.ndarray, str]:
     """Reference features (path, float32 [N, d], content sha256) of the data spec in fid.reference, computed once
     and cached; KID needs the features themselves, which a mu/sigma .npz does not hold."""
     from iia_cli.metrics.fid.compute import load_reference_features
@@ -111,9 +118,10 @@ def resolve_reference_features(cfg: ExperimentConfig, weights: Path, device: tor
         raise ConfigError(f"kid needs the reference images' features, but fid.reference={cfg.fid.reference!r} "
                           f"{'is a mu/sigma .npz' if cfg.fid.reference else 'is not set'}; give a data spec (a "
                           "folder, an .npz/.npy of images or builtin:...) or leave kid out of --metrics")
-    stats, path = _reference_cache(cfg, weights)
+    cache = _reference_cache(cfg, _weights_sha256(weights, weights_sha256))
+    stats, path = cache
     if not path.is_file():
-        _compute_reference(cfg, weights, device, log, with_stats=not stats.is_file())
+        _compute_reference(cfg, weights, cache, device, log, with_stats=not stats.is_file())
     return (path, *load_reference_features(path))
 
 
@@ -262,19 +270,19 @@ class MetricSetup:
         main = dist.context().is_main
         if "reference_stats" in every:
             # rank 0 computes missing reference statistics, the others then read them
-            ref_stats = resolve_reference(cfg, weights, base.device, log) if main else None
+            ref_stats = resolve_reference(cfg, weights, base.device, log, weights_sha) if main else None
             dist.barrier()
             ref_path, self.ctx.ref_mu, self.ctx.ref_sigma, ref_sha = (
-                ref_stats or resolve_reference(cfg, weights, base.device, log))
+                ref_stats or resolve_reference(cfg, weights, base.device, log, weights_sha))
             for m in metrics:
                 if "reference_stats" in needs[m]:
                     self.fields[m] = {"fid.reference_sha256": ref_sha, "fid.weights_sha256": weights_sha}
                     self.columns[m] = (str(ref_path), ref_sha)
         if "reference_features" in every:
-            ref_feats = resolve_reference_features(cfg, weights, base.device, log) if main else None
+            ref_feats = resolve_reference_features(cfg, weights, base.device, log, weights_sha) if main else None
             dist.barrier()
             feats_path, self.ctx.ref_features, feats_sha = (
-                ref_feats or resolve_reference_features(cfg, weights, base.device, log))
+                ref_feats or resolve_reference_features(cfg, weights, base.device, log, weights_sha))
             for m in metrics:
                 if "reference_features" in needs[m]:
                     self.fields[m] = {"fid.reference": str(cfg.fid.reference),
